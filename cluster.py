@@ -1,0 +1,232 @@
+"""The backends and their shared state: ``Backend`` and ``ServerCluster``.
+
+Each backend's state (health, admin state, in-flight requests, counters)
+lives on one ``Backend`` object.  ``ServerCluster.lock`` guards the backend
+list, every Backend field marked "guarded" below, and the policy's state.
+Each backend's connection pool has its own lock (see ``upstream``), so
+requests to different backends never contend on socket bookkeeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+from urllib.parse import urlsplit
+
+from balancing import Policy, RoundRobin
+from upstream import ConnectionPool
+
+log = logging.getLogger("cclb")
+
+READY, DRAIN, MAINT = "ready", "drain", "maint"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """A backend as configured: ``http://host:port`` plus options."""
+
+    url: str
+    host: str
+    port: int
+    weight: int = 1
+
+
+def parse_backend(text: str) -> BackendSpec:
+    """Parse ``[http://]host:port[,weight=N]``; ValueError with a clear message."""
+    address, *options = [part.strip() for part in text.split(",")]
+    raw = address if "://" in address else f"http://{address}"
+    try:
+        parts = urlsplit(raw)
+        port = parts.port
+    except ValueError as error:
+        raise ValueError(f"invalid backend {text!r}: {error}") from None
+    if parts.scheme != "http":
+        raise ValueError(f"invalid backend {text!r}: only http:// backends are supported")
+    if not parts.hostname or port is None:
+        raise ValueError(f"invalid backend {text!r}: expected http://host:port")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"invalid backend {text!r}: expected http://host:port with no path")
+    if not 1 <= port <= 65535:
+        raise ValueError(f"invalid backend {text!r}: port must be 1-65535")
+    weight = 1
+    for option in options:
+        key, _, value = option.partition("=")
+        if key != "weight" or not value.isdigit() or not 1 <= int(value) <= 1000:
+            raise ValueError(f"invalid backend option {option!r} in {text!r}: expected weight=1..1000")
+        weight = int(value)
+    host = parts.hostname
+    shown_host = f"[{host}]" if ":" in host else host
+    return BackendSpec(f"http://{shown_host}:{port}", host, port, weight)
+
+
+@dataclass(eq=False)
+class Backend:
+    """One backend server and everything cclb knows about it."""
+
+    id: int
+    url: str
+    host: str
+    port: int
+    weight: int
+    pool: ConnectionPool
+    # guarded by ServerCluster.lock:
+    healthy: bool = True
+    admin_state: str = READY
+    since: float = field(default_factory=time.time)  # when `state` last changed
+    up_since: float = field(default_factory=time.monotonic)  # for slow start
+    in_flight: int = 0
+    check_successes: int = 0  # consecutive
+    check_failures: int = 0  # consecutive
+    last_check: str = ""
+    last_check_latency: float | None = None
+    passive_failures: list[float] = field(default_factory=list)  # monotonic times
+    responses: dict[str, int] = field(default_factory=dict)  # "2xx" -> count
+    failures: int = 0
+    retries: int = 0
+    slow_start: float = 0.0
+
+    @property
+    def state(self) -> str:
+        if self.admin_state != READY:
+            return self.admin_state
+        return "up" if self.healthy else "down"
+
+    @property
+    def available(self) -> bool:
+        return self.healthy and self.admin_state == READY
+
+    def effective_weight(self) -> float:
+        """The weight, ramped up linearly during slow start."""
+        if self.slow_start <= 0:
+            return self.weight
+        ramp = (time.monotonic() - self.up_since) / self.slow_start
+        return self.weight * min(1.0, max(ramp, 0.05))
+
+
+class ServerCluster:
+    """The backends behind the balancer and the policy that picks among them."""
+
+    def __init__(self, specs: Iterable[BackendSpec], policy: Policy | None = None, *,
+                 connect_timeout: float = 3.0, read_timeout: float = 60.0,
+                 max_fails: int = 1, fail_timeout: float = 10.0, slow_start: float = 0.0) -> None:
+        self.lock = threading.Lock()
+        self.policy: Policy = policy or RoundRobin()
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_fails = max_fails
+        self.fail_timeout = fail_timeout
+        self.slow_start = slow_start
+        self.backends: list[Backend] = []
+        self.next_id = 1
+        self.on_change: list[Callable[[], None]] = []
+        for spec in specs:
+            self.add(spec)
+
+    # --- membership -------------------------------------------------------
+
+    def add(self, spec: BackendSpec) -> Backend:
+        pool = ConnectionPool(spec.host, spec.port, self.connect_timeout, self.read_timeout)
+        with self.lock:
+            backend = Backend(self.next_id, spec.url, spec.host, spec.port, spec.weight, pool,
+                              slow_start=self.slow_start)
+            self.next_id += 1
+            self.backends.append(backend)
+        return backend
+
+    def remove(self, backend: Backend) -> None:
+        """Take a backend out; requests in flight on it finish normally."""
+        with self.lock:
+            if backend in self.backends:
+                self.backends.remove(backend)
+        backend.pool.close_all()
+
+    def find(self, backend_id: int) -> Backend | None:
+        with self.lock:
+            return next((b for b in self.backends if b.id == backend_id), None)
+
+    def snapshot(self) -> list[Backend]:
+        with self.lock:
+            return list(self.backends)
+
+    # --- the request path -------------------------------------------------
+
+    def acquire(self, client: str, exclude: tuple[Backend, ...] = ()) -> Backend | None:
+        """Pick a backend for a request and count it in flight, or None if none is up."""
+        with self.lock:
+            candidates = [b for b in self.backends if b.available and b not in exclude]
+            if not candidates:
+                return None
+            backend = self.policy.select(candidates, client)
+            backend.in_flight += 1
+            return backend
+
+    def release(self, backend: Backend, status: int | None, retried: bool = False) -> None:
+        """The request on ``backend`` ended with ``status`` (None: it failed)."""
+        key = f"{status // 100}xx" if status else "failed"
+        with self.lock:
+            backend.in_flight -= 1
+            backend.responses[key] = backend.responses.get(key, 0) + 1
+            if retried:
+                backend.retries += 1
+
+    def report_failure(self, backend: Backend, reason: str) -> None:
+        """Passive check: a request to ``backend`` failed at the transport level.
+
+        ``max_fails`` failures within ``fail_timeout`` seconds mark it down
+        (nginx semantics) until an active check sees it answer again.  A pool
+        of one is never emptied by passive failures alone.
+        """
+        now = time.monotonic()
+        with self.lock:
+            backend.failures += 1
+            recent = [t for t in backend.passive_failures if now - t < self.fail_timeout]
+            recent.append(now)
+            backend.passive_failures = recent
+            if len(recent) < self.max_fails or len(self.backends) < 2 or not backend.healthy:
+                return
+            self._set_health(backend, False)
+        log.warning("backend %s is DOWN: %s", backend.url, reason)
+
+    def report_check(self, backend: Backend, ok: bool, detail: str, latency: float | None,
+                     rise: int = 1, fall: int = 1) -> None:
+        """Active check result; flips health after ``rise``/``fall`` in a row."""
+        with self.lock:
+            backend.last_check = detail
+            backend.last_check_latency = latency
+            if ok:
+                backend.check_successes += 1
+                backend.check_failures = 0
+                changed = not backend.healthy and backend.check_successes >= rise
+            else:
+                backend.check_failures += 1
+                backend.check_successes = 0
+                changed = backend.healthy and backend.check_failures >= fall
+            if changed:
+                self._set_health(backend, ok)
+        if changed and ok:
+            log.warning("backend %s is UP again", backend.url)
+        elif changed:
+            log.warning("backend %s is DOWN: %s", backend.url, detail)
+        if changed and not ok:
+            backend.pool.close_all()
+
+    def set_admin_state(self, backend: Backend, state: str) -> None:
+        with self.lock:
+            backend.admin_state = state
+            backend.since = time.time()
+        log.warning("backend %s set to %s", backend.url, state)
+
+    def _set_health(self, backend: Backend, healthy: bool) -> None:
+        # caller holds self.lock
+        backend.healthy = healthy
+        backend.since = time.time()
+        if healthy:
+            backend.up_since = time.monotonic()
+            backend.passive_failures = []
+
+    def close(self) -> None:
+        for backend in self.snapshot():
+            backend.pool.close_all()

@@ -1,0 +1,462 @@
+"""HTTP/1.1 message rules for cclb, as pure functions (no sockets, no I/O).
+
+Every decision the proxy takes about a message lives here: is the request line
+well formed, which headers are hop-by-hop, how long is a body, may a failed
+request be retried, should a response be gzipped.  The socket code in
+``proxy.py`` and ``upstream.py`` only moves bytes and asks these functions.
+
+Headers are handled as a list of ``(name, value)`` string pairs decoded as
+ISO-8859-1 (which maps bytes 1:1, so nothing is lost on re-encoding), in the
+order received.  Section numbers refer to RFC 9110 (semantics) and RFC 9112
+(HTTP/1.1 message syntax).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+Headers = list[tuple[str, str]]
+
+
+class ProtocolError(Exception):
+    """A message that cannot be accepted; ``status`` is what the client gets."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# --- Tokens and field syntax ---------------------------------------------
+# RFC 9110 5.6.2: token = 1*tchar; a field name and a method are tokens.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# RFC 9110 5.5: field-value = *(VCHAR / SP / HTAB / obs-text); no CR, LF or NUL
+# and no other control character.
+_BAD_VALUE_CHAR = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9112 2.3: HTTP-version = "HTTP/" DIGIT "." DIGIT
+_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
+# RFC 9112 3.2: the request-target contains no whitespace or control characters.
+_BAD_TARGET_CHAR = re.compile(rb"[\x00-\x20\x7f]")
+_DIGITS = re.compile(r"[0-9]+")
+# RFC 9110 7.2 / RFC 3986 3.2: Host = uri-host [ ":" port ]
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]*)?")
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+
+# RFC 9110 7.6.1: fields a proxy must not forward, plus the ones every proxy
+# knows to be connection-specific (Proxy-Connection, Keep-Alive).
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer",
+    "transfer-encoding", "upgrade",
+})
+
+
+@dataclass(slots=True)
+class RequestLine:
+    method: str
+    target: str
+    version: tuple[int, int]
+
+
+@dataclass(slots=True)
+class BodyFraming:
+    """How a message body is delimited (RFC 9112 6.3)."""
+
+    kind: str  # "none", "length", "chunked" or "close"
+    length: int = 0
+
+    @property
+    def has_body(self) -> bool:
+        return self.kind != "none" and not (self.kind == "length" and self.length == 0)
+
+
+NO_BODY = BodyFraming("none")
+
+
+# --- Request line and header section ------------------------------------
+
+def parse_request_line(line: bytes, max_target: int) -> RequestLine:
+    """Parse ``method SP target SP version CRLF`` strictly (RFC 9112 3).
+
+    Raises ProtocolError: 400 for anything malformed, 414 for a target longer
+    than ``max_target``, 505 for a well-formed version other than 1.0/1.1.
+    """
+    if not line.endswith(b"\r\n"):
+        raise ProtocolError(400, "request line must end with CRLF")
+    parts = line[:-2].split(b" ")
+    if len(parts) != 3:
+        if len(parts) > 3 and len(line) > max_target:
+            raise ProtocolError(414, "request target too long")
+        raise ProtocolError(400, "malformed request line")
+    method, target, version = parts
+    if not _TOKEN.fullmatch(method):
+        raise ProtocolError(400, "malformed method")
+    if len(target) > max_target:
+        raise ProtocolError(414, "request target too long")
+    if not target or _BAD_TARGET_CHAR.search(target):
+        raise ProtocolError(400, "malformed request target")
+    match = _VERSION.fullmatch(version)
+    if not match:
+        raise ProtocolError(400, "malformed HTTP version")
+    numbers = (int(match[1]), int(match[2]))
+    if numbers not in ((1, 1), (1, 0)):
+        raise ProtocolError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+    method_text = method.decode("ascii")
+    target_text = target.decode("latin-1")
+    # RFC 9112 3.2: origin-form, absolute-form, authority-form (CONNECT only)
+    # and asterisk-form (OPTIONS only).
+    if target_text == "*":
+        if method_text != "OPTIONS":
+            raise ProtocolError(400, "asterisk-form is only valid for OPTIONS")
+    elif not target_text.startswith("/") and method_text != "CONNECT":
+        if not target_text.lower().startswith(("http://", "https://")):
+            raise ProtocolError(400, "malformed request target")
+    return RequestLine(method_text, target_text, numbers)
+
+
+def parse_field_line(line: bytes) -> tuple[str, str]:
+    """Parse one ``name: value CRLF`` field line strictly (RFC 9112 5).
+
+    Rejects obs-fold (5.2), whitespace before the colon (5.1), invalid name
+    characters and CR/LF/NUL or other controls in the value (RFC 9110 5.5).
+    """
+    if not line.endswith(b"\r\n"):
+        raise ProtocolError(400, "header line must end with CRLF")
+    if line[:1] in (b" ", b"\t"):
+        raise ProtocolError(400, "obsolete line folding is not accepted")
+    name, colon, value = line[:-2].partition(b":")
+    if not colon or not _TOKEN.fullmatch(name):
+        raise ProtocolError(400, "malformed header field name")
+    value = value.strip(b" \t")
+    if _BAD_VALUE_CHAR.search(value):
+        raise ProtocolError(400, "invalid character in header field value")
+    return name.decode("ascii"), value.decode("latin-1")
+
+
+def valid_host(value: str) -> bool:
+    """Whether a Host field value is a syntactically valid authority."""
+    return _HOST.fullmatch(value) is not None
+
+
+def field_values(headers: Headers, lname: str) -> list[str]:
+    """All comma-separated list elements of field ``lname`` (lower case)."""
+    values: list[str] = []
+    for name, value in headers:
+        if name.lower() == lname:
+            values.extend(part.strip() for part in value.split(","))
+    return values
+
+
+def get_field(headers: Headers, lname: str) -> str | None:
+    """The value of the first field named ``lname`` (lower case), or None."""
+    for name, value in headers:
+        if name.lower() == lname:
+            return value
+    return None
+
+
+def content_length(values: Sequence[str]) -> int | None:
+    """Interpret the Content-Length elements of one message.
+
+    RFC 9112 6.3 (5): a list of identical valid values may be merged; a
+    differing or malformed value makes the framing invalid (ValueError).
+    """
+    if not values:
+        return None
+    first = values[0]
+    for value in values:
+        # 1*DIGIT only: "+5", "0x10", "-1", "" and "1 2" are all rejected.
+        if value != first or not _DIGITS.fullmatch(value) or len(value) > 18:
+            raise ValueError("invalid Content-Length")
+    return int(first)
+
+
+def transfer_codings(headers: Headers) -> list[str]:
+    return [coding.lower() for coding in field_values(headers, "transfer-encoding")]
+
+
+def request_framing(headers: Headers, version: tuple[int, int]) -> BodyFraming:
+    """Decide how the request body is delimited, or raise ProtocolError.
+
+    RFC 9112 6.1: a request with both Content-Length and Transfer-Encoding is
+    a smuggling attempt; we reject it (400) rather than guess.  RFC 9112 6.3:
+    Transfer-Encoding whose final coding is not chunked is a 400; codings we
+    do not implement are a 501 (RFC 9112 6.1).
+    """
+    lengths = field_values(headers, "content-length")
+    codings = transfer_codings(headers)
+    if codings:
+        if lengths:
+            raise ProtocolError(400, "both Content-Length and Transfer-Encoding")
+        if version < (1, 1):
+            raise ProtocolError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if codings[-1] != "chunked" or codings.count("chunked") != 1:
+            raise ProtocolError(400, "chunked must be the final transfer coding, once")
+        if len(codings) != 1:
+            raise ProtocolError(501, "unsupported transfer coding")
+        return BodyFraming("chunked")
+    try:
+        length = content_length(lengths)
+    except ValueError:
+        raise ProtocolError(400, "invalid Content-Length") from None
+    if length is None or length == 0:
+        return NO_BODY
+    return BodyFraming("length", length)
+
+
+def response_framing(status: int, request_method: str, headers: Headers) -> BodyFraming:
+    """Decide how a backend's response body is delimited (RFC 9112 6.3).
+
+    Raises ValueError for framing a proxy must not pass on (ends in a 502).
+    Both Content-Length and chunked: chunked wins and Content-Length is
+    ignored (RFC 9112 6.3 (3)); the caller must not reuse the connection.
+    """
+    if request_method == "HEAD" or status < 200 or status in (204, 304):
+        return NO_BODY  # 6.3 (1): never a body, whatever the fields say
+    codings = transfer_codings(headers)
+    if codings:
+        if codings != ["chunked"]:
+            raise ValueError("unsupported Transfer-Encoding from backend")
+        return BodyFraming("chunked")
+    length = content_length(field_values(headers, "content-length"))
+    if length is None:
+        return BodyFraming("close")  # 6.3 (8): read until the server closes
+    return BodyFraming("length", length)
+
+
+def parse_status_line(line: bytes) -> tuple[tuple[int, int], int, str]:
+    """Parse ``HTTP/1.x SP 3DIGIT SP reason CRLF`` (RFC 9112 4); ValueError if bad."""
+    if not line.endswith(b"\r\n"):
+        raise ValueError("status line must end with CRLF")
+    version, _, rest = line[:-2].partition(b" ")
+    code, _, reason = rest.partition(b" ")
+    match = _VERSION.fullmatch(version)
+    if not match or match[1] != b"1" or len(code) != 3 or not code.isdigit():
+        raise ValueError("malformed status line")
+    if _BAD_VALUE_CHAR.search(reason):
+        raise ValueError("malformed reason phrase")
+    status = int(code)
+    if status < 100:
+        raise ValueError("malformed status code")
+    return (1, int(match[2])), status, reason.decode("latin-1")
+
+
+def parse_response_field_line(line: bytes) -> tuple[str, str]:
+    """Parse a backend's field line; ValueError if it must not be forwarded."""
+    if not line.endswith(b"\r\n"):
+        raise ValueError("header line must end with CRLF")
+    name, colon, value = line[:-2].partition(b":")
+    if not colon or not _TOKEN.fullmatch(name):
+        raise ValueError("malformed header field name")
+    value = value.strip(b" \t")
+    if _BAD_VALUE_CHAR.search(value):
+        raise ValueError("invalid character in header field value")
+    return name.decode("ascii"), value.decode("latin-1")
+
+
+def unfold_continuation(previous: tuple[str, str], line: bytes) -> tuple[str, str]:
+    """RFC 9112 5.2: a proxy replaces an obs-fold with SP before forwarding."""
+    extra = line.strip(b" \t\r\n")
+    if _BAD_VALUE_CHAR.search(extra):
+        raise ValueError("invalid character in folded header value")
+    name, value = previous
+    return name, f"{value} {extra.decode('latin-1')}".strip()
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """Parse ``chunk-size [; ext] CRLF`` (RFC 9112 7.1); ValueError if bad.
+
+    Only hex digits are accepted: no sign, no ``0x``, no whitespace, no
+    underscores (Python's ``int(x, 16)`` would take all of those).
+    """
+    if not line.endswith(b"\r\n") or b"\n" in line[:-2] or b"\r" in line[:-2]:
+        raise ValueError("chunk size line must end with CRLF")
+    size, _, _extension = line[:-2].partition(b";")
+    if not size or len(size) > 15 or size.strip(b"0123456789abcdefABCDEF"):
+        raise ValueError("malformed chunk size")
+    return int(size, 16)
+
+
+# --- Connection management ------------------------------------------------
+
+def connection_options(headers: Headers) -> set[str]:
+    """The lower-cased tokens of every Connection field (RFC 9110 7.6.1)."""
+    return {token.lower() for token in field_values(headers, "connection") if token}
+
+
+def wants_keep_alive(version: tuple[int, int], options: set[str]) -> bool:
+    """RFC 9112 9.3: 1.1 is persistent unless "close"; 1.0 only with keep-alive."""
+    if "close" in options:
+        return False
+    return version >= (1, 1) or "keep-alive" in options
+
+
+def end_to_end(headers: Headers, extra_drop: Iterable[str] = ()) -> Headers:
+    """Headers without the hop-by-hop ones (RFC 9110 7.6.1).
+
+    Drops the fixed hop-by-hop set, every field named in Connection, and any
+    lower-case name in ``extra_drop`` (e.g. content-length, which the proxy
+    recomputes).
+    """
+    drop = set(HOP_BY_HOP)
+    drop.update(extra_drop)
+    for name, value in headers:
+        if name.lower() == "connection":
+            drop.update(token.strip().lower() for token in value.split(","))
+    return [(name, value) for name, value in headers if name.lower() not in drop]
+
+
+def append_forwarded(headers: Headers, client_ip: str, proto: str,
+                     host: str | None) -> Headers:
+    """Add X-Forwarded-For/-Proto/-Host (de facto standard, cf. RFC 7239)."""
+    previous = [value for name, value in headers if name.lower() == "x-forwarded-for"]
+    kept = [(n, v) for n, v in headers
+            if n.lower() not in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")]
+    chain = ", ".join(previous + [client_ip])
+    kept.append(("X-Forwarded-For", chain))
+    kept.append(("X-Forwarded-Proto", proto))
+    if host:
+        kept.append(("X-Forwarded-Host", host))
+    return kept
+
+
+def may_retry(method: str, request_sent: bool, response_started: bool,
+              body_replayable: bool) -> bool:
+    """Whether a failed attempt may be sent again to another backend.
+
+    Always when nothing was sent (e.g. connection refused).  After sending,
+    only idempotent methods (RFC 9110 9.2.2) whose body we still hold, and
+    only while no byte of the response reached the client.
+    """
+    if response_started:
+        return False
+    if not request_sent:
+        return True
+    return method in IDEMPOTENT_METHODS and body_replayable
+
+
+# --- Content coding (gzip) -----------------------------------------------
+
+_COMPRESSIBLE_PREFIXES = ("text/",)
+_COMPRESSIBLE_TYPES = frozenset({
+    "application/json", "application/javascript", "application/x-javascript",
+    "application/xml", "application/xhtml+xml", "application/rss+xml",
+    "application/atom+xml", "application/ld+json", "application/manifest+json",
+    "application/problem+json", "image/svg+xml",
+})
+
+
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """Whether an Accept-Encoding value allows gzip (RFC 9110 12.5.3).
+
+    ``gzip;q=0`` forbids it; ``*`` allows it unless gzip is listed with q=0.
+    """
+    if not accept_encoding:
+        return False
+    star: float | None = None
+    for item in accept_encoding.split(","):
+        coding, _, params = item.partition(";")
+        coding = coding.strip().lower()
+        quality = 1.0
+        for param in params.split(";"):
+            key, _, val = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    quality = float(val.strip())
+                except ValueError:
+                    quality = 0.0
+        if coding in ("gzip", "x-gzip"):
+            return quality > 0
+        if coding == "*":
+            star = quality
+    return star is not None and star > 0
+
+
+def is_compressible_type(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    media = content_type.partition(";")[0].strip().lower()
+    return (media.startswith(_COMPRESSIBLE_PREFIXES) or media in _COMPRESSIBLE_TYPES
+            or media.endswith(("+json", "+xml")))
+
+
+def should_gzip(method: str, status: int, response_headers: Headers,
+                accept_encoding: str | None, body_length: int | None,
+                min_length: int) -> bool:
+    """Whether the proxy should gzip this response for this client.
+
+    ``body_length`` is None when unknown (chunked or close-delimited).
+    """
+    if method == "HEAD" or status < 200 or status in (204, 206, 304):
+        return False
+    if body_length is not None and body_length < min_length:
+        return False
+    if not accepts_gzip(accept_encoding):
+        return False
+    content_type = None
+    for name, value in response_headers:
+        lname = name.lower()
+        if lname == "content-encoding" and value.strip().lower() != "identity":
+            return False
+        if lname == "cache-control" and "no-transform" in value.lower():
+            return False  # RFC 9111 5.2.2.6
+        if lname == "content-range":
+            return False
+        if lname == "content-type":
+            content_type = value
+    return is_compressible_type(content_type)
+
+
+def gzip_headers(headers: Headers) -> Headers:
+    """Response headers for a body we gzip: Content-Encoding, Vary, weak ETag.
+
+    RFC 9110 8.8.3: a changed representation may not keep a strong ETag.
+    """
+    result: Headers = []
+    vary_done = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname == "content-encoding":
+            continue
+        if lname == "etag" and not value.startswith("W/"):
+            value = "W/" + value
+        elif lname == "vary":
+            tokens = {token.strip().lower() for token in value.split(",")}
+            if "accept-encoding" not in tokens and "*" not in tokens:
+                value = f"{value}, Accept-Encoding"
+            vary_done = True
+        result.append((name, value))
+    result.append(("Content-Encoding", "gzip"))
+    if not vary_done:
+        result.append(("Vary", "Accept-Encoding"))
+    return result
+
+
+def gzip_compress(body: bytes, level: int) -> bytes:
+    """One-shot gzip (wbits=31 writes the gzip header and trailer)."""
+    return zlib.compress(body, level, 31)
+
+
+def gzip_stream(level: int) -> "zlib._Compress":
+    return zlib.compressobj(level, zlib.DEFLATED, 31)
+
+
+# --- Serialisation ----------------------------------------------------------
+
+def serialize_head(start_line: str, headers: Headers) -> bytes:
+    """Start line and fields as one CRLF-terminated block (RFC 9112 2.1)."""
+    lines = [start_line]
+    lines.extend(f"{name}: {value}" for name, value in headers)
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of the chunked transfer coding (RFC 9112 7.1)."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"

@@ -1,0 +1,196 @@
+"""Reading HTTP/1.1 message heads and bodies from a buffered byte stream.
+
+The thin I/O layer over the rules in ``http11``: it reads lines and bytes
+from any object with ``readline(limit)``, ``read(n)`` and ``read1(n)`` (a
+socket's ``makefile("rb")``) and asks ``http11`` what they mean.  Used for
+both directions: requests from clients and responses from backends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import http11
+from http11 import BodyFraming, Headers, ProtocolError
+
+
+class Readable(Protocol):
+    def readline(self, limit: int = -1, /) -> bytes: ...
+    def read(self, n: int = -1, /) -> bytes: ...
+    def read1(self, n: int = -1, /) -> bytes: ...
+
+
+class TruncatedBody(Exception):
+    """The peer closed before the end of a body whose length was declared."""
+
+
+class MalformedBody(Exception):
+    """Bad chunked syntax, or a body larger than allowed."""
+
+
+class BodyTooLarge(MalformedBody):
+    pass
+
+
+@dataclass(slots=True)
+class Limits:
+    """Size limits for a message head (see settings for the defaults)."""
+
+    max_line: int = 8192
+    max_header_bytes: int = 32768
+    max_fields: int = 100
+
+
+def read_field_lines(reader: Readable, limits: Limits, for_response: bool) -> Headers:
+    """Read field lines up to the empty line that ends the head.
+
+    Requests: strict (obs-fold and bad fields are a 400 ProtocolError, too many
+    or too large a 431).  Responses: obs-fold is unfolded (RFC 9112 5.2), and
+    anything unforwardable raises ValueError (the proxy answers 502).
+    """
+    headers: Headers = []
+    total = 0
+    while True:
+        line = reader.readline(limits.max_line + 1)
+        total += len(line)
+        if len(line) > limits.max_line or total > limits.max_header_bytes:
+            if for_response:
+                raise ValueError("response head too large")
+            raise ProtocolError(431, "request header fields too large")
+        if line == b"\r\n":
+            return headers
+        if not line.endswith(b"\n"):
+            raise (ValueError("incomplete response head") if for_response
+                   else ProtocolError(400, "incomplete request head"))
+        if len(headers) >= limits.max_fields:
+            if for_response:
+                raise ValueError("too many response header fields")
+            raise ProtocolError(431, "too many header fields")
+        if for_response:
+            if line[:1] in (b" ", b"\t") and headers:
+                headers[-1] = http11.unfold_continuation(headers[-1], line)
+            else:
+                headers.append(http11.parse_response_field_line(line))
+        else:
+            headers.append(http11.parse_field_line(line))
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    version: tuple[int, int]
+    status: int
+    reason: str
+    headers: Headers
+    framing: BodyFraming
+    reusable: bool  # may the connection carry another request afterwards
+    interim: list[int] = field(default_factory=list)
+
+
+class EmptyResponse(ConnectionError):
+    """The backend closed the connection without sending a byte."""
+
+
+def read_response_head(reader: Readable, request_method: str, limits: Limits) -> ResponseHead:
+    """Read a backend's response head, skipping 1xx interim responses.
+
+    Raises EmptyResponse if the connection closed before any byte, ValueError
+    for a head that must not be forwarded (the caller answers 502).
+    """
+    interim: list[int] = []
+    while True:
+        line = reader.readline(limits.max_line + 1)
+        if not line:
+            if interim:
+                raise ValueError("backend closed after an interim response")
+            raise EmptyResponse("backend closed the connection without a response")
+        version, status, reason = http11.parse_status_line(line)
+        headers = read_field_lines(reader, limits, for_response=True)
+        if status == 101:
+            raise ValueError("backend switched protocols, which cclb does not support")
+        if status >= 200:
+            break
+        interim.append(status)  # 100 Continue, 103 Early Hints: not relayed
+    framing = http11.response_framing(status, request_method, headers)
+    options = http11.connection_options(headers)
+    lengths = http11.field_values(headers, "content-length")
+    codings = http11.transfer_codings(headers)
+    # RFC 9112 6.3 (3): CL and TE together mean a smuggling attempt or a broken
+    # server; and a 204 that declares a body would leave that body in the
+    # stream.  Either way, never trust what follows on this connection.
+    poisoned = (framing.kind == "chunked" and bool(lengths)) or (
+        status == 204 and (bool(codings) or any(v != "0" for v in lengths)))
+    reusable = (http11.wants_keep_alive(version, options) and framing.kind != "close"
+                and not poisoned)
+    return ResponseHead(version, status, reason, headers, framing, reusable, interim)
+
+
+def iter_body(reader: Readable, framing: BodyFraming, piece: int = 65536,
+              max_size: int | None = None) -> Iterator[bytes]:
+    """Yield the decoded body in pieces of at most ``piece`` bytes.
+
+    Raises TruncatedBody when the stream ends early, MalformedBody for bad
+    chunk syntax (RFC 9112 7.1) and BodyTooLarge past ``max_size``.
+    """
+    kind = framing.kind
+    if kind == "length":
+        remaining = framing.length
+        while remaining:
+            data = reader.read1(min(piece, remaining))
+            if not data:
+                raise TruncatedBody(f"{remaining} bytes of the body missing")
+            remaining -= len(data)
+            yield data
+    elif kind == "chunked":
+        yield from _iter_chunked(reader, piece, max_size)
+    elif kind == "close":
+        while data := reader.read1(piece):
+            yield data
+
+
+def _iter_chunked(reader: Readable, piece: int, max_size: int | None) -> Iterator[bytes]:
+    total = 0
+    while True:
+        line = reader.readline(1024)
+        if not line:
+            raise TruncatedBody("stream ended inside a chunked body")
+        try:
+            size = http11.parse_chunk_size(line)
+        except ValueError as error:
+            raise MalformedBody(str(error)) from None
+        if size == 0:
+            _skip_trailers(reader)
+            return
+        total += size
+        if max_size is not None and total > max_size:
+            raise BodyTooLarge("chunked body larger than allowed")
+        remaining = size
+        while remaining:
+            data = reader.read1(min(piece, remaining))
+            if not data:
+                raise TruncatedBody("stream ended inside a chunk")
+            remaining -= len(data)
+            yield data
+        # A chunk longer than its declared size shows up here as data where
+        # the CRLF should be.
+        if reader.read(2) != b"\r\n":
+            raise MalformedBody("chunk data does not end with CRLF")
+
+
+def _skip_trailers(reader: Readable) -> None:
+    """Read and drop the trailer section (RFC 9112 7.1.2); we never forward it."""
+    for _ in range(100):
+        line = reader.readline(8193)
+        if line == b"\r\n":
+            return
+        if not line.endswith(b"\r\n"):
+            raise MalformedBody("malformed trailer section")
+    raise MalformedBody("too many trailer fields")
+
+
+def read_small_body(reader: Readable, length: int) -> bytes:
+    """Read exactly ``length`` bytes, or raise TruncatedBody."""
+    data = reader.read(length)
+    if len(data) != length:
+        raise TruncatedBody(f"{length - len(data)} bytes of the body missing")
+    return data

@@ -1,0 +1,631 @@
+"""The forwarding path: ``LoadBalancerServer`` and its ``ProxyHandler``.
+
+One thread per client connection (``ThreadingHTTPServer``).  The handler
+reads each request head strictly (``message_reader``/``http11``), asks the
+``ServerCluster`` for a backend, sends the request over a pooled keep-alive
+connection, and relays the response, gzipping it when the client asks.
+Failures that are safe to retry go to the next backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from socketserver import TCPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+import http11
+from cluster import Backend, ServerCluster
+from health_checkers import describe_error
+from http11 import BodyFraming, Headers, ProtocolError
+from loggers import AccessLog
+from message_reader import (BodyTooLarge, EmptyResponse, Limits, MalformedBody, ResponseHead,
+                            TruncatedBody, iter_body, read_field_lines, read_response_head,
+                            read_small_body)
+from upstream import UpstreamConnection
+
+log = logging.getLogger("cclb")
+
+# Bodies up to this size are held in memory: request bodies so that a failed
+# attempt can be replayed on another backend, responses so that head and body
+# leave in one write (and can be gzipped in one call).  Larger ones stream.
+BUFFER_LIMIT = 256 * 1024
+PIECE = 64 * 1024
+
+
+class ClientError(Exception):
+    """The client broke off, timed out or sent a bad body; status to answer (if any)."""
+
+    def __init__(self, status: int | None, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class BackendError(Exception):
+    """An attempt failed on the backend side."""
+
+    def __init__(self, message: str, sent: bool, stale: bool = False) -> None:
+        super().__init__(message)
+        self.sent = sent  # did any byte of the request reach the backend
+        self.stale = stale  # a reused connection that the backend had closed
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    target: str  # as forwarded: origin-form
+    shown_target: str  # as received, for the access log
+    version: tuple[int, int]
+    headers: Headers
+    framing: BodyFraming
+    has_length_field: bool
+    host: str | None
+    keep_alive: bool
+    expect_continue: bool
+
+
+class Watchdog(threading.Thread):
+    """Enforces whole-header-section deadlines (slowloris defence).
+
+    A socket timeout only bounds the gap between two bytes; a client sending
+    one byte every few seconds would never hit it.  Handlers register a
+    deadline while they read a request head; past it, the watchdog shuts the
+    socket for reading so the blocked read returns, and the handler answers
+    408.  ``lock`` guards ``deadlines``; expiring under the lock means a
+    handler that has unregistered can no longer be expired.
+    """
+
+    def __init__(self, period: float = 0.2) -> None:
+        super().__init__(name="header-watchdog", daemon=True)
+        self.period = period
+        self.lock = threading.Lock()
+        self.deadlines: dict[ProxyHandler, float] = {}
+        self.stopped = threading.Event()
+
+    def watch(self, handler: ProxyHandler, deadline: float) -> None:
+        with self.lock:
+            self.deadlines[handler] = deadline
+
+    def unwatch(self, handler: ProxyHandler) -> None:
+        with self.lock:
+            self.deadlines.pop(handler, None)
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.period):
+            now = time.monotonic()
+            with self.lock:
+                expired = [h for h, deadline in self.deadlines.items() if deadline <= now]
+                for handler in expired:
+                    del self.deadlines[handler]
+                    handler.expire()
+
+
+class LoadBalancerServer(ThreadingHTTPServer):
+    """The listening side: bounded connections, big backlog, graceful stop.
+
+    ``lock`` guards ``connections`` (open client sockets -> busy flag) and
+    ``in_flight``.
+    """
+
+    request_queue_size = 1024  # the stdlib's 5 drops connections under load
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], config: Any, cluster: ServerCluster,
+                 access_log: AccessLog, bind_and_activate: bool = True) -> None:
+        self.config = config
+        self.cluster = cluster
+        self.access_log = access_log
+        self.limits = Limits(config.max_request_line, config.max_header_size, config.max_headers)
+        self.lock = threading.Lock()
+        self.connections: dict[socket.socket, bool] = {}
+        self.in_flight = 0
+        self.draining = False
+        self.rejected = 0
+        self.watchdog = Watchdog()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, ProxyHandler, bind_and_activate)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind would call socket.getfqdn(), a DNS lookup.
+        TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self.watchdog.start()
+        try:
+            super().serve_forever(poll_interval)
+        finally:
+            self.watchdog.stopped.set()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.lock:
+            full = len(self.connections) >= self.config.max_connections
+            if not full:
+                self.connections[request] = False
+            else:
+                self.rejected += 1
+        if full:
+            self.reject_connection(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:  # can't start a new thread
+            self.forget(request)
+            self.reject_connection(request)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.forget(request)
+
+    def forget(self, request: Any) -> None:
+        with self.lock:
+            self.connections.pop(request, None)
+
+    def reject_connection(self, request: socket.socket) -> None:
+        """Answer a connection over the limit with a fast 503, from the accept thread."""
+        try:
+            request.setblocking(False)
+            request.send(error_response(503, "too many connections, try again later",
+                                        close=True, retry_after=1))
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def mark_busy(self, request: socket.socket, busy: bool) -> None:
+        with self.lock:
+            if request in self.connections:
+                self.connections[request] = busy
+            self.in_flight += 1 if busy else -1
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.exception("internal error while serving %s", client_address[0])
+
+    def drain(self, timeout: float) -> bool:
+        """Stop keep-alive, close idle connections, wait for in-flight requests."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                idle = [sock for sock, busy in self.connections.items() if not busy]
+                busy_count = self.in_flight
+            for sock in idle:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            if busy_count == 0 or time.monotonic() >= deadline:
+                return busy_count == 0
+            time.sleep(0.05)
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def http_date() -> str:
+    """The Date header value, formatted at most once a second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True))
+    return _date_cache[1]
+
+
+def error_response(status: int, message: str, close: bool, retry_after: int | None = None,
+                   extra: Headers = ()) -> bytes:
+    """A short plain-text response generated by cclb itself."""
+    body = (message + "\n").encode("utf-8")
+    headers: Headers = [("Date", http_date()), ("Server", "cclb"),
+                        ("Content-Type", "text/plain; charset=utf-8"),
+                        ("Content-Length", str(len(body)))]
+    if retry_after is not None:
+        headers.append(("Retry-After", str(retry_after)))
+    headers.extend(extra)
+    if close:
+        headers.append(("Connection", "close"))
+    reason = HTTPStatus(status).phrase
+    return http11.serialize_head(f"HTTP/1.1 {status} {reason}", headers) + body
+
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    """Handles one client connection: reads requests, forwards them, relays answers."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    server: LoadBalancerServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.timed_out = False
+        self.body_pending = False
+        self.response_started = False
+        self.client_ip = self.client_address[0]
+        self.requests_served = 0
+
+    def expire(self) -> None:
+        """Called by the watchdog (under its lock) when the head deadline passed."""
+        self.timed_out = True
+        try:
+            self.connection.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    # --- the request loop ---------------------------------------------------
+
+    def handle_one_request(self) -> None:
+        """Read one request and dispatch it to ``do_<METHOD>`` (or ``forward``)."""
+        self.close_connection = True
+        request = self.read_request()
+        if request is None:
+            return
+        self.close_connection = not request.keep_alive or self.server.draining
+        self.command, self.path = request.method, request.shown_target
+        self.request_version = f"HTTP/{request.version[0]}.{request.version[1]}"
+        self.server.mark_busy(self.connection, True)
+        try:
+            handler = getattr(self, f"do_{request.method}", self.forward)
+            handler(request)
+        finally:
+            self.server.mark_busy(self.connection, False)
+            self.requests_served += 1
+
+    def read_request(self) -> Request | None:
+        """Wait for the next request and read its head, or answer an error.
+
+        Returns None when the connection should close (client gone, idle
+        timeout, or an error answered here).
+        """
+        config = self.server.config
+        sock = self.connection
+        try:
+            sock.settimeout(config.keepalive_timeout)
+            if not self.rfile.peek(1):
+                return None  # client closed the connection
+        except OSError:
+            return None  # idle keep-alive timeout or reset: close quietly
+        self.started = time.monotonic()
+        watchdog = self.server.watchdog
+        watchdog.watch(self, self.started + config.header_timeout)
+        try:
+            sock.settimeout(config.header_timeout)
+            return self.parse_head()
+        except ProtocolError as error:
+            if self.timed_out:
+                self.send_error_response(408, "request head not received in time")
+            else:
+                self.send_error_response(error.status, error.message)
+        except OSError:
+            if self.timed_out:
+                self.send_error_response(408, "request head not received in time")
+        finally:
+            watchdog.unwatch(self)
+        return None
+
+    def parse_head(self) -> Request:
+        """Parse and check a request head (RFC 9112 2-6); ProtocolError if bad."""
+        limits = self.server.limits
+        line = self.rfile.readline(limits.max_line + 3)
+        if self.timed_out:
+            raise ProtocolError(408, "timeout")
+        if len(line) > limits.max_line + 2:
+            raise ProtocolError(414, "request line too long")
+        self.requestline = line.rstrip(b"\r\n").decode("latin-1")
+        request_line = http11.parse_request_line(line, limits.max_line)
+        headers = read_field_lines(self.rfile, limits, for_response=False)
+        if self.timed_out:
+            raise ProtocolError(408, "timeout")
+        version = request_line.version
+        method = request_line.method
+        hosts = [value for name, value in headers if name.lower() == "host"]
+        # RFC 9112 3.2: a 1.1 request has exactly one Host; more is a 400 in any version.
+        if len(hosts) > 1 or (version >= (1, 1) and not hosts):
+            raise ProtocolError(400, "exactly one Host header is required")
+        if hosts and not http11.valid_host(hosts[0]):
+            raise ProtocolError(400, "malformed Host header")
+        if method == "CONNECT":
+            raise ProtocolError(405, "CONNECT is not supported by a load balancer")
+        framing = http11.request_framing(headers, version)
+        if framing.kind == "length" and framing.length > self.server.config.max_body_size:
+            raise ProtocolError(413, "request body too large")
+        target, host = request_line.target, (hosts[0] if hosts else None)
+        if not target.startswith("/") and target != "*":
+            # RFC 9112 3.2.2: absolute-form; its authority replaces Host.
+            parts = urlsplit(target)
+            host = parts.netloc
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            headers = [(n, v) for n, v in headers if n.lower() != "host"] + [("Host", host)]
+        expect = http11.get_field(headers, "expect")
+        expect_continue = False
+        if expect is not None and version >= (1, 1):  # RFC 9110 10.1.1: ignored in 1.0
+            if expect.lower() != "100-continue":
+                raise ProtocolError(417, "only Expect: 100-continue is supported")
+            expect_continue = framing.has_body
+        keep_alive = http11.wants_keep_alive(version, http11.connection_options(headers))
+        has_length = any(name.lower() == "content-length" for name, _ in headers)
+        return Request(method, target, request_line.target, version, headers, framing,
+                       has_length, host, keep_alive, expect_continue)
+
+    # --- methods --------------------------------------------------------------
+
+    def do_TRACE(self, request: Request) -> None:
+        # TRACE would echo cookies and auth headers back (cross-site tracing).
+        self.send_error_response(405, "TRACE is disabled", extra=[("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")])
+
+    def forward(self, request: Request) -> None:
+        """Forward ``request`` to a backend, retrying where safe, and relay the answer."""
+        cluster = self.server.cluster
+        self.response_started = False
+        self.body_pending = request.framing.has_body
+        body: bytes | None = b""
+        if request.framing.kind == "length" and request.framing.length <= BUFFER_LIMIT \
+                and not request.expect_continue:
+            try:
+                self.connection.settimeout(self.server.config.body_timeout)
+                body = read_small_body(self.rfile, request.framing.length)
+                self.body_pending = False
+            except (TruncatedBody, OSError):
+                self.log_request_done(request, 400, 0, None)
+                self.close_connection = True  # the client gave up mid-body
+                return
+        elif request.framing.has_body:
+            body = None  # streamed: cannot be replayed
+        head = self.upstream_head(request)
+        tried: list[Backend] = []
+        stale_retries = 0
+        while True:
+            backend = cluster.acquire(self.client_ip, tuple(tried))
+            if backend is None:
+                self.answer_no_backend(request, bool(tried))
+                return
+            try:
+                self.exchange(request, backend, head, body)
+                return
+            except BackendError as error:
+                if error.stale and stale_retries == 0 and http11.may_retry(
+                        request.method, error.sent, False, body is not None):
+                    stale_retries += 1  # an idle pooled connection had died: not a backend fault
+                    cluster.release(backend, None, retried=True)
+                    continue
+                cluster.report_failure(backend, str(error))
+                cluster.release(backend, None, retried=True)
+                if not http11.may_retry(request.method, error.sent, False, body is not None):
+                    self.send_error_response(502, f"backend {backend.url} failed: {error}")
+                    self.log_request_done(request, 502, 0, backend)
+                    return
+                tried.append(backend)
+
+    def answer_no_backend(self, request: Request, after_failures: bool) -> None:
+        if after_failures:
+            message = "no backend could take the request: all attempts failed"
+        else:
+            message = "no healthy backend is available right now, try again shortly"
+        retry_after = max(1, int(self.server.config.health_interval or 1))
+        self.send_error_response(503, message, retry_after=retry_after)
+        self.log_request_done(request, 503, 0, None)
+
+    def upstream_head(self, request: Request) -> bytes:
+        """The request head as sent to backends (hop-by-hop fields removed)."""
+        headers = http11.end_to_end(request.headers, ("content-length", "expect"))
+        headers = http11.append_forwarded(headers, self.client_ip, "http", request.host)
+        if request.framing.kind == "chunked":
+            headers.append(("Transfer-Encoding", "chunked"))
+        elif request.framing.kind == "length" or request.has_length_field:
+            headers.append(("Content-Length", str(request.framing.length)))
+        return http11.serialize_head(f"{request.method} {request.target} HTTP/1.1", headers)
+
+    def exchange(self, request: Request, backend: Backend, head: bytes, body: bytes | None) -> None:
+        """One attempt on ``backend``: send, read the response head, relay it.
+
+        Raises BackendError when the attempt failed in a way ``forward`` may
+        retry (it then releases ``backend``); everything else is answered here.
+        """
+        try:
+            conn, reused = backend.pool.acquire()
+        except OSError as error:
+            raise BackendError(describe_error(error), sent=False) from None
+        status = 0
+        try:
+            response = self.send_and_receive(request, conn, reused, head, body)
+            status = response.status
+            self.relay(request, response, conn, backend)  # pools or closes conn
+        except BackendError:
+            conn.close()
+            raise
+        except ClientError as error:
+            conn.close()
+            status = error.status or 499  # 499: the client went away (nginx's code)
+            self.fail(request, backend, status, str(error), answer=error.status is not None)
+        except TimeoutError:
+            conn.close()
+            status = 504
+            self.fail(request, backend, 504, f"backend {backend.url} did not answer in time")
+        except (ValueError, OSError, MalformedBody) as error:
+            conn.close()
+            status = 502
+            self.fail(request, backend, 502, f"backend {backend.url} failed: {error}")
+        except BaseException:
+            conn.close()
+            status = 500
+            raise
+        finally:
+            if status:
+                self.server.cluster.release(backend, status)
+
+    def fail(self, request: Request, backend: Backend | None, status: int, message: str,
+             answer: bool = True) -> None:
+        """End a request that failed; answer ``status`` if no response byte went out yet."""
+        if self.response_started or not answer:
+            self.close_connection = True  # the client sees a cut-off message
+        else:
+            self.send_error_response(status, message)
+        self.log_request_done(request, status, 0, backend)
+
+    def send_and_receive(self, request: Request, conn: UpstreamConnection, reused: bool,
+                         head: bytes, body: bytes | None) -> ResponseHead:
+        """Send the request (streaming a large body) and read the response head."""
+        sent = False
+        try:
+            if body is not None:
+                conn.send_all(head + body)
+                sent = True
+            else:
+                if request.expect_continue:
+                    # Only now that a backend is connected: RFC 9110 10.1.1.
+                    self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                conn.send_all(head)
+                sent = True
+                self.stream_request_body(request, conn)
+            return read_response_head(conn.reader, request.method, self.server.limits)
+        except EmptyResponse as error:
+            raise BackendError(str(error), sent=sent, stale=reused) from None
+        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as error:
+            raise BackendError(describe_error(error), sent=sent, stale=reused and body is not None) from None
+
+    def stream_request_body(self, request: Request, conn: UpstreamConnection) -> None:
+        """Copy a large or chunked request body from the client to the backend."""
+        self.connection.settimeout(self.server.config.body_timeout)
+        chunked = request.framing.kind == "chunked"
+        pieces = iter_body(self.rfile, request.framing, PIECE, self.server.config.max_body_size)
+        while True:
+            try:
+                piece = next(pieces, None)
+            except BodyTooLarge:
+                raise ClientError(413, "request body too large") from None
+            except MalformedBody as error:
+                raise ClientError(400, f"malformed request body: {error}") from None
+            except (TruncatedBody, OSError):
+                raise ClientError(None, "client closed or stalled while sending the body") from None
+            if piece is None:
+                break
+            conn.send_all(http11.chunk(piece) if chunked else piece)
+        if chunked:
+            conn.send_all(http11.LAST_CHUNK)
+        self.body_pending = False
+
+    # --- the response ---------------------------------------------------------
+
+    def relay(self, request: Request, response: ResponseHead, conn: UpstreamConnection,
+              backend: Backend) -> None:
+        """Send the backend's response to the client; pool or close ``conn``."""
+        config = self.server.config
+        framing = response.framing
+        headers = http11.end_to_end(response.headers, ("content-length",))
+        accept_encoding = http11.get_field(request.headers, "accept-encoding")
+        known = framing.kind == "length"
+        gzip = config.gzip_level > 0 and http11.should_gzip(
+            request.method, response.status, headers, accept_encoding,
+            framing.length if known else None, config.gzip_min_size)
+        client_11 = request.version >= (1, 1)
+        if not client_11 and not known and framing.kind != "none":
+            self.close_connection = True  # an HTTP/1.0 client reads to the close
+        if self.close_connection:
+            headers.append(("Connection", "close"))
+        elif not client_11:
+            headers.append(("Connection", "keep-alive"))
+        status_line = f"HTTP/1.1 {response.status} {response.reason}"
+        sent = 0
+        try:
+            if framing.kind == "none":
+                if response.status != 204:  # HEAD and 304 may describe the full body
+                    headers.extend((n, v) for n, v in response.headers if n.lower() == "content-length")
+                self.write(http11.serialize_head(status_line, headers))
+            elif known and framing.length <= BUFFER_LIMIT:
+                data = read_small_body(conn.reader, framing.length)
+                if gzip:
+                    data = http11.gzip_compress(data, config.gzip_level)
+                    headers = http11.gzip_headers(headers)
+                headers.append(("Content-Length", str(len(data))))
+                self.write(http11.serialize_head(status_line, headers) + data)
+                sent = len(data)
+            else:
+                sent = self.stream_response(request, response, conn, headers, status_line, gzip, client_11)
+        except TruncatedBody:
+            # The client must see an incomplete message, never a short 200.
+            self.close_connection = True
+            conn.close()
+            self.log_request_done(request, response.status, sent, backend)
+            return
+        if response.reusable:
+            backend.pool.release(conn)
+        else:
+            conn.close()
+        self.log_request_done(request, response.status, sent, backend)
+
+    def stream_response(self, request: Request, response: ResponseHead, conn: UpstreamConnection,
+                        headers: Headers, status_line: str, gzip: bool, client_11: bool) -> int:
+        """Relay a large or unknown-length body in bounded pieces; bytes sent."""
+        config = self.server.config
+        framing = response.framing
+        compressor = http11.gzip_stream(config.gzip_level) if gzip else None
+        if compressor is not None:
+            headers = http11.gzip_headers(headers)
+        chunked = client_11 and (compressor is not None or framing.kind != "length")
+        if chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+        elif framing.kind == "length" and compressor is None:
+            headers.append(("Content-Length", str(framing.length)))
+        self.write(http11.serialize_head(status_line, headers))
+        sent = 0
+        for piece in iter_body(conn.reader, framing, PIECE):
+            if compressor is not None:
+                piece = compressor.compress(piece)
+                if not piece:
+                    continue
+            self.write(http11.chunk(piece) if chunked else piece)
+            sent += len(piece)
+        tail = compressor.flush() if compressor is not None else b""
+        if chunked:
+            self.write((http11.chunk(tail) if tail else b"") + http11.LAST_CHUNK)
+        elif tail:
+            self.write(tail)
+        sent += len(tail)
+        return sent
+
+    def write(self, data: bytes) -> None:
+        """Send bytes to the client; ClientError if it has gone away."""
+        self.response_started = True
+        try:
+            self.wfile.write(data)
+        except OSError:
+            raise ClientError(None, "client went away") from None
+
+    # --- answers generated by cclb -------------------------------------------
+
+    def send_error_response(self, status: int, message: str, retry_after: int | None = None,
+                            extra: Headers = ()) -> None:
+        """Answer with a short plain-text error; errors on a bad request close the connection."""
+        # After a malformed request, or with its body still unread, the rest of
+        # the stream cannot be trusted as the start of a next request.
+        close = (self.close_connection or self.body_pending or self.server.draining
+                 or status in (400, 408, 413, 414, 417, 431, 501, 505))
+        if close:
+            self.close_connection = True
+        try:
+            self.wfile.write(error_response(status, message, close, retry_after, extra))
+        except OSError:
+            self.close_connection = True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """BaseHTTPRequestHandler's error path, routed to our plain answers."""
+        self.close_connection = True
+        self.send_error_response(code, message or HTTPStatus(code).phrase)
+
+    def log_request_done(self, request: Request, status: int, sent: int,
+                         backend: Backend | None) -> None:
+        self.server.access_log.record(
+            self.client_ip, request.method, request.shown_target, status, sent,
+            backend.url if backend else "-", time.monotonic() - self.started)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug(format, *args)

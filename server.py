@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""Demo JSON backend for the cclb load balancer.
+
+Usage: python3 server.py PORT [--host HOST] [--name NAME] [--verbose]
+
+Every response is JSON, carries Content-Length and an X-Backend-Server header,
+and is written with a single socket write (no Nagle/delayed-ACK stalls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import sys
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, NoReturn
+
+DATA_FILE = Path(__file__).resolve().parent / "data.json"
+MAX_BODY = 16 * 1024 * 1024
+ITEM_ROUTE = re.compile(r"/(user|product)/([^/]+)")
+DIGITS = re.compile(r"[0-9]+")
+HEX = re.compile(rb"[0-9A-Fa-f]+")
+
+Reply = tuple[int, Any, dict[str, str]]  # status, JSON payload, extra headers
+
+
+class BadRequestBody(Exception):
+    """The request body cannot be read; the connection must be closed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class BackendServer(ThreadingHTTPServer):
+    """Threaded HTTP server that carries the backend's name and data."""
+
+    request_queue_size = 1024
+    daemon_threads = True
+    block_on_close = False  # never wait for idle keep-alive connections on exit
+
+    def __init__(self, address: tuple[str, int], name: str, data: dict[str, Any], verbose: bool) -> None:
+        self.name, self.data, self.verbose = name, data, verbose
+        super().__init__(address, Handler)
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Serves the demo routes; any HTTP method is accepted and dispatched to handle_request."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    server: BackendServer
+
+    def __getattr__(self, name: str) -> Any:
+        """Resolve do_GET, do_POST, do_ANYTHING... to handle_request."""
+        if name.startswith("do_"):
+            return self.handle_request
+        raise AttributeError(name)
+
+    def handle_request(self) -> None:
+        """Read the body, route the request and send exactly one response."""
+        try:
+            reply = self.route(self.read_body())
+        except BadRequestBody as err:
+            self.close_connection = True
+            reply = err.status, {"error": str(err)}, {}
+        self.respond(*reply)
+
+    def route(self, body: bytes) -> Reply:
+        """Map method and path to a reply."""
+        path, _, query = self.path.partition("?")
+        if path == "/echo":
+            return 200, self.echo(path, query, body), {}
+        data = self.server.data
+        static = {"/": {"response": True}, "/health": {"status": "ok"},
+                  "/users": data["users"], "/products": data["products"]}
+        item = ITEM_ROUTE.fullmatch(path)
+        if path not in static and not item:
+            return 404, {"error": "not found"}, {}
+        if self.command not in ("GET", "HEAD"):
+            return 405, {"error": f"method {self.command} not allowed"}, {"Allow": "GET, HEAD"}
+        return self.find_item(*item.groups()) if item else (200, static[path], {})
+
+    def find_item(self, kind: str, raw_id: str) -> Reply:
+        """Look up a user or product by its numeric id."""
+        if not DIGITS.fullmatch(raw_id):
+            return 400, {"error": f"invalid {kind} id: {raw_id!r}"}, {}
+        item_id = int(raw_id)
+        for item in self.server.data[f"{kind}s"]:
+            if item["id"] == item_id:
+                return 200, item, {}
+        return 404, {"error": f"{kind} {item_id} not found"}, {}
+
+    def echo(self, path: str, query: str, body: bytes) -> dict[str, Any]:
+        """Describe the request exactly as it was received."""
+        return {"method": self.command, "path": path, "query": query,
+                "headers": [[name, value] for name, value in self.headers.items()],
+                "body": body.decode("utf-8", errors="replace"), "server": self.server.name}
+
+    def read_body(self) -> bytes:
+        """Read the request body framed by Transfer-Encoding: chunked or Content-Length."""
+        encoding = self.headers.get("Transfer-Encoding")
+        if encoding is not None:
+            if encoding.strip().lower() != "chunked":
+                raise BadRequestBody(501, f"unsupported transfer-encoding: {encoding}")
+            return self.read_chunked()
+        lengths = {value.strip() for value in self.headers.get_all("Content-Length", [])}
+        if not lengths:
+            return b""
+        length = lengths.pop()
+        if lengths or not DIGITS.fullmatch(length):
+            raise BadRequestBody(400, "invalid Content-Length")
+        return self.read_exact(int(length))
+
+    def read_chunked(self) -> bytes:
+        """Decode a chunked body, discarding chunk extensions and trailers."""
+        chunks, total = [], 0
+        while True:
+            size_field = self.rfile.readline(1024).split(b";")[0].strip()
+            if not HEX.fullmatch(size_field):
+                raise BadRequestBody(400, "invalid chunk size")
+            size = int(size_field, 16)
+            if size == 0:
+                break
+            total += size
+            if total > MAX_BODY:
+                raise BadRequestBody(413, "request body too large")
+            chunks.append(self.read_exact(size))
+            if self.rfile.readline(3).strip():
+                raise BadRequestBody(400, "chunk not terminated by CRLF")
+        while self.rfile.readline(65537).strip():  # trailer section
+            pass
+        return b"".join(chunks)
+
+    def read_exact(self, size: int) -> bytes:
+        """Read exactly size bytes of body."""
+        if size > MAX_BODY:
+            raise BadRequestBody(413, "request body too large")
+        data = self.rfile.read(size)
+        if len(data) != size:
+            raise BadRequestBody(400, "request body truncated")
+        return data
+
+    def respond(self, status: int, payload: Any, extra: dict[str, str]) -> None:
+        """Send status line, headers and JSON body in a single write (no body for HEAD)."""
+        body = json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json", "Content-Length": str(len(body)),
+                   "X-Backend-Server": self.server.name, "Date": self.date_time_string(), **extra}
+        if self.close_connection:
+            headers["Connection"] = "close"
+        elif self.request_version == "HTTP/1.0":
+            headers["Connection"] = "keep-alive"
+        lines = [f"{self.protocol_version} {int(status)} {HTTPStatus(status).phrase}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(head if self.command == "HEAD" else head + body)
+        self.log_request(status)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Answer protocol errors detected by http.server as JSON too, then close."""
+        self.close_connection = True
+        self.respond(code, {"error": message or HTTPStatus(code).phrase}, {})
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Log to stderr only with --verbose."""
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port in 1-65535."""
+    port = int(text) if DIGITS.fullmatch(text) else 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r} (expected 1-65535)")
+    return port
+
+
+def header_value(text: str) -> str:
+    """argparse type: printable ASCII without CR/LF, safe to put in a header."""
+    if not re.fullmatch(r"[ -~]+", text):
+        raise argparse.ArgumentTypeError(f"invalid name {text!r} (printable ASCII only)")
+    return text
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; the name defaults to server-PORT."""
+    parser = argparse.ArgumentParser(description="Demo JSON backend for cclb.")
+    parser.add_argument("port", type=port_number, help="TCP port to listen on (1-65535)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--name", type=header_value, help="X-Backend-Server value (default: server-PORT)")
+    parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    args = parser.parse_args(argv)
+    args.name = args.name or f"server-{args.port}"
+    return args
+
+
+def fail(message: str) -> int:
+    """Print a one-line error to stderr and return exit code 1."""
+    print(message, file=sys.stderr)
+    return 1
+
+
+def raise_interrupt(signum: int, frame: Any) -> NoReturn:
+    """SIGTERM handler: stop like Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server until SIGTERM or Ctrl-C; return the exit code."""
+    args = parse_args(argv)
+    try:
+        data = json.loads(DATA_FILE.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return fail(f"cannot load {DATA_FILE}: {err}")
+    try:
+        server = BackendServer((args.host, args.port), args.name, data, args.verbose)
+    except OSError as err:
+        return fail(f"{args.name}: cannot listen on {args.host}:{args.port}: {err.strerror or err}")
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        print(f"{args.name} listening on http://{args.host}:{args.port}", flush=True)
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""Every cclb option, defined once: name, flag, config key, default, check, help.
+
+The command line (``argparse``), the configuration file (TOML, read with
+``tomllib``) and the README's option table are all derived from ``SETTINGS``
+so they cannot drift apart (``python3 settings.py`` prints the table; a test
+checks that the README holds it).  The command line overrides the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from balancing import POLICIES
+from cluster import BackendSpec, parse_backend
+
+DEFAULT_BACKENDS = ["http://127.0.0.1:7000", "http://127.0.0.1:7001", "http://127.0.0.1:7002"]
+
+
+class SettingsError(Exception):
+    """A bad option or config value; the message names it.  Exit code 2."""
+
+
+# --- value checkers: text or TOML value -> value, ValueError if bad -----------
+
+def _number(kind: type, low: float | None = None, high: float | None = None) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if isinstance(value, bool) or (isinstance(value, str) and not value.strip()):
+            raise ValueError(f"expected a {'whole ' if kind is int else ''}number")
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a {'whole ' if kind is int else ''}number, got {value!r}") from None
+        if kind is float and number != number:
+            raise ValueError("expected a number")
+        if (low is not None and number < low) or (high is not None and number > high):
+            bounds = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
+            raise ValueError(f"must be in {bounds}, got {value!r}")
+        return number
+    return check
+
+
+_SIZE = re.compile(r"(\d+)\s*([kmg]i?b?|b)?", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from ``1048576``, ``"512k"``, ``"10M"``, ``"10MiB"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 10M")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    match = _SIZE.fullmatch(str(value).strip())
+    if not match:
+        raise ValueError(f"expected a size such as 1048576, 512k or 10M, got {value!r}")
+    unit = (match[2] or "").lower()[:1]
+    return int(match[1]) * _UNITS[unit]
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value.lower()
+    return check
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _path(value: Any) -> str:
+    value = _text(value)
+    if not value.startswith("/") or any(c in value for c in " \r\n\t"):
+        raise ValueError(f"must be a path starting with /, got {value!r}")
+    return value
+
+
+def _status_range(value: Any) -> tuple[int, int]:
+    match = re.fullmatch(r"([1-5]\d\d)(?:-([1-5]\d\d))?", str(value).strip())
+    if not match:
+        raise ValueError(f"expected a status or range such as 200 or 200-399, got {value!r}")
+    low = int(match[1])
+    high = int(match[2] or low)
+    if high < low:
+        raise ValueError(f"empty status range {value!r}")
+    return low, high
+
+
+def _backends(value: Any) -> list[BackendSpec]:
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ValueError("at least one backend is needed")
+    specs = []
+    for item in items:
+        if isinstance(item, dict):  # [[backends]] table: url = "...", weight = 3
+            unknown = set(item) - {"url", "weight"}
+            if unknown or "url" not in item:
+                raise ValueError(f"a backend table takes url and weight, got {sorted(item)}")
+            item = f"{item['url']},weight={item.get('weight', 1)}"
+        specs.append(parse_backend(_text(item)))
+    return specs
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # attribute and config-file key
+    flags: tuple[str, ...]
+    default: Any
+    check: Callable[[Any], Any]
+    help: str
+    metavar: str | None = None
+    section: str = "general"
+    cli_only: bool = False
+    repeat: bool = False  # flag may be given several times (collected in a list)
+    flag_only: bool = False  # boolean switch without a value
+
+
+SETTINGS: list[Setting] = [
+    Setting("port", ("-p", "--port"), 8080, _number(int, 0, 65535),
+            "port to listen on (0: any free port)", "PORT", "listener"),
+    Setting("host", ("--host",), "0.0.0.0", _text,
+            "address to listen on (0.0.0.0: all interfaces)", "HOST", "listener"),
+    Setting("backends", ("-b", "--backend"), DEFAULT_BACKENDS, _backends,
+            "backend as http://host:port or host:port, optionally ',weight=N'; "
+            "repeat for each backend",
+            "URL", "backends", repeat=True),
+    Setting("algorithm", ("--algorithm",), "round-robin", _choice(*POLICIES),
+            f"balancing policy: {', '.join(POLICIES)}", "NAME", "backends"),
+    Setting("health_interval", ("--health-interval",), 10.0, _number(float, 0, 86400),
+            "seconds between active health checks of each backend (0: no active checks)",
+            "SECONDS", "health"),
+    Setting("health_path", ("--health-path",), "/", _path,
+            "path requested by active health checks", "PATH", "health"),
+    Setting("health_timeout", ("--health-timeout",), 2.0, _number(float, 0.01, 3600),
+            "seconds a health check may take", "SECONDS", "health"),
+    Setting("health_status", ("--health-status",), "200-399", _status_range,
+            "status (range) that makes a health check pass", "RANGE", "health"),
+    Setting("rise", ("--rise",), 1, _number(int, 1, 100),
+            "consecutive passing checks that bring a backend UP", "N", "health"),
+    Setting("fall", ("--fall",), 1, _number(int, 1, 100),
+            "consecutive failing checks that take a backend DOWN", "N", "health"),
+    Setting("max_fails", ("--max-fails",), 1, _number(int, 0, 1000),
+            "failed requests within --fail-timeout that take a backend DOWN (0: never)",
+            "N", "health"),
+    Setting("fail_timeout", ("--fail-timeout",), 10.0, _number(float, 0.1, 86400),
+            "window for --max-fails, in seconds", "SECONDS", "health"),
+    Setting("slow_start", ("--slow-start",), 0.0, _number(float, 0, 3600),
+            "seconds over which a recovered backend's weight ramps up (0: off)",
+            "SECONDS", "health"),
+    Setting("connect_timeout", ("--connect-timeout",), 3.0, _number(float, 0.01, 3600),
+            "seconds to connect to a backend before trying the next one", "SECONDS", "timeouts"),
+    Setting("read_timeout", ("--read-timeout",), 60.0, _number(float, 0.01, 86400),
+            "seconds to wait for a backend's response (504 after)", "SECONDS", "timeouts"),
+    Setting("header_timeout", ("--header-timeout",), 10.0, _number(float, 0.01, 3600),
+            "seconds a client has to send a whole request head (408 after)", "SECONDS", "timeouts"),
+    Setting("keepalive_timeout", ("--keepalive-timeout",), 30.0, _number(float, 0.01, 86400),
+            "seconds an idle client keep-alive connection stays open", "SECONDS", "timeouts"),
+    Setting("body_timeout", ("--body-timeout",), 30.0, _number(float, 0.01, 86400),
+            "seconds a client may stay silent while sending a body (408 after)",
+            "SECONDS", "timeouts"),
+    Setting("max_body_size", ("--max-body-size",), 10 * 1024 ** 2, parse_size,
+            "largest request body accepted (413 beyond), e.g. 10M", "SIZE", "limits"),
+    Setting("max_header_size", ("--max-header-size",), 32 * 1024, parse_size,
+            "largest request header section (431 beyond)", "SIZE", "limits"),
+    Setting("max_request_line", ("--max-request-line",), 8 * 1024, parse_size,
+            "longest request line (414 beyond)", "SIZE", "limits"),
+    Setting("max_headers", ("--max-headers",), 100, _number(int, 1, 10000),
+            "most header fields in a request (431 beyond)", "N", "limits"),
+    Setting("max_connections", ("--max-connections",), 1024, _number(int, 1, 100000),
+            "most client connections at once; beyond it new ones get a fast 503", "N", "limits"),
+    Setting("gzip_level", ("--gzip-level",), 5, _number(int, 0, 9),
+            "gzip compression level for clients that accept it (0: no compression)", "N", "gzip"),
+    Setting("gzip_min_size", ("--gzip-min-size",), 256, parse_size,
+            "smallest response body worth compressing", "SIZE", "gzip"),
+    Setting("log_level", ("--log-level",), "INFO",
+            lambda v: _choice("debug", "info", "warning", "error", "critical")(v).upper(),
+            "application log level", "LEVEL", "logging"),
+    Setting("access_log", ("--access-log",), "-", _text,
+            "access log file, '-' for stderr, 'off' for none", "PATH", "logging"),
+    Setting("log_format", ("--log-format",), "text", _choice("text", "json"),
+            "access log format", "FORMAT", "logging"),
+    Setting("admin_port", ("--admin-port",), None, _number(int, 0, 65535),
+            "port of the admin API and dashboard (default: off)", "PORT", "admin"),
+    Setting("admin_host", ("--admin-host",), "127.0.0.1", _text,
+            "address of the admin API (a non-loopback one needs --admin-token)", "HOST", "admin"),
+    Setting("admin_token", ("--admin-token",), None, _text,
+            "bearer token required for admin API writes", "TOKEN", "admin"),
+    Setting("workers", ("--workers",), 1, _number(int, 1, 64),
+            "worker processes sharing the port", "N", "listener"),
+    Setting("config", ("--config",), None, _text,
+            "TOML configuration file (options on the command line override it)",
+            "FILE", "general", cli_only=True),
+    Setting("demo", ("--demo",), False, bool,
+            "also start the three demo backends (server.py on 7000-7002) as child processes",
+            None, "general", cli_only=True, flag_only=True),
+]
+
+BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+@dataclass
+class Config:
+    """The settings in force; one attribute per entry of SETTINGS."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None  # config file path, if any
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cclb.py",
+        description="cclb: an HTTP/1.1 load balancer in pure-stdlib Python.",
+    )
+    groups: dict[str, Any] = {}
+    for setting in SETTINGS:
+        group = groups.get(setting.section)
+        if group is None:
+            group = groups[setting.section] = parser.add_argument_group(setting.section)
+        if setting.flag_only:
+            group.add_argument(*setting.flags, dest=setting.name, action="store_true",
+                               default=argparse.SUPPRESS, help=setting.help)
+            continue
+        shown_default = setting.default
+        if setting.name == "backends":
+            shown_default = " ".join(DEFAULT_BACKENDS)
+        elif setting.name == "health_status":
+            shown_default = "200-399"
+        group.add_argument(*setting.flags, dest=setting.name, metavar=setting.metavar,
+                           action="append" if setting.repeat else "store",
+                           default=argparse.SUPPRESS,
+                           help=setting.help + ("" if shown_default is None else f" (default: {shown_default})"))
+    return parser
+
+
+def _line_of(text: str, key: str) -> str:
+    for number, line in enumerate(text.splitlines(), 1):
+        if re.match(rf"\s*{re.escape(key)}\s*=", line) or re.match(rf"\s*\[+\s*{re.escape(key)}\s*\]", line):
+            return f" (line {number})"
+    return ""
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Checked values from a TOML file; SettingsError names the key and line."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+        data = tomllib.loads(raw.decode("utf-8"))
+    except OSError as error:
+        raise SettingsError(f"cannot read config file {path}: {error.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise SettingsError(f"{path}: invalid TOML: {error}") from None
+    text = raw.decode("utf-8")
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        setting = BY_NAME.get(key)
+        if setting is None or setting.cli_only:
+            known = ", ".join(s.name for s in SETTINGS if not s.cli_only)
+            raise SettingsError(f"{path}{_line_of(text, key)}: unknown key {key!r} (known: {known})")
+        try:
+            values[key] = setting.check(value)
+        except ValueError as error:
+            raise SettingsError(f"{path}{_line_of(text, key)}: {key}: {error}") from None
+    return values
+
+
+def load(argv: list[str] | None = None) -> Config:
+    """Settings from defaults, then the config file, then the command line.
+
+    Exits with code 2 (argparse's convention) and a clear message on errors.
+    """
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    try:
+        return resolve(args)
+    except SettingsError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+        raise  # unreachable; keeps type checkers happy
+
+
+def resolve(cli: dict[str, Any]) -> Config:
+    """Merge defaults, the file named by cli['config'] and the command line."""
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if setting.default is None or setting.flag_only or setting.cli_only:
+            values[setting.name] = setting.default
+        else:
+            values[setting.name] = setting.check(setting.default)
+    path = cli.get("config")
+    if path:
+        values.update(read_config_file(path))
+    for name, raw in cli.items():
+        setting = BY_NAME[name]
+        if setting.cli_only:
+            values[name] = raw
+            continue
+        try:
+            values[name] = setting.check(raw)
+        except ValueError as error:
+            raise SettingsError(f"{'/'.join(setting.flags)}: {error}") from None
+    validate(values)
+    return Config(values, path)
+
+
+def validate(values: dict[str, Any]) -> None:
+    """Checks that involve more than one setting."""
+    host = values["admin_host"]
+    if values["admin_port"] is not None and not values["admin_token"] and host not in (
+            "127.0.0.1", "::1", "localhost"):
+        raise SettingsError(f"--admin-host {host} is not loopback: an --admin-token is required")
+
+
+def markdown_table() -> str:
+    """The README's option table."""
+    rows = ["| option | config key | default | meaning |", "|---|---|---|---|"]
+    for setting in SETTINGS:
+        flags = ", ".join(f"`{flag}`" + (f" {setting.metavar}" if setting.metavar else "")
+                          for flag in setting.flags)
+        key = "(command line only)" if setting.cli_only else f"`{setting.name}`"
+        default = setting.default
+        if setting.name == "backends":
+            default = "127.0.0.1:7000-7002"
+        shown = "off" if default is None else f"`{default}`"
+        rows.append(f"| {flags} | {key} | {shown} | {setting.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown_table() + "\n")

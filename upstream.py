@@ -1,0 +1,120 @@
+"""Keep-alive connections to backends, pooled per backend.
+
+``http.client.HTTPConnection`` opens and owns each socket (address lookup,
+connect timeout, TCP_NODELAY).  We do not use its request/response machinery:
+its response parser goes through the ``email`` package (slow on the hot
+path) and is lenient where a proxy must be strict (duplicate Content-Length,
+obs-fold, chunk sizes such as ``0x1_0``), so messages are framed by
+``http11``/``message_reader`` instead.  ``urllib.request`` is not an option
+at all: it opens a new connection per request and follows redirects.
+"""
+
+from __future__ import annotations
+
+import http.client
+import select
+import threading
+import time
+from io import BufferedReader
+
+
+class UpstreamConnection(http.client.HTTPConnection):
+    """One connection to a backend, with a persistent buffered reader."""
+
+    reader: BufferedReader
+    idle_since: float = 0.0
+
+    def __init__(self, host: str, port: int, connect_timeout: float, read_timeout: float) -> None:
+        super().__init__(host, port, timeout=connect_timeout)
+        self.read_timeout = read_timeout
+
+    def connect(self) -> None:
+        super().connect()  # sets TCP_NODELAY too
+        assert self.sock is not None
+        self.sock.settimeout(self.read_timeout)
+        self.reader = self.sock.makefile("rb", buffering=65536)
+
+    def close(self) -> None:
+        reader = getattr(self, "reader", None)
+        if reader is not None:
+            try:
+                reader.close()
+            except OSError:
+                pass
+        super().close()
+
+    def send_all(self, data: bytes) -> None:
+        assert self.sock is not None
+        self.sock.sendall(data)
+
+    def looks_stale(self) -> bool:
+        """True if the backend closed (or sent unexpected bytes) while idle.
+
+        An idle keep-alive connection must have nothing to read; anything
+        readable is either EOF or garbage, so the connection is not reused.
+        """
+        if self.sock is None:
+            return True
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+
+class ConnectionPool:
+    """Idle keep-alive connections to one backend, most recently used first.
+
+    ``lock`` guards ``idle``.  Connections are handed out exclusively: a
+    connection is either in ``idle`` or owned by exactly one request.
+    """
+
+    def __init__(self, host: str, port: int, connect_timeout: float,
+                 read_timeout: float, max_idle: int = 64, idle_timeout: float = 30.0) -> None:
+        self.host = host
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.lock = threading.Lock()
+        self.idle: list[UpstreamConnection] = []
+
+    def acquire(self) -> tuple[UpstreamConnection, bool]:
+        """A connection and whether it was reused from the pool.
+
+        A new connection is connected here; OSError (refused, timeout) is the
+        caller's to handle.
+        """
+        now = time.monotonic()
+        while True:
+            with self.lock:
+                conn = self.idle.pop() if self.idle else None
+            if conn is None:
+                break
+            if now - conn.idle_since < self.idle_timeout and not conn.looks_stale():
+                return conn, True
+            conn.close()
+        conn = UpstreamConnection(self.host, self.port, self.connect_timeout, self.read_timeout)
+        try:
+            conn.connect()
+        except BaseException:
+            conn.close()
+            raise
+        return conn, False
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Return a connection whose last response was read completely."""
+        conn.idle_since = time.monotonic()
+        with self.lock:
+            if len(self.idle) < self.max_idle:
+                self.idle.append(conn)
+                return
+        conn.close()
+
+    def close_all(self) -> None:
+        with self.lock:
+            idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+
