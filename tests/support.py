@@ -1,0 +1,398 @@
+"""Shared test fixtures: real processes, real sockets, deadlines instead of sleeps.
+
+- ``Balancer``: ``python3 cclb.py`` as a child process on an ephemeral port.
+- ``DemoServer``: ``python3 server.py`` as a child process.
+- ``RawBackend``: an in-process TCP backend that records the exact bytes it
+  receives and answers with whatever bytes a test scripts.
+- ``http_exchange`` / ``read_response``: a tiny client-side response reader
+  for raw-socket tests.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
+             message: str = "condition") -> object:
+    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class ChildProcess:
+    """A child process whose stdout/stderr lines are collected by reader threads."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.proc = subprocess.Popen(
+            args, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=env, text=True, bufsize=1)
+        self.stdout_lines: queue.Queue[str] = queue.Queue()
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.readers = [
+            threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout, True), daemon=True),
+            threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr, False), daemon=True),
+        ]
+        for reader in self.readers:
+            reader.start()
+
+    def _pump(self, stream, lines: list[str], to_queue: bool) -> None:
+        for line in stream:
+            lines.append(line)
+            if to_queue:
+                self.stdout_lines.put(line)
+        stream.close()
+
+    def wait_line(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        """Wait for a stdout line matching ``pattern``."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no line matching {pattern!r} from {self.args}; "
+                                     f"stderr: {''.join(self.stderr)[-2000:]}")
+            try:
+                line = self.stdout_lines.get(timeout=min(remaining, 0.1))
+            except queue.Empty:
+                if self.proc.poll() is not None and self.stdout_lines.empty():
+                    time.sleep(0.05)
+                    if self.stdout_lines.empty():
+                        raise AssertionError(f"{self.args} exited with {self.proc.returncode}; "
+                                             f"stderr: {''.join(self.stderr)[-2000:]}")
+                continue
+            match = regex.search(line)
+            if match:
+                return match
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        return "".join(self.stderr)
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, wait, SIGKILL if needed; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for reader in self.readers:
+            reader.join(timeout=5)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for reader in self.readers:
+            reader.join(timeout=5)
+
+
+class Balancer(ChildProcess):
+    """``cclb.py`` on an ephemeral port in front of ``backends`` (ports or URLs)."""
+
+    def __init__(self, backends: list[int | str], *extra: str, ready_timeout: float = 10.0) -> None:
+        args = [PYTHON, str(ROOT / "cclb.py"), "-p", "0", "--host", "127.0.0.1"]
+        for backend in backends:
+            args += ["-b", f"http://127.0.0.1:{backend}" if isinstance(backend, int) else backend]
+        super().__init__(args + list(extra))
+        match = self.wait_line(r"listening on http://[^:]+:(\d+)", ready_timeout)
+        self.port = int(match[1])
+
+
+class DemoServer(ChildProcess):
+    """``server.py`` on a free port."""
+
+    def __init__(self, port: int | None = None, name: str | None = None) -> None:
+        self.port = port or free_port()
+        args = [PYTHON, str(ROOT / "server.py"), str(self.port)]
+        if name:
+            args += ["--name", name]
+        super().__init__(args)
+        self.wait_line(r"listening on", 10)
+
+
+# --- raw sockets -----------------------------------------------------------
+
+@dataclass
+class Response:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    raw_head: bytes = b""
+    complete: bool = True  # False: the connection closed before the body ended
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    def header_all(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key.lower() == name.lower()]
+
+
+def read_response(reader, method: str = "GET") -> Response:
+    """Read one response from a ``makefile('rb')`` reader (CL, chunked or close)."""
+    line = reader.readline()
+    if not line:
+        raise ConnectionError("connection closed before a response")
+    raw = line
+    version, status, reason = (line.decode("latin-1").rstrip("\r\n").split(" ", 2) + [""])[:3]
+    headers = []
+    while True:
+        line = reader.readline()
+        raw += line
+        if line in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers.append((name, value.strip()))
+    response = Response(int(status), reason, headers, b"", raw)
+    code = int(status)
+    if method == "HEAD" or code < 200 or code in (204, 304):
+        return response
+    te = response.header("transfer-encoding")
+    length = response.header("content-length")
+    if te and "chunked" in te.lower():
+        body = b""
+        while True:
+            size_line = reader.readline()
+            if not size_line:
+                response.complete = False
+                break
+            size = int(size_line.split(b";")[0].strip(), 16)
+            if size == 0:
+                while reader.readline() not in (b"\r\n", b""):
+                    pass
+                break
+            data = reader.read(size)
+            body += data
+            if len(data) < size:
+                response.complete = False
+                break
+            reader.read(2)
+        response.body = body
+    elif length is not None:
+        response.body = reader.read(int(length))
+        response.complete = len(response.body) == int(length)
+    else:
+        response.body = reader.read()
+    return response
+
+
+def connect(port: int, timeout: float = 10.0) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def http_exchange(port: int, data: bytes, method: str = "GET", timeout: float = 10.0) -> Response:
+    """Send raw bytes on a new connection and read one response."""
+    with connect(port, timeout) as sock:
+        sock.sendall(data)
+        with sock.makefile("rb") as reader:
+            return read_response(reader, method)
+
+
+def read_until_close(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything the peer sends until it closes (or the timeout passes)."""
+    sock.settimeout(timeout)
+    chunks = []
+    try:
+        while data := sock.recv(65536):
+            chunks.append(data)
+    except (socket.timeout, ConnectionResetError):
+        pass
+    return b"".join(chunks)
+
+
+@dataclass
+class RawExchange:
+    """What a RawBackend connection received (all bytes, in order)."""
+
+    received: bytearray = field(default_factory=bytearray)
+
+
+class RawBackend:
+    """An in-process backend on an ephemeral port, scripted with raw bytes.
+
+    ``respond(head: bytes, conn: socket.socket, reader)`` is called once per
+    request head (everything up to the blank line, inclusive).  It may read
+    the body from ``reader`` and must write the answer itself; it returns
+    False to close the connection.  Every byte read is recorded in
+    ``connections`` (one bytearray per accepted connection).
+    """
+
+    def __init__(self, respond: Callable[..., bool | None] | None = None) -> None:
+        self.respond = respond or self.ok
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port = self.listener.getsockname()[1]
+        self.connections: list[bytearray] = []
+        self.heads: list[bytes] = []
+        self.lock = threading.Lock()
+        self.stopped = False
+        self.threads: list[threading.Thread] = []
+        self.acceptor = threading.Thread(target=self._accept, daemon=True)
+        self.acceptor.start()
+
+    @staticmethod
+    def ok(head: bytes, conn: socket.socket, reader) -> bool:
+        body = b'{"ok": true}'
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        return True
+
+    def _accept(self) -> None:
+        while not self.stopped:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            record = bytearray()
+            with self.lock:
+                self.connections.append(record)
+            thread = threading.Thread(target=self._serve, args=(conn, record), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket, record: bytearray) -> None:
+        recording = _RecordingReader(conn, record)
+        try:
+            while not self.stopped:
+                head = b""
+                while True:
+                    line = recording.readline()
+                    if not line:
+                        return
+                    head += line
+                    if line in (b"\r\n", b"\n"):
+                        break
+                with self.lock:
+                    self.heads.append(head)
+                if self.respond(head, conn, recording) is False:
+                    return
+        except OSError:
+            pass
+        finally:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def received(self) -> bytes:
+        with self.lock:
+            return b"".join(bytes(r) for r in self.connections)
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.listener.close()
+        for thread in self.threads:
+            thread.join(timeout=2)
+        self.acceptor.join(timeout=2)
+
+
+class _RecordingReader:
+    """A buffered reader over a socket that records every byte it reads."""
+
+    def __init__(self, sock: socket.socket, record: bytearray) -> None:
+        self.reader = sock.makefile("rb")
+        self.record = record
+
+    def readline(self, limit: int = -1) -> bytes:
+        data = self.reader.readline(limit)
+        self.record.extend(data)
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.reader.read(n)
+        self.record.extend(data)
+        return data
+
+
+def read_body(head: bytes, reader) -> bytes:
+    """For RawBackend responders: read a request body framed by CL or chunked."""
+    text = head.decode("latin-1").lower()
+    match = re.search(r"\r\ncontent-length:\s*(\d+)", text)
+    if "transfer-encoding: chunked" in text:
+        body = b""
+        while True:
+            size = int(reader.readline().split(b";")[0].strip(), 16)
+            if size == 0:
+                while reader.readline() not in (b"\r\n", b""):
+                    pass
+                return body
+            body += reader.read(size)
+            reader.read(2)
+    if match:
+        return reader.read(int(match[1]))
+    return b""
+
+
+def process_threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def process_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def process_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def process_peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
