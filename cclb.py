@@ -26,6 +26,7 @@ from balancing import make_policy
 from cluster import ServerCluster
 from health_checkers import HealthChecker, HealthSettings
 from loggers import AccessLog, setup_app_logger
+from admin import AdminServer
 from proxy import LoadBalancerServer
 
 HERE = Path(__file__).resolve().parent
@@ -48,13 +49,87 @@ def health_settings(config: Any) -> HealthSettings:
                           config.health_status, config.rise, config.fall)
 
 
+# Settings that belong to the listening sockets: a reload cannot change them.
+RESTART_ONLY = ("host", "port", "workers", "admin_port", "admin_host")
+
+
+class LoadBalancer:
+    """The running balancer: listener, cluster, health checker, admin API."""
+
+    def __init__(self, config: Any, server: LoadBalancerServer) -> None:
+        self.config = config
+        self.server = server
+        self.cluster = server.cluster
+        self.checker = HealthChecker(self.cluster, health_settings(config))
+        self.admin: AdminServer | None = None
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        if self.config.health_interval > 0:
+            self.checker.start()
+        self._spawn(self.server.serve_forever, "acceptor")
+        if self.config.admin_port is not None:
+            self.admin = AdminServer((self.config.admin_host, self.config.admin_port),
+                                     self.cluster, lambda: self.config)
+            self._spawn(self.admin.serve_forever, "admin")
+
+    def _spawn(self, target: Any, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file; apply it, or keep the old one if invalid."""
+        try:
+            new = settings.resolve(self.config.cli)
+        except (settings.SettingsError, ValueError) as error:
+            log.error("reload failed, keeping the current configuration: %s", error)
+            return
+        for name in RESTART_ONLY:
+            if new.values[name] != self.config.values[name]:
+                log.warning("reload: %s changed but needs a restart; keeping %r",
+                            name, self.config.values[name])
+                new.values[name] = self.config.values[name]
+        added, removed = self.cluster.reconcile(new.backends)
+        self.cluster.configure(
+            make_policy(new.algorithm) if new.algorithm != self.config.algorithm else None,
+            connect_timeout=new.connect_timeout, read_timeout=new.read_timeout,
+            max_fails=new.max_fails, fail_timeout=new.fail_timeout, slow_start=new.slow_start)
+        self.checker.settings = health_settings(new)
+        if new.health_interval > 0 and not self.checker.is_alive():
+            self.checker = HealthChecker(self.cluster, self.checker.settings)
+            self.checker.start()
+        if (new.access_log, new.log_format) != (self.config.access_log, self.config.log_format):
+            old_log, self.server.access_log = self.server.access_log, AccessLog(
+                new.access_log, new.log_format)
+            old_log.close()
+        logging.getLogger("cclb").setLevel(new.log_level)
+        self.server.configure(new)
+        self.config = new
+        log.warning("configuration reloaded from %s (backends added: %s; removed: %s)",
+                    new.source or "the command line", ", ".join(added) or "none",
+                    ", ".join(removed) or "none")
+
+    def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish, release everything."""
+        log.info("cclb stopping: finishing in-flight requests")
+        self.server.shutdown()
+        if self.admin is not None:
+            self.admin.shutdown()
+            self.admin.server_close()
+        self.checker.stop()
+        if not self.server.drain(DRAIN_SECONDS):
+            log.warning("gave up waiting for in-flight requests after %.0fs", DRAIN_SECONDS)
+        self.server.server_close()
+        self.cluster.close()
+        self.server.access_log.close()
+        log.info("cclb stopped")
+
+
 def run(config: Any) -> int:
-    """Serve until SIGINT/SIGTERM; returns the exit code."""
-    cluster = build_cluster(config)
-    if config.max_fails == 0:
-        cluster.max_fails = 10 ** 9
+    """Serve until SIGINT/SIGTERM (SIGHUP reloads); returns the exit code."""
     try:
-        server = LoadBalancerServer((config.host, config.port), config, cluster,
+        server = LoadBalancerServer((config.host, config.port), config, build_cluster(config),
                                     AccessLog("off"))
     except OSError as error:
         reason = error.strerror or str(error)
@@ -66,31 +141,33 @@ def run(config: Any) -> int:
         server.server_close()
         print(f"cclb: cannot open access log {config.access_log}: {error.strerror}", file=sys.stderr)
         return 2
+    balancer = LoadBalancer(config, server)
+    try:
+        balancer.start()
+    except OSError as error:
+        server.server_close()
+        print(f"cclb: cannot listen on admin port {config.admin_host}:{config.admin_port}: "
+              f"{error.strerror or error}", file=sys.stderr)
+        return 1
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    checker = HealthChecker(cluster, health_settings(config))
-    if config.health_interval > 0:
-        checker.start()
-    serving = threading.Thread(target=server.serve_forever, name="acceptor", daemon=True)
-    serving.start()
+    reload_requested = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
     host, port = server.server_address[:2]
     count = len(config.backends)
     print(f"cclb listening on http://{host}:{port} -> {count} backend{'s' * (count != 1)}",
           flush=True)
+    if balancer.admin is not None:
+        admin_host, admin_port = balancer.admin.server_address[:2]
+        print(f"cclb admin on http://{admin_host}:{admin_port}/", flush=True)
     log.info("cclb started (pid %d, %s, backends: %s)", os.getpid(), config.algorithm,
              ", ".join(spec.url for spec in config.backends))
-    while not stop.wait(0.5):
-        pass
-    log.info("cclb stopping: finishing in-flight requests")
-    server.shutdown()
-    checker.stop()
-    if not server.drain(DRAIN_SECONDS):
-        log.warning("gave up waiting for in-flight requests after %.0fs", DRAIN_SECONDS)
-    server.server_close()
-    cluster.close()
-    server.access_log.close()
-    log.info("cclb stopped")
+    while not stop.wait(0.2):
+        if reload_requested.is_set():
+            reload_requested.clear()
+            balancer.reload()
+    balancer.stop()
     return 0
 
 

@@ -13,10 +13,11 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Iterable
 from urllib.parse import urlsplit
 
 from balancing import Policy, RoundRobin
+from metrics import Histogram
 from upstream import ConnectionPool
 
 log = logging.getLogger("cclb")
@@ -83,9 +84,11 @@ class Backend:
     last_check: str = ""
     last_check_latency: float | None = None
     passive_failures: list[float] = field(default_factory=list)  # monotonic times
-    responses: dict[str, int] = field(default_factory=dict)  # "2xx" -> count
-    failures: int = 0
-    retries: int = 0
+    responses: dict[int, int] = field(default_factory=dict)  # status code -> count
+    latency: Histogram = field(default_factory=Histogram)
+    health_checks: dict[str, int] = field(default_factory=dict)  # "pass"/"fail" -> count
+    failures: int = 0  # attempts failed at the transport level
+    retries: int = 0  # of those, how many were retried elsewhere
     slow_start: float = 0.0
 
     @property
@@ -121,7 +124,7 @@ class ServerCluster:
         self.slow_start = slow_start
         self.backends: list[Backend] = []
         self.next_id = 1
-        self.on_change: list[Callable[[], None]] = []
+        self.unrouted: dict[int, int] = {}  # answers given without a backend (503...)
         for spec in specs:
             self.add(spec)
 
@@ -143,6 +146,36 @@ class ServerCluster:
                 self.backends.remove(backend)
         backend.pool.close_all()
 
+    def reconcile(self, specs: Iterable[BackendSpec]) -> tuple[list[str], list[str]]:
+        """Make the backend list match ``specs`` (a reload); returns (added, removed) URLs.
+
+        Backends that stay keep their state, counters and pooled
+        connections; only their weight follows the new spec.
+        """
+        wanted = {spec.url: spec for spec in specs}
+        with self.lock:
+            current = {backend.url: backend for backend in self.backends}
+            for url, backend in current.items():
+                if url in wanted:
+                    backend.weight = wanted[url].weight
+        removed = [current[url] for url in current if url not in wanted]
+        for backend in removed:
+            self.remove(backend)
+        added = [self.add(spec).url for url, spec in wanted.items() if url not in current]
+        return added, [backend.url for backend in removed]
+
+    def configure(self, policy: Policy | None = None, **params: float) -> None:
+        """Change the policy or the timeouts/thresholds (a reload)."""
+        with self.lock:
+            if policy is not None:
+                self.policy = policy
+            for name, value in params.items():
+                setattr(self, name, value)
+            for backend in self.backends:
+                backend.slow_start = self.slow_start
+                backend.pool.connect_timeout = self.connect_timeout
+                backend.pool.read_timeout = self.read_timeout
+
     def find(self, backend_id: int) -> Backend | None:
         with self.lock:
             return next((b for b in self.backends if b.id == backend_id), None)
@@ -163,14 +196,21 @@ class ServerCluster:
             backend.in_flight += 1
             return backend
 
-    def release(self, backend: Backend, status: int | None, retried: bool = False) -> None:
-        """The request on ``backend`` ended with ``status`` (None: it failed)."""
-        key = f"{status // 100}xx" if status else "failed"
+    def release(self, backend: Backend, status: int | None, duration: float = 0.0,
+                retried: bool = False) -> None:
+        """The attempt on ``backend`` ended: with ``status``, or failed (None)."""
         with self.lock:
             backend.in_flight -= 1
-            backend.responses[key] = backend.responses.get(key, 0) + 1
+            if status is not None:
+                backend.responses[status] = backend.responses.get(status, 0) + 1
+                backend.latency.observe(duration)
             if retried:
                 backend.retries += 1
+
+    def count_unrouted(self, status: int) -> None:
+        """A request answered by cclb itself because no backend could take it."""
+        with self.lock:
+            self.unrouted[status] = self.unrouted.get(status, 0) + 1
 
     def report_failure(self, backend: Backend, reason: str) -> None:
         """Passive check: a request to ``backend`` failed at the transport level.
@@ -185,7 +225,8 @@ class ServerCluster:
             recent = [t for t in backend.passive_failures if now - t < self.fail_timeout]
             recent.append(now)
             backend.passive_failures = recent
-            if len(recent) < self.max_fails or len(self.backends) < 2 or not backend.healthy:
+            if (self.max_fails == 0 or len(recent) < self.max_fails
+                    or len(self.backends) < 2 or not backend.healthy):
                 return
             self._set_health(backend, False)
         log.warning("backend %s is DOWN: %s", backend.url, reason)
@@ -196,6 +237,8 @@ class ServerCluster:
         with self.lock:
             backend.last_check = detail
             backend.last_check_latency = latency
+            result = "pass" if ok else "fail"
+            backend.health_checks[result] = backend.health_checks.get(result, 0) + 1
             if ok:
                 backend.check_successes += 1
                 backend.check_failures = 0

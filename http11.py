@@ -136,6 +136,14 @@ def parse_field_line(line: bytes) -> tuple[str, str]:
     return name.decode("ascii"), value.decode("latin-1")
 
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def valid_request_id(value: str | None) -> bool:
+    """Whether a client's X-Request-ID is safe to keep, forward and log."""
+    return value is not None and _REQUEST_ID.fullmatch(value) is not None
+
+
 def valid_host(value: str) -> bool:
     """Whether a Host field value is a syntactically valid authority."""
     return _HOST.fullmatch(value) is not None

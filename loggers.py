@@ -6,20 +6,27 @@ standard ``logging`` logger named "cclb", on stderr.
 The access log gets one line per request.  ``logging`` costs several
 microseconds per record (LogRecord, formatter, handler lock, a write per
 line), too much for the hot path, so request threads only format a line and
-append it to a queue; one writer thread drains the queue in batches.
+append it to a deque; one writer thread writes the batch a few times a second.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import queue
+import re
 import sys
 import threading
+from collections import deque
 import time
 from typing import TextIO
 
 APP_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f-\xff"\\]')
+
+
+def sanitize(text: str) -> str:
+    """Escape control characters, quotes and backslashes (no log injection)."""
+    return _UNSAFE.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def setup_app_logger(level: str) -> logging.Logger:
@@ -35,15 +42,20 @@ def setup_app_logger(level: str) -> logging.Logger:
 
 
 class AccessLog:
-    """Asynchronous access log writer.
+    """Asynchronous, batched access log writer.
 
-    ``record`` is thread-safe and cheap: it formats one line and puts it on a
-    ``queue.SimpleQueue`` (which needs no lock of ours).  The writer thread
-    owns the output stream.
+    ``record`` is thread-safe and cheap: it formats one line and appends it
+    to ``pending`` (``collections.deque.append`` is atomic, so request
+    threads share no lock of ours).  The writer thread owns the output
+    stream and wakes every ``flush_interval`` seconds to write whatever
+    accumulated in one call; waking it per line would cost a thread switch
+    per request.
     """
 
-    def __init__(self, destination: str, log_format: str = "text") -> None:
+    def __init__(self, destination: str, log_format: str = "text",
+                 flush_interval: float = 0.2) -> None:
         self.json = log_format == "json"
+        self.flush_interval = flush_interval
         self.stream: TextIO | None
         if destination == "off":
             self.stream = None
@@ -51,8 +63,11 @@ class AccessLog:
             self.stream = sys.stderr
         else:
             self.stream = open(destination, "a", encoding="utf-8", buffering=1 << 16)
-        self.queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self.writer = threading.Thread(target=self._drain, name="access-log", daemon=True)
+        self.pending: deque[str] = deque()
+        self.stopped = threading.Event()
+        self.stamp_second = -1
+        self.stamp = ""
+        self.writer = threading.Thread(target=self._run, name="access-log", daemon=True)
         if self.stream is not None:
             self.writer.start()
 
@@ -74,37 +89,39 @@ class AccessLog:
                 "request_id": request_id,
             }, ensure_ascii=False)
         else:
-            stamp = time.strftime("%d/%b/%Y:%H:%M:%S", time.localtime(now))
-            line = (f'{client} [{stamp}] "{method} {target}" {status} {sent} '
-                    f'{backend or "-"} {duration * 1000:.1f}ms'
+            second = int(now)
+            if second != self.stamp_second:  # a benign race: both writers agree
+                self.stamp = time.strftime("%d/%b/%Y:%H:%M:%S", time.localtime(second))
+                self.stamp_second = second
+            line = (f'{client} [{self.stamp}] "{method} {target}" {status} {sent} '
+                    f'{backend} {duration * 1000:.1f}ms'
                     + (f" {request_id}" if request_id else ""))
-        self.queue.put(line)
+        self.pending.append(line)
 
-    def _drain(self) -> None:
+    def _run(self) -> None:
+        while not self.stopped.wait(self.flush_interval):
+            self.flush()
+        self.flush()
+
+    def flush(self) -> None:
+        """Write every pending line (writer thread, or after it stopped)."""
         assert self.stream is not None
-        while True:
-            line = self.queue.get()
-            lines = []
-            while line is not None:
-                lines.append(line)
-                try:
-                    line = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-            if lines:
-                try:
-                    self.stream.write("\n".join(lines) + "\n")
-                    self.stream.flush()
-                except (OSError, ValueError):
-                    pass
-            if line is None:
-                return
+        lines = []
+        pending = self.pending
+        while pending:
+            lines.append(pending.popleft())
+        if lines:
+            try:
+                self.stream.write("\n".join(lines) + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
 
     def close(self) -> None:
         """Flush every queued line and stop the writer."""
         if self.stream is None:
             return
-        self.queue.put(None)
+        self.stopped.set()
         self.writer.join(timeout=5)
         if self.stream is not sys.stderr:
             self.stream.close()

@@ -10,6 +10,7 @@ Failures that are safe to retry go to the next backend.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -25,7 +26,7 @@ import http11
 from cluster import Backend, ServerCluster
 from health_checkers import describe_error
 from http11 import BodyFraming, Headers, ProtocolError
-from loggers import AccessLog
+from loggers import AccessLog, sanitize
 from message_reader import (BodyTooLarge, EmptyResponse, Limits, MalformedBody, ResponseHead,
                             TruncatedBody, iter_body, read_field_lines, read_response_head,
                             read_small_body)
@@ -110,8 +111,9 @@ class Watchdog(threading.Thread):
 class LoadBalancerServer(ThreadingHTTPServer):
     """The listening side: bounded connections, big backlog, graceful stop.
 
-    ``lock`` guards ``connections`` (open client sockets -> busy flag) and
-    ``in_flight``.
+    ``lock`` guards ``connections`` (open client socket -> its handler, None
+    until the handler thread starts).  Each handler's ``busy`` flag is written
+    only by its own thread; ``drain`` just reads it.
     """
 
     request_queue_size = 1024  # the stdlib's 5 drops connections under load
@@ -125,14 +127,18 @@ class LoadBalancerServer(ThreadingHTTPServer):
         self.access_log = access_log
         self.limits = Limits(config.max_request_line, config.max_header_size, config.max_headers)
         self.lock = threading.Lock()
-        self.connections: dict[socket.socket, bool] = {}
-        self.in_flight = 0
+        self.connections: dict[socket.socket, ProxyHandler | None] = {}
         self.draining = False
         self.rejected = 0
         self.watchdog = Watchdog()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, ProxyHandler, bind_and_activate)
+
+    def configure(self, config: Any) -> None:
+        """Apply new settings (a reload); requests read them per request."""
+        self.limits = Limits(config.max_request_line, config.max_header_size, config.max_headers)
+        self.config = config
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind would call socket.getfqdn(), a DNS lookup.
@@ -150,7 +156,7 @@ class LoadBalancerServer(ThreadingHTTPServer):
         with self.lock:
             full = len(self.connections) >= self.config.max_connections
             if not full:
-                self.connections[request] = False
+                self.connections[request] = None
             else:
                 self.rejected += 1
         if full:
@@ -183,11 +189,10 @@ class LoadBalancerServer(ThreadingHTTPServer):
             pass
         self.shutdown_request(request)
 
-    def mark_busy(self, request: socket.socket, busy: bool) -> None:
+    def register(self, handler: ProxyHandler) -> None:
         with self.lock:
-            if request in self.connections:
-                self.connections[request] = busy
-            self.in_flight += 1 if busy else -1
+            if handler.connection in self.connections:
+                self.connections[handler.connection] = handler
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("internal error while serving %s", client_address[0])
@@ -198,8 +203,9 @@ class LoadBalancerServer(ThreadingHTTPServer):
         deadline = time.monotonic() + timeout
         while True:
             with self.lock:
-                idle = [sock for sock, busy in self.connections.items() if not busy]
-                busy_count = self.in_flight
+                handlers = list(self.connections.items())
+            idle = [sock for sock, handler in handlers if handler is None or not handler.busy]
+            busy_count = len(handlers) - len(idle)
             for sock in idle:
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
@@ -252,6 +258,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.response_started = False
         self.client_ip = self.client_address[0]
         self.requests_served = 0
+        self.busy = False  # between the first byte of a request and its end
+        self.request_id = ""
+        self.server.register(self)
 
     def expire(self) -> None:
         """Called by the watchdog (under its lock) when the head deadline passed."""
@@ -272,12 +281,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.close_connection = not request.keep_alive or self.server.draining
         self.command, self.path = request.method, request.shown_target
         self.request_version = f"HTTP/{request.version[0]}.{request.version[1]}"
-        self.server.mark_busy(self.connection, True)
         try:
             handler = getattr(self, f"do_{request.method}", self.forward)
             handler(request)
         finally:
-            self.server.mark_busy(self.connection, False)
+            self.busy = False
             self.requests_served += 1
 
     def read_request(self) -> Request | None:
@@ -294,22 +302,27 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return None  # client closed the connection
         except OSError:
             return None  # idle keep-alive timeout or reset: close quietly
+        self.busy = True
         self.started = time.monotonic()
+        self.requestline = ""
+        self.request_id = ""
         watchdog = self.server.watchdog
         watchdog.watch(self, self.started + config.header_timeout)
         try:
             sock.settimeout(config.header_timeout)
             return self.parse_head()
         except ProtocolError as error:
-            if self.timed_out:
-                self.send_error_response(408, "request head not received in time")
-            else:
-                self.send_error_response(error.status, error.message)
+            status = 408 if self.timed_out else error.status
+            message = "request head not received in time" if self.timed_out else error.message
+            self.send_error_response(status, message)
+            self.log_rejected(status)
         except OSError:
             if self.timed_out:
                 self.send_error_response(408, "request head not received in time")
+                self.log_rejected(408)
         finally:
             watchdog.unwatch(self)
+        self.busy = False
         return None
 
     def parse_head(self) -> Request:
@@ -392,14 +405,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.exchange(request, backend, head, body)
                 return
             except BackendError as error:
-                if error.stale and stale_retries == 0 and http11.may_retry(
-                        request.method, error.sent, False, body is not None):
-                    stale_retries += 1  # an idle pooled connection had died: not a backend fault
+                retry = http11.may_retry(request.method, error.sent, False, body is not None)
+                if error.stale and retry and stale_retries == 0:
+                    # An idle pooled connection had died: not the backend's fault.
+                    stale_retries += 1
                     cluster.release(backend, None, retried=True)
                     continue
                 cluster.report_failure(backend, str(error))
-                cluster.release(backend, None, retried=True)
-                if not http11.may_retry(request.method, error.sent, False, body is not None):
+                cluster.release(backend, None, retried=retry)
+                if not retry:
                     self.send_error_response(502, f"backend {backend.url} failed: {error}")
                     self.log_request_done(request, 502, 0, backend)
                     return
@@ -412,11 +426,24 @@ class ProxyHandler(BaseHTTPRequestHandler):
             message = "no healthy backend is available right now, try again shortly"
         retry_after = max(1, int(self.server.config.health_interval or 1))
         self.send_error_response(503, message, retry_after=retry_after)
+        self.server.cluster.count_unrouted(503)
         self.log_request_done(request, 503, 0, None)
 
     def upstream_head(self, request: Request) -> bytes:
-        """The request head as sent to backends (hop-by-hop fields removed)."""
-        headers = http11.end_to_end(request.headers, ("content-length", "expect"))
+        """The request head as sent to backends (hop-by-hop fields removed).
+
+        Also settles the request id: the client's X-Request-ID if valid,
+        otherwise a new one; it is forwarded, returned and logged.
+        """
+        request_id = http11.get_field(request.headers, "x-request-id")
+        drop: tuple[str, ...] = ("content-length", "expect")
+        if not http11.valid_request_id(request_id):
+            request_id = os.urandom(8).hex()
+            drop += ("x-request-id",)
+        self.request_id = request_id
+        headers = http11.end_to_end(request.headers, drop)
+        if "x-request-id" in drop:
+            headers.append(("X-Request-ID", request_id))
         headers = http11.append_forwarded(headers, self.client_ip, "http", request.host)
         if request.framing.kind == "chunked":
             headers.append(("Transfer-Encoding", "chunked"))
@@ -460,7 +487,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise
         finally:
             if status:
-                self.server.cluster.release(backend, status)
+                self.server.cluster.release(backend, status, time.monotonic() - self.started)
 
     def fail(self, request: Request, backend: Backend | None, status: int, message: str,
              answer: bool = True) -> None:
@@ -520,7 +547,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Send the backend's response to the client; pool or close ``conn``."""
         config = self.server.config
         framing = response.framing
-        headers = http11.end_to_end(response.headers, ("content-length",))
+        headers = http11.end_to_end(response.headers, ("content-length", "x-request-id"))
+        headers.append(("X-Request-ID", self.request_id))
         accept_encoding = http11.get_field(request.headers, "accept-encoding")
         known = framing.kind == "length"
         gzip = config.gzip_level > 0 and http11.should_gzip(
@@ -625,7 +653,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
                          backend: Backend | None) -> None:
         self.server.access_log.record(
             self.client_ip, request.method, request.shown_target, status, sent,
-            backend.url if backend else "-", time.monotonic() - self.started)
+            backend.url if backend else "-", time.monotonic() - self.started, self.request_id)
+
+    def log_rejected(self, status: int) -> None:
+        """Access-log a request refused before it was understood."""
+        method, _, rest = self.requestline.partition(" ")
+        target = rest.rpartition(" ")[0] or rest
+        self.server.access_log.record(self.client_ip, sanitize(method[:16]) or "-",
+                                      sanitize(target[:200]) or "-",
+                                      status, 0, "-", time.monotonic() - self.started)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug(format, *args)

@@ -213,6 +213,7 @@ class Config:
 
     values: dict[str, Any] = field(default_factory=dict)
     source: str | None = None  # config file path, if any
+    cli: dict[str, Any] = field(default_factory=dict)  # what the command line gave
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -313,7 +314,7 @@ def resolve(cli: dict[str, Any]) -> Config:
         except ValueError as error:
             raise SettingsError(f"{'/'.join(setting.flags)}: {error}") from None
     validate(values)
-    return Config(values, path)
+    return Config(values, path, dict(cli))
 
 
 def validate(values: dict[str, Any]) -> None:

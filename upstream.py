@@ -33,6 +33,8 @@ class UpstreamConnection(http.client.HTTPConnection):
         assert self.sock is not None
         self.sock.settimeout(self.read_timeout)
         self.reader = self.sock.makefile("rb", buffering=65536)
+        self.poller = select.poll()
+        self.poller.register(self.sock, select.POLLIN)
 
     def close(self) -> None:
         reader = getattr(self, "reader", None)
@@ -56,10 +58,9 @@ class UpstreamConnection(http.client.HTTPConnection):
         if self.sock is None:
             return True
         try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
+            return bool(self.poller.poll(0))
         except (OSError, ValueError):
             return True
-        return bool(readable)
 
 
 class ConnectionPool:
