@@ -129,6 +129,8 @@ SETTINGS: list[Setting] = [
             "port to listen on (0: any free port)", "PORT", "listener"),
     Setting("host", ("--host",), "0.0.0.0", _text,
             "address to listen on (0.0.0.0: all interfaces)", "HOST", "listener"),
+    Setting("workers", ("--workers",), 1, _number(int, 1, 64),
+            "worker processes sharing the port", "N", "listener"),
     Setting("backends", ("-b", "--backend"), DEFAULT_BACKENDS, _backends,
             "backend as http://host:port or host:port, optionally ',weight=N'; "
             "repeat for each backend",
@@ -194,8 +196,6 @@ SETTINGS: list[Setting] = [
             "address of the admin API (a non-loopback one needs --admin-token)", "HOST", "admin"),
     Setting("admin_token", ("--admin-token",), None, _text,
             "bearer token required for admin API writes", "TOKEN", "admin"),
-    Setting("workers", ("--workers",), 1, _number(int, 1, 64),
-            "worker processes sharing the port", "N", "listener"),
     Setting("config", ("--config",), None, _text,
             "TOML configuration file (options on the command line override it)",
             "FILE", "general", cli_only=True),
