@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import settings
+import workers
 from balancing import make_policy
 from cluster import ServerCluster
 from health_checkers import HealthChecker, HealthSettings
@@ -49,6 +50,36 @@ def health_settings(config: Any) -> HealthSettings:
                           config.health_status, config.rise, config.fall)
 
 
+def apply_to_cluster(cluster: ServerCluster, checker: HealthChecker, old: Any,
+                     new: Any) -> tuple[HealthChecker, list[str], list[str]]:
+    """Apply reloaded settings to the backends and the health checker."""
+    added, removed = cluster.reconcile(new.backends)
+    cluster.configure(
+        make_policy(new.algorithm) if new.algorithm != old.algorithm else None,
+        connect_timeout=new.connect_timeout, read_timeout=new.read_timeout,
+        max_fails=new.max_fails, fail_timeout=new.fail_timeout, slow_start=new.slow_start)
+    checker.settings = health_settings(new)
+    if new.health_interval > 0 and not checker.is_alive() and not workers.is_worker():
+        checker = HealthChecker(cluster, checker.settings, checker.on_round)
+        checker.start()
+    return checker, added, removed
+
+
+def reread_settings(old: Any) -> Any | None:
+    """SIGHUP: the settings from the config file again, or None if invalid."""
+    try:
+        new = settings.resolve(old.cli)
+    except (settings.SettingsError, ValueError) as error:
+        log.error("reload failed, keeping the current configuration: %s", error)
+        return None
+    for name in RESTART_ONLY:
+        if new.values[name] != old.values[name]:
+            log.warning("reload: %s changed but needs a restart; keeping %r",
+                        name, old.values[name])
+            new.values[name] = old.values[name]
+    return new
+
+
 # Settings that belong to the listening sockets: a reload cannot change them.
 RESTART_ONLY = ("host", "port", "workers", "admin_port", "admin_host")
 
@@ -65,10 +96,10 @@ class LoadBalancer:
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        if self.config.health_interval > 0:
+        if self.config.health_interval > 0 and not workers.is_worker():
             self.checker.start()
         self._spawn(self.server.serve_forever, "acceptor")
-        if self.config.admin_port is not None:
+        if self.config.admin_port is not None and not workers.is_worker():
             self.admin = AdminServer((self.config.admin_host, self.config.admin_port),
                                      self.cluster, lambda: self.config)
             self._spawn(self.admin.serve_forever, "admin")
@@ -80,25 +111,10 @@ class LoadBalancer:
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file; apply it, or keep the old one if invalid."""
-        try:
-            new = settings.resolve(self.config.cli)
-        except (settings.SettingsError, ValueError) as error:
-            log.error("reload failed, keeping the current configuration: %s", error)
+        new = reread_settings(self.config)
+        if new is None:
             return
-        for name in RESTART_ONLY:
-            if new.values[name] != self.config.values[name]:
-                log.warning("reload: %s changed but needs a restart; keeping %r",
-                            name, self.config.values[name])
-                new.values[name] = self.config.values[name]
-        added, removed = self.cluster.reconcile(new.backends)
-        self.cluster.configure(
-            make_policy(new.algorithm) if new.algorithm != self.config.algorithm else None,
-            connect_timeout=new.connect_timeout, read_timeout=new.read_timeout,
-            max_fails=new.max_fails, fail_timeout=new.fail_timeout, slow_start=new.slow_start)
-        self.checker.settings = health_settings(new)
-        if new.health_interval > 0 and not self.checker.is_alive():
-            self.checker = HealthChecker(self.cluster, self.checker.settings)
-            self.checker.start()
+        self.checker, added, removed = apply_to_cluster(self.cluster, self.checker, self.config, new)
         if (new.access_log, new.log_format) != (self.config.access_log, self.config.log_format):
             old_log, self.server.access_log = self.server.access_log, AccessLog(
                 new.access_log, new.log_format)
@@ -126,14 +142,32 @@ class LoadBalancer:
         log.info("cclb stopped")
 
 
+def install_signals() -> tuple[threading.Event, threading.Event]:
+    """SIGINT/SIGTERM set the first event (stop), SIGHUP the second (reload)."""
+    stop, reload_requested = threading.Event(), threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+    return stop, reload_requested
+
+
+def ready_line(host: str, port: int, backends: int, extra: str = "") -> str:
+    return f"cclb listening on http://{host}:{port} -> {backends} backend{'s' * (backends != 1)}{extra}"
+
+
 def run(config: Any) -> int:
     """Serve until SIGINT/SIGTERM (SIGHUP reloads); returns the exit code."""
+    port, reuse_port, inherited_fd = config.port, False, None
+    if workers.is_worker():
+        port = int(os.environ[workers.PORT_ENV])
+        inherited_fd = int(os.environ[workers.FD_ENV]) if workers.FD_ENV in os.environ else None
+        reuse_port = inherited_fd is None
     try:
-        server = LoadBalancerServer((config.host, config.port), config, build_cluster(config),
-                                    AccessLog("off"))
+        server = LoadBalancerServer((config.host, port), config, build_cluster(config),
+                                    AccessLog("off"), reuse_port, inherited_fd)
     except OSError as error:
         reason = error.strerror or str(error)
-        print(f"cclb: cannot listen on {config.host}:{config.port}: {reason}", file=sys.stderr)
+        print(f"cclb: cannot listen on {config.host}:{port}: {reason}", file=sys.stderr)
         return 1
     try:
         server.access_log = AccessLog(config.access_log, config.log_format)
@@ -149,25 +183,77 @@ def run(config: Any) -> int:
         print(f"cclb: cannot listen on admin port {config.admin_host}:{config.admin_port}: "
               f"{error.strerror or error}", file=sys.stderr)
         return 1
-    stop = threading.Event()
-    reload_requested = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
-    host, port = server.server_address[:2]
-    count = len(config.backends)
-    print(f"cclb listening on http://{host}:{port} -> {count} backend{'s' * (count != 1)}",
-          flush=True)
-    if balancer.admin is not None:
-        admin_host, admin_port = balancer.admin.server_address[:2]
-        print(f"cclb admin on http://{admin_host}:{admin_port}/", flush=True)
-    log.info("cclb started (pid %d, %s, backends: %s)", os.getpid(), config.algorithm,
-             ", ".join(spec.url for spec in config.backends))
+    stop, reload_requested = install_signals()
+    if workers.is_worker():
+        threading.Thread(target=workers.follow_supervisor, name="supervisor-link", daemon=True,
+                         args=(server.cluster, sys.stdin.fileno(), stop.set)).start()
+        sys.stdout.buffer.write(workers.READY_LINE)
+        sys.stdout.flush()
+    else:
+        host, port = server.server_address[:2]
+        print(ready_line(host, port, len(config.backends)), flush=True)
+        if balancer.admin is not None:
+            admin_host, admin_port = balancer.admin.server_address[:2]
+            print(f"cclb admin on http://{admin_host}:{admin_port}/", flush=True)
+    log.info("cclb %s (pid %d, %s, backends: %s)",
+             "worker started" if workers.is_worker() else "started", os.getpid(),
+             config.algorithm, ", ".join(spec.url for spec in config.backends))
     while not stop.wait(0.2):
         if reload_requested.is_set():
             reload_requested.clear()
             balancer.reload()
     balancer.stop()
+    return 0
+
+
+def run_supervisor(config: Any, argv: list[str]) -> int:
+    """--workers N: start N workers, check health once for all, supervise."""
+    cluster = build_cluster(config)
+    supervisor = workers.Supervisor(config, argv, cluster)
+    try:
+        port = supervisor.bind()
+    except OSError as error:
+        print(f"cclb: cannot listen on {config.host}:{config.port}: {error.strerror or error}",
+              file=sys.stderr)
+        return 1
+    stop, reload_requested = install_signals()
+    if not supervisor.start():
+        print("cclb: a worker failed to start (see the messages above)", file=sys.stderr)
+        return 1
+    checker = HealthChecker(cluster, health_settings(config), supervisor.publish_health)
+    if config.health_interval > 0:
+        checker.start()
+    admin = None
+    if config.admin_port is not None:
+        try:
+            admin = AdminServer((config.admin_host, config.admin_port), cluster, lambda: config)
+        except OSError as error:
+            supervisor.stop(DRAIN_SECONDS)
+            print(f"cclb: cannot listen on admin port {config.admin_port}: {error.strerror}",
+                  file=sys.stderr)
+            return 1
+        threading.Thread(target=admin.serve_forever, name="admin", daemon=True).start()
+    print(ready_line(config.host, port, len(config.backends), f" ({config.workers} workers)"),
+          flush=True)
+    log.info("cclb supervisor started (pid %d, %d workers)", os.getpid(), config.workers)
+    while not stop.wait(0.2):
+        if reload_requested.is_set():
+            reload_requested.clear()
+            new = reread_settings(config)
+            if new is not None:
+                checker, _, _ = apply_to_cluster(cluster, checker, config, new)
+                config = new
+                supervisor.forward(signal.SIGHUP)
+                log.warning("configuration reloaded; workers told to reload")
+        supervisor.watch()
+    log.info("cclb stopping: workers finish their in-flight requests")
+    checker.stop()
+    if admin is not None:
+        admin.shutdown()
+        admin.server_close()
+    supervisor.stop(DRAIN_SECONDS + 2)
+    cluster.close()
+    log.info("cclb stopped")
     return 0
 
 
@@ -221,8 +307,11 @@ def stop_children(children: list[subprocess.Popen[bytes]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     config = settings.load(argv)
     setup_app_logger(config.log_level)
+    if workers.is_worker():
+        return run(config)
     children: list[subprocess.Popen[bytes]] = []
     # Until the balancer installs its own handlers, SIGTERM must still lead
     # through the finally below, so the demo children are never orphaned.
@@ -235,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"cclb: {error}", file=sys.stderr)
                 return 1
             log.info("demo backends started on ports %s", ", ".join(map(str, DEMO_PORTS)))
+        if config.workers > 1:
+            return run_supervisor(config, [arg for arg in argv if arg != "--demo"])
         return run(config)
     except KeyboardInterrupt:
         return 0

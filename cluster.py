@@ -256,6 +256,12 @@ class ServerCluster:
         if changed and not ok:
             backend.pool.close_all()
 
+    def apply_published_health(self, backend: Backend, healthy: bool) -> None:
+        """A worker adopts the supervisor's verdict (see workers.py); no log."""
+        with self.lock:
+            if backend.healthy != healthy:
+                self._set_health(backend, healthy)
+
     def set_admin_state(self, backend: Backend, state: str) -> None:
         with self.lock:
             backend.admin_state = state

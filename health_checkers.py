@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from cluster import Backend, ServerCluster
 
@@ -72,10 +73,12 @@ def describe_error(error: BaseException) -> str:
 class HealthChecker(threading.Thread):
     """Daemon thread checking every backend of ``cluster`` every interval."""
 
-    def __init__(self, cluster: ServerCluster, settings: HealthSettings) -> None:
+    def __init__(self, cluster: ServerCluster, settings: HealthSettings,
+                 on_round: Callable[[], None] | None = None) -> None:
         super().__init__(name="health-checker", daemon=True)
         self.cluster = cluster
         self.settings = settings
+        self.on_round = on_round  # called after every round (workers.py publishes)
         self.stopped = threading.Event()
         self.rounds = 0
 
@@ -84,6 +87,8 @@ class HealthChecker(threading.Thread):
             started = time.monotonic()
             self.check_all()
             self.rounds += 1
+            if self.on_round is not None:
+                self.on_round()
             self.stopped.wait(max(0.0, self.settings.interval - (time.monotonic() - started)))
 
     def check_all(self) -> None:

@@ -121,7 +121,8 @@ class LoadBalancerServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], config: Any, cluster: ServerCluster,
-                 access_log: AccessLog, bind_and_activate: bool = True) -> None:
+                 access_log: AccessLog, reuse_port: bool = False,
+                 inherited_fd: int | None = None) -> None:
         self.config = config
         self.cluster = cluster
         self.access_log = access_log
@@ -131,9 +132,16 @@ class LoadBalancerServer(ThreadingHTTPServer):
         self.draining = False
         self.rejected = 0
         self.watchdog = Watchdog()
+        self.allow_reuse_port = reuse_port  # --workers: siblings bind the same port
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
-        super().__init__(address, ProxyHandler, bind_and_activate)
+        super().__init__(address, ProxyHandler, bind_and_activate=inherited_fd is None)
+        if inherited_fd is not None:  # --workers without SO_REUSEPORT: a shared socket
+            self.socket.close()
+            self.socket = socket.socket(fileno=inherited_fd)
+            self.server_address = self.socket.getsockname()
+            # Siblings share this socket: accept() must not block when another won.
+            self.socket.setblocking(False)
 
     def configure(self, config: Any) -> None:
         """Apply new settings (a reload); requests read them per request."""

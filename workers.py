@@ -1,0 +1,196 @@
+"""``--workers N``: N worker processes sharing the port, under one supervisor.
+
+The GIL lets one Python process use about one core; workers use them all.
+
+- Sharing the port: each worker binds the same address with ``SO_REUSEPORT``
+  (the kernel spreads new connections over them).  Where that option does not
+  exist, the supervisor listens once and the workers inherit the socket.
+- Health is checked once, by the supervisor, not N times: after every round
+  it publishes each backend's state to every worker through the worker's
+  stdin (``<url> up`` / ``<url> down``); a worker runs no checker of its own.
+  Passive failures are still detected by each worker on its own traffic.
+  A worker whose stdin closes (the supervisor is gone) stops: no orphans.
+- The supervisor restarts a worker that dies, forwards SIGHUP (each worker
+  re-reads the config file) and, on SIGTERM/SIGINT, stops them all and exits.
+- The admin API runs in the supervisor: health, states and settings are
+  exact; traffic counters live in the workers and are not aggregated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from cluster import ServerCluster
+
+log = logging.getLogger("cclb")
+
+WORKER_ENV = "CCLB_WORKER"  # "1" in a worker process
+PORT_ENV = "CCLB_WORKER_PORT"  # the port to bind (resolved by the supervisor)
+FD_ENV = "CCLB_LISTEN_FD"  # inherited listening socket, when SO_REUSEPORT is missing
+READY_LINE = b"ready\n"
+CCLB = Path(__file__).resolve().parent / "cclb.py"
+
+
+def is_worker() -> bool:
+    return os.environ.get(WORKER_ENV) == "1"
+
+
+def health_lines(cluster: ServerCluster) -> bytes:
+    """The published state of every backend, one line each."""
+    with cluster.lock:
+        return b"".join(f"{b.url} {'up' if b.healthy else 'down'}\n".encode()
+                        for b in cluster.backends)
+
+
+def follow_supervisor(cluster: ServerCluster, fd: int, on_exit: Any) -> None:
+    """Worker side: apply published health lines until the supervisor goes away.
+
+    Reads the raw descriptor with ``os.read``: a daemon thread blocked inside
+    a buffered ``sys.stdin`` would hold its lock during interpreter shutdown.
+    """
+    pending = b""
+    while data := os.read(fd, 65536):
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            url, _, state = line.decode("ascii", "replace").strip().partition(" ")
+            for backend in cluster.snapshot():
+                if backend.url == url:
+                    cluster.apply_published_health(backend, state == "up")
+    on_exit()
+
+
+class Worker:
+    """One worker process and its two pipes."""
+
+    def __init__(self, number: int, argv: list[str], port: int, listen_fd: int | None) -> None:
+        self.number = number
+        env = dict(os.environ, **{WORKER_ENV: "1", PORT_ENV: str(port)})
+        pass_fds: tuple[int, ...] = ()
+        if listen_fd is not None:
+            env[FD_ENV] = str(listen_fd)
+            pass_fds = (listen_fd,)
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, str(CCLB), *argv], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     pass_fds=pass_fds)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        os.set_blocking(self.proc.stdin.fileno(), False)  # a stuck worker must not block us
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait for the worker's ready line (it is listening)."""
+        assert self.proc.stdout is not None
+        result: list[bytes] = []
+        reader = threading.Thread(target=lambda: result.append(self.proc.stdout.readline()),
+                                  daemon=True)
+        reader.start()
+        reader.join(timeout)
+        return result == [READY_LINE]
+
+    def publish(self, data: bytes) -> None:
+        try:
+            assert self.proc.stdin is not None
+            os.write(self.proc.stdin.fileno(), data)
+        except (BlockingIOError, BrokenPipeError, OSError):
+            pass  # it will get the next round
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def close_pipes(self) -> None:
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+
+class Supervisor:
+    """Starts, watches and stops the worker processes."""
+
+    def __init__(self, config: Any, argv: list[str], cluster: ServerCluster) -> None:
+        self.config = config
+        self.argv = argv
+        self.cluster = cluster
+        self.workers: list[Worker] = []
+        self.listener: socket.socket | None = None
+        self.port = config.port
+
+    def bind(self) -> int:
+        """Reserve the port (and listen, without SO_REUSEPORT); returns it.
+
+        Raises OSError if the address is in use.
+        """
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((self.config.host, self.config.port))  # held, not listening
+        else:
+            sock.bind((self.config.host, self.config.port))
+            sock.listen(1024)
+            os.set_inheritable(sock.fileno(), True)
+        self.listener = sock
+        self.port = sock.getsockname()[1]
+        return self.port
+
+    def start_worker(self, number: int) -> Worker:
+        listen_fd = None if hasattr(socket, "SO_REUSEPORT") else self.listener.fileno()
+        worker = Worker(number, self.argv, self.port, listen_fd)
+        worker.publish(health_lines(self.cluster))
+        return worker
+
+    def start(self, timeout: float = 15.0) -> bool:
+        """Start all workers; False (and nothing left running) if one fails."""
+        self.workers = [self.start_worker(n) for n in range(self.config.workers)]
+        if all(worker.wait_ready(timeout) for worker in self.workers):
+            return True
+        self.stop(1.0)
+        return False
+
+    def publish_health(self) -> None:
+        data = health_lines(self.cluster)
+        for worker in self.workers:
+            worker.publish(data)
+
+    def watch(self) -> None:
+        """Restart workers that died (at most one restart per second each)."""
+        for index, worker in enumerate(self.workers):
+            code = worker.proc.poll()
+            if code is None or time.monotonic() - worker.started < 1.0:
+                continue
+            log.error("worker %d (pid %d) exited with %s; restarting it",
+                      worker.number, worker.proc.pid, code)
+            worker.close_pipes()
+            self.workers[index] = replacement = self.start_worker(worker.number)
+            if not replacement.wait_ready(15.0):
+                log.error("worker %d did not come back", worker.number)
+
+    def forward(self, signum: int) -> None:
+        for worker in self.workers:
+            worker.signal(signum)
+
+    def stop(self, timeout: float) -> None:
+        self.forward(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for worker in self.workers:
+            try:
+                worker.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.proc.kill()
+                worker.proc.wait()
+            worker.close_pipes()
+        if self.listener is not None:
+            self.listener.close()
