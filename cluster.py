@@ -84,6 +84,7 @@ class Backend:
     last_check: str = ""
     last_check_latency: float | None = None
     passive_failures: list[float] = field(default_factory=list)  # monotonic times
+    passive_down_until: float = 0.0  # monotonic; set by passive checks (nginx fail_timeout)
     responses: dict[int, int] = field(default_factory=dict)  # status code -> count
     latency: Histogram = field(default_factory=Histogram)
     health_checks: dict[str, int] = field(default_factory=dict)  # "pass"/"fail" -> count
@@ -95,11 +96,15 @@ class Backend:
     def state(self) -> str:
         if self.admin_state != READY:
             return self.admin_state
-        return "up" if self.healthy else "down"
+        return "up" if self.healthy and not self.passively_down() else "down"
 
     @property
     def available(self) -> bool:
-        return self.healthy and self.admin_state == READY
+        return self.healthy and self.admin_state == READY and not (
+            self.passive_down_until and self.passively_down())
+
+    def passively_down(self) -> bool:
+        return time.monotonic() < self.passive_down_until
 
     def effective_weight(self) -> float:
         """The weight, ramped up linearly during slow start."""
@@ -215,9 +220,10 @@ class ServerCluster:
     def report_failure(self, backend: Backend, reason: str) -> None:
         """Passive check: a request to ``backend`` failed at the transport level.
 
-        ``max_fails`` failures within ``fail_timeout`` seconds mark it down
-        (nginx semantics) until an active check sees it answer again.  A pool
-        of one is never emptied by passive failures alone.
+        ``max_fails`` failures within ``fail_timeout`` seconds take it out of
+        rotation for ``fail_timeout`` seconds (nginx semantics), or until an
+        active check passes ``rise`` times, whichever comes first.  A pool of
+        one is never emptied by passive failures alone.
         """
         now = time.monotonic()
         with self.lock:
@@ -226,14 +232,18 @@ class ServerCluster:
             recent.append(now)
             backend.passive_failures = recent
             if (self.max_fails == 0 or len(recent) < self.max_fails
-                    or len(self.backends) < 2 or not backend.healthy):
+                    or len(self.backends) < 2 or not backend.available):
                 return
-            self._set_health(backend, False)
+            backend.passive_down_until = now + self.fail_timeout
+            backend.passive_failures = []
+            backend.check_successes = 0
+            backend.since = time.time()
         log.warning("backend %s is DOWN: %s", backend.url, reason)
 
     def report_check(self, backend: Backend, ok: bool, detail: str, latency: float | None,
                      rise: int = 1, fall: int = 1) -> None:
         """Active check result; flips health after ``rise``/``fall`` in a row."""
+        revived = False
         with self.lock:
             backend.last_check = detail
             backend.last_check_latency = latency
@@ -243,13 +253,19 @@ class ServerCluster:
                 backend.check_successes += 1
                 backend.check_failures = 0
                 changed = not backend.healthy and backend.check_successes >= rise
+                if backend.passive_down_until and backend.check_successes >= rise:
+                    revived = backend.healthy and backend.passively_down()
+                    backend.passive_down_until = 0.0
             else:
                 backend.check_failures += 1
                 backend.check_successes = 0
                 changed = backend.healthy and backend.check_failures >= fall
             if changed:
                 self._set_health(backend, ok)
-        if changed and ok:
+            if revived:
+                backend.since = time.time()
+                backend.up_since = time.monotonic()
+        if (changed and ok) or revived:
             log.warning("backend %s is UP again", backend.url)
         elif changed:
             log.warning("backend %s is DOWN: %s", backend.url, detail)
@@ -261,6 +277,8 @@ class ServerCluster:
         with self.lock:
             if backend.healthy != healthy:
                 self._set_health(backend, healthy)
+            if healthy:
+                backend.passive_down_until = 0.0
 
     def set_admin_state(self, backend: Backend, state: str) -> None:
         with self.lock:
@@ -275,6 +293,7 @@ class ServerCluster:
         if healthy:
             backend.up_since = time.monotonic()
             backend.passive_failures = []
+            backend.passive_down_until = 0.0
 
     def close(self) -> None:
         for backend in self.snapshot():

@@ -39,7 +39,7 @@ _BAD_VALUE_CHAR = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 9112 2.3: HTTP-version = "HTTP/" DIGIT "." DIGIT
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 # RFC 9112 3.2: the request-target contains no whitespace or control characters.
-_BAD_TARGET_CHAR = re.compile(rb"[\x00-\x20\x7f]")
+_BAD_TARGET_CHAR = re.compile(rb"[\x00-\x20\x7f-\xff]")
 _DIGITS = re.compile(r"[0-9]+")
 # RFC 9110 7.2 / RFC 3986 3.2: Host = uri-host [ ":" port ]
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]*)?")
@@ -282,7 +282,9 @@ def parse_chunk_size(line: bytes) -> int:
     """
     if not line.endswith(b"\r\n") or b"\n" in line[:-2] or b"\r" in line[:-2]:
         raise ValueError("chunk size line must end with CRLF")
-    size, _, _extension = line[:-2].partition(b";")
+    size, semicolon, _extension = line[:-2].partition(b";")
+    if semicolon:
+        size = size.rstrip(b" \t")  # BWS before a chunk extension (7.1.1)
     if not size or len(size) > 15 or size.strip(b"0123456789abcdefABCDEF"):
         raise ValueError("malformed chunk size")
     return int(size, 16)

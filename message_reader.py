@@ -110,6 +110,8 @@ def read_response_head(reader: Readable, request_method: str, limits: Limits) ->
             raise ValueError("backend switched protocols, which cclb does not support")
         if status >= 200:
             break
+        if len(interim) >= 10:
+            raise ValueError("too many interim responses")
         interim.append(status)  # 100 Continue, 103 Early Hints: not relayed
     framing = http11.response_framing(status, request_method, headers)
     options = http11.connection_options(headers)
@@ -119,6 +121,7 @@ def read_response_head(reader: Readable, request_method: str, limits: Limits) ->
     # server; and a 204 that declares a body would leave that body in the
     # stream.  Either way, never trust what follows on this connection.
     poisoned = (framing.kind == "chunked" and bool(lengths)) or (
+        version < (1, 1) and bool(codings)) or (  # RFC 9112 6.1: faulty framing in 1.0
         status == 204 and (bool(codings) or any(v != "0" for v in lengths)))
     reusable = (http11.wants_keep_alive(version, options) and framing.kind != "close"
                 and not poisoned)
@@ -173,7 +176,10 @@ def _iter_chunked(reader: Readable, piece: int, max_size: int | None) -> Iterato
             yield data
         # A chunk longer than its declared size shows up here as data where
         # the CRLF should be.
-        if reader.read(2) != b"\r\n":
+        crlf = reader.read(2)
+        if len(crlf) < 2 and b"\r\n".startswith(crlf):
+            raise TruncatedBody("stream ended after chunk data")
+        if crlf != b"\r\n":
             raise MalformedBody("chunk data does not end with CRLF")
 
 
@@ -183,6 +189,8 @@ def _skip_trailers(reader: Readable) -> None:
         line = reader.readline(8193)
         if line == b"\r\n":
             return
+        if not line:
+            raise TruncatedBody("stream ended inside the trailer section")
         if not line.endswith(b"\r\n"):
             raise MalformedBody("malformed trailer section")
     raise MalformedBody("too many trailer fields")

@@ -31,6 +31,8 @@ def _number(kind: type, low: float | None = None, high: float | None = None) -> 
     def check(value: Any) -> Any:
         if isinstance(value, bool) or (isinstance(value, str) and not value.strip()):
             raise ValueError(f"expected a {'whole ' if kind is int else ''}number")
+        if kind is int and isinstance(value, float):
+            raise ValueError(f"expected a whole number, got {value!r}")
         try:
             number = kind(value)
         except (TypeError, ValueError):
@@ -41,6 +43,7 @@ def _number(kind: type, low: float | None = None, high: float | None = None) -> 
             bounds = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
             raise ValueError(f"must be in {bounds}, got {value!r}")
         return number
+    check.numeric = True  # type: ignore[attr-defined]
     return check
 
 
@@ -105,7 +108,10 @@ def _backends(value: Any) -> list[BackendSpec]:
             unknown = set(item) - {"url", "weight"}
             if unknown or "url" not in item:
                 raise ValueError(f"a backend table takes url and weight, got {sorted(item)}")
-            item = f"{item['url']},weight={item.get('weight', 1)}"
+            weight = item.get("weight", 1)
+            if isinstance(weight, bool) or not isinstance(weight, int):
+                raise ValueError(f"weight must be a whole number, got {weight!r}")
+            item = f"{item['url']},weight={weight}"
         specs.append(parse_backend(_text(item)))
     return specs
 
@@ -273,6 +279,8 @@ def read_config_file(path: str) -> dict[str, Any]:
             known = ", ".join(s.name for s in SETTINGS if not s.cli_only)
             raise SettingsError(f"{path}{_line_of(text, key)}: unknown key {key!r} (known: {known})")
         try:
+            if isinstance(value, str) and getattr(setting.check, "numeric", False):
+                raise ValueError(f"expected a number, not the string {value!r}")
             values[key] = setting.check(value)
         except ValueError as error:
             raise SettingsError(f"{path}{_line_of(text, key)}: {key}: {error}") from None
