@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 Headers = list[tuple[str, str]]
 
@@ -76,6 +76,62 @@ class BodyFraming:
 NO_BODY = BodyFraming("none")
 
 
+class Fields:
+    """Header fields in received order, with their lower-case names.
+
+    ``items`` keeps names as received (they are forwarded as they came);
+    ``index`` maps each lower-case name to its values, so the proxy's many
+    lookups (Host, Content-Length, Connection...) cost one dict access each.
+    """
+
+    __slots__ = ("items", "lnames", "index")
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        self.items: Headers = []
+        self.lnames: list[str] = []
+        self.index: dict[str, list[str]] = {}
+        for name, value in items:
+            self.add(name, value)
+
+    def add(self, name: str, value: str) -> None:
+        lname = name.lower()
+        self.items.append((name, value))
+        self.lnames.append(lname)
+        values = self.index.get(lname)
+        if values is None:
+            self.index[lname] = [value]
+        else:
+            values.append(value)
+
+    def replace_last_value(self, value: str) -> None:
+        name, old = self.items[-1]
+        self.items[-1] = (name, value)
+        values = self.index[self.lnames[-1]]
+        values[-1] = value
+
+    def get(self, lname: str) -> str | None:
+        values = self.index.get(lname)
+        return values[0] if values else None
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Fields):
+            return self.items == other.items
+        return isinstance(other, list) and self.items == other
+
+    def __repr__(self) -> str:
+        return f"Fields({self.items!r})"
+
+
+def as_fields(headers: Fields | Iterable[tuple[str, str]]) -> Fields:
+    return headers if isinstance(headers, Fields) else Fields(headers)
+
+
 # --- Request line and header section ------------------------------------
 
 def parse_request_line(line: bytes, max_target: int) -> RequestLine:
@@ -117,23 +173,33 @@ def parse_request_line(line: bytes, max_target: int) -> RequestLine:
     return RequestLine(method_text, target_text, numbers)
 
 
+# One regex does the whole job for a valid line: name, colon, OWS, value, OWS, CRLF.
+# (Trailing OWS is stripped after the match: a lazy pattern would backtrack.)
+_FIELD_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*)\r\n")
+
+
 def parse_field_line(line: bytes) -> tuple[str, str]:
     """Parse one ``name: value CRLF`` field line strictly (RFC 9112 5).
 
     Rejects obs-fold (5.2), whitespace before the colon (5.1), invalid name
     characters and CR/LF/NUL or other controls in the value (RFC 9110 5.5).
     """
+    match = _FIELD_LINE.fullmatch(line)
+    if match is None:
+        raise ProtocolError(400, _field_line_problem(line))
+    return match[1].decode("ascii"), match[2].rstrip(b" \t").decode("latin-1")
+
+
+def _field_line_problem(line: bytes) -> str:
+    """Why ``line`` is not a valid field line (the slow path, for the message)."""
     if not line.endswith(b"\r\n"):
-        raise ProtocolError(400, "header line must end with CRLF")
+        return "header line must end with CRLF"
     if line[:1] in (b" ", b"\t"):
-        raise ProtocolError(400, "obsolete line folding is not accepted")
-    name, colon, value = line[:-2].partition(b":")
+        return "obsolete line folding is not accepted"
+    name, colon, _ = line.partition(b":")
     if not colon or not _TOKEN.fullmatch(name):
-        raise ProtocolError(400, "malformed header field name")
-    value = value.strip(b" \t")
-    if _BAD_VALUE_CHAR.search(value):
-        raise ProtocolError(400, "invalid character in header field value")
-    return name.decode("ascii"), value.decode("latin-1")
+        return "malformed header field name"
+    return "invalid character in header field value"
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -149,21 +215,17 @@ def valid_host(value: str) -> bool:
     return _HOST.fullmatch(value) is not None
 
 
-def field_values(headers: Headers, lname: str) -> list[str]:
+def field_values(headers: Fields | Headers, lname: str) -> list[str]:
     """All comma-separated list elements of field ``lname`` (lower case)."""
-    values: list[str] = []
-    for name, value in headers:
-        if name.lower() == lname:
-            values.extend(part.strip() for part in value.split(","))
-    return values
+    values = as_fields(headers).index.get(lname)
+    if not values:
+        return []
+    return [part.strip() for value in values for part in value.split(",")]
 
 
-def get_field(headers: Headers, lname: str) -> str | None:
+def get_field(headers: Fields | Headers, lname: str) -> str | None:
     """The value of the first field named ``lname`` (lower case), or None."""
-    for name, value in headers:
-        if name.lower() == lname:
-            return value
-    return None
+    return as_fields(headers).get(lname)
 
 
 def content_length(values: Sequence[str]) -> int | None:
@@ -182,11 +244,11 @@ def content_length(values: Sequence[str]) -> int | None:
     return int(first)
 
 
-def transfer_codings(headers: Headers) -> list[str]:
+def transfer_codings(headers: Fields | Headers) -> list[str]:
     return [coding.lower() for coding in field_values(headers, "transfer-encoding")]
 
 
-def request_framing(headers: Headers, version: tuple[int, int]) -> BodyFraming:
+def request_framing(headers: Fields | Headers, version: tuple[int, int]) -> BodyFraming:
     """Decide how the request body is delimited, or raise ProtocolError.
 
     RFC 9112 6.1: a request with both Content-Length and Transfer-Encoding is
@@ -215,7 +277,7 @@ def request_framing(headers: Headers, version: tuple[int, int]) -> BodyFraming:
     return BodyFraming("length", length)
 
 
-def response_framing(status: int, request_method: str, headers: Headers) -> BodyFraming:
+def response_framing(status: int, request_method: str, headers: Fields | Headers) -> BodyFraming:
     """Decide how a backend's response body is delimited (RFC 9112 6.3).
 
     Raises ValueError for framing a proxy must not pass on (ends in a 502).
@@ -254,24 +316,19 @@ def parse_status_line(line: bytes) -> tuple[tuple[int, int], int, str]:
 
 def parse_response_field_line(line: bytes) -> tuple[str, str]:
     """Parse a backend's field line; ValueError if it must not be forwarded."""
-    if not line.endswith(b"\r\n"):
-        raise ValueError("header line must end with CRLF")
-    name, colon, value = line[:-2].partition(b":")
-    if not colon or not _TOKEN.fullmatch(name):
-        raise ValueError("malformed header field name")
-    value = value.strip(b" \t")
-    if _BAD_VALUE_CHAR.search(value):
-        raise ValueError("invalid character in header field value")
-    return name.decode("ascii"), value.decode("latin-1")
+    match = _FIELD_LINE.fullmatch(line)
+    if match is None:
+        raise ValueError(_field_line_problem(line))
+    return match[1].decode("ascii"), match[2].rstrip(b" \t").decode("latin-1")
 
 
-def unfold_continuation(previous: tuple[str, str], line: bytes) -> tuple[str, str]:
+def unfold_continuation(fields: Fields, line: bytes) -> None:
     """RFC 9112 5.2: a proxy replaces an obs-fold with SP before forwarding."""
     extra = line.strip(b" \t\r\n")
     if _BAD_VALUE_CHAR.search(extra):
         raise ValueError("invalid character in folded header value")
-    name, value = previous
-    return name, f"{value} {extra.decode('latin-1')}".strip()
+    value = fields.items[-1][1]
+    fields.replace_last_value(f"{value} {extra.decode('latin-1')}".strip())
 
 
 def parse_chunk_size(line: bytes) -> int:
@@ -292,7 +349,7 @@ def parse_chunk_size(line: bytes) -> int:
 
 # --- Connection management ------------------------------------------------
 
-def connection_options(headers: Headers) -> set[str]:
+def connection_options(headers: Fields | Headers) -> set[str]:
     """The lower-cased tokens of every Connection field (RFC 9110 7.6.1)."""
     return {token.lower() for token in field_values(headers, "connection") if token}
 
@@ -304,19 +361,18 @@ def wants_keep_alive(version: tuple[int, int], options: set[str]) -> bool:
     return version >= (1, 1) or "keep-alive" in options
 
 
-def end_to_end(headers: Headers, extra_drop: Iterable[str] = ()) -> Headers:
+def end_to_end(headers: Fields | Headers, extra_drop: Iterable[str] = ()) -> Headers:
     """Headers without the hop-by-hop ones (RFC 9110 7.6.1).
 
     Drops the fixed hop-by-hop set, every field named in Connection, and any
     lower-case name in ``extra_drop`` (e.g. content-length, which the proxy
     recomputes).
     """
-    drop = set(HOP_BY_HOP)
-    drop.update(extra_drop)
-    for name, value in headers:
-        if name.lower() == "connection":
-            drop.update(token.strip().lower() for token in value.split(","))
-    return [(name, value) for name, value in headers if name.lower() not in drop]
+    fields = as_fields(headers)
+    drop = set(HOP_BY_HOP).union(extra_drop)
+    for value in fields.index.get("connection", ()):
+        drop.update(token.strip().lower() for token in value.split(","))
+    return [item for item, lname in zip(fields.items, fields.lnames) if lname not in drop]
 
 
 def append_forwarded(headers: Headers, client_ip: str, proto: str,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
 import http11
-from http11 import BodyFraming, Headers, ProtocolError
+from http11 import BodyFraming, Fields, ProtocolError
 
 
 class Readable(Protocol):
@@ -42,38 +42,36 @@ class Limits:
     max_fields: int = 100
 
 
-def read_field_lines(reader: Readable, limits: Limits, for_response: bool) -> Headers:
+def read_field_lines(reader: Readable, limits: Limits, for_response: bool) -> Fields:
     """Read field lines up to the empty line that ends the head.
 
     Requests: strict (obs-fold and bad fields are a 400 ProtocolError, too many
     or too large a 431).  Responses: obs-fold is unfolded (RFC 9112 5.2), and
     anything unforwardable raises ValueError (the proxy answers 502).
     """
-    headers: Headers = []
+    fields = Fields()
+    items = fields.items
+    readline = reader.readline
+    max_line, max_bytes, max_fields = limits.max_line, limits.max_header_bytes, limits.max_fields
+    parse = http11.parse_response_field_line if for_response else http11.parse_field_line
     total = 0
     while True:
-        line = reader.readline(limits.max_line + 1)
+        line = readline(max_line + 1)
         total += len(line)
-        if len(line) > limits.max_line or total > limits.max_header_bytes:
+        if line == b"\r\n" and total <= max_bytes:
+            return fields
+        if len(line) > max_line or total > max_bytes:
             if for_response:
                 raise ValueError("response head too large")
             raise ProtocolError(431, "request header fields too large")
-        if line == b"\r\n":
-            return headers
-        if not line.endswith(b"\n"):
-            raise (ValueError("incomplete response head") if for_response
-                   else ProtocolError(400, "incomplete request head"))
-        if len(headers) >= limits.max_fields:
+        if len(items) >= max_fields:
             if for_response:
                 raise ValueError("too many response header fields")
             raise ProtocolError(431, "too many header fields")
-        if for_response:
-            if line[:1] in (b" ", b"\t") and headers:
-                headers[-1] = http11.unfold_continuation(headers[-1], line)
-            else:
-                headers.append(http11.parse_response_field_line(line))
+        if for_response and line[:1] in (b" ", b"\t") and items:
+            http11.unfold_continuation(fields, line)
         else:
-            headers.append(http11.parse_field_line(line))
+            fields.add(*parse(line))  # a line cut short by EOF fails here
 
 
 @dataclass(slots=True)
@@ -81,7 +79,7 @@ class ResponseHead:
     version: tuple[int, int]
     status: int
     reason: str
-    headers: Headers
+    headers: Fields
     framing: BodyFraming
     reusable: bool  # may the connection carry another request afterwards
     interim: list[int] = field(default_factory=list)

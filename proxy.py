@@ -64,7 +64,7 @@ class Request:
     target: str  # as forwarded: origin-form
     shown_target: str  # as received, for the access log
     version: tuple[int, int]
-    headers: Headers
+    headers: http11.Fields
     framing: BodyFraming
     has_length_field: bool
     host: str | None
@@ -348,7 +348,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise ProtocolError(408, "timeout")
         version = request_line.version
         method = request_line.method
-        hosts = [value for name, value in headers if name.lower() == "host"]
+        hosts = headers.index.get("host", [])
         # RFC 9112 3.2: a 1.1 request has exactly one Host; more is a 400 in any version.
         if len(hosts) > 1 or (version >= (1, 1) and not hosts):
             raise ProtocolError(400, "exactly one Host header is required")
@@ -365,7 +365,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             parts = urlsplit(target)
             host = parts.netloc
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            headers = [(n, v) for n, v in headers if n.lower() != "host"] + [("Host", host)]
+            headers = http11.Fields([(n, v) for n, v in headers if n.lower() != "host"]
+                                    + [("Host", host)])
         expect = http11.get_field(headers, "expect")
         expect_continue = False
         if expect is not None and version >= (1, 1):  # RFC 9110 10.1.1: ignored in 1.0
@@ -373,7 +374,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise ProtocolError(417, "only Expect: 100-continue is supported")
             expect_continue = framing.has_body
         keep_alive = http11.wants_keep_alive(version, http11.connection_options(headers))
-        has_length = any(name.lower() == "content-length" for name, _ in headers)
+        has_length = "content-length" in headers.index
         return Request(method, target, request_line.target, version, headers, framing,
                        has_length, host, keep_alive, expect_continue)
 
