@@ -306,7 +306,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         sock = self.connection
         try:
             sock.settimeout(config.keepalive_timeout)
-            if not self.rfile.peek(1):
+            buffered = self.rfile.peek(1)
+            if not buffered:
                 return None  # client closed the connection
         except OSError:
             return None  # idle keep-alive timeout or reset: close quietly
@@ -314,8 +315,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.started = time.monotonic()
         self.requestline = ""
         self.request_id = ""
-        watchdog = self.server.watchdog
-        watchdog.watch(self, self.started + config.header_timeout)
+        # Usually the whole head arrived in one segment: no deadline to enforce.
+        watchdog = None if b"\r\n\r\n" in buffered else self.server.watchdog
+        if watchdog is not None:
+            watchdog.watch(self, self.started + config.header_timeout)
         try:
             sock.settimeout(config.header_timeout)
             return self.parse_head()
@@ -329,7 +332,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.send_error_response(408, "request head not received in time")
                 self.log_rejected(408)
         finally:
-            watchdog.unwatch(self)
+            if watchdog is not None:
+                watchdog.unwatch(self)
         self.busy = False
         return None
 
