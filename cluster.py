@@ -209,6 +209,8 @@ class ServerCluster:
             if status is not None:
                 backend.responses[status] = backend.responses.get(status, 0) + 1
                 backend.latency.observe(duration)
+                if backend.passive_down_until and not backend.passively_down():
+                    backend.passive_down_until = 0.0  # served again after its time out
             if retried:
                 backend.retries += 1
 
@@ -243,7 +245,7 @@ class ServerCluster:
     def report_check(self, backend: Backend, ok: bool, detail: str, latency: float | None,
                      rise: int = 1, fall: int = 1) -> None:
         """Active check result; flips health after ``rise``/``fall`` in a row."""
-        revived = False
+        revived = quiet = False
         with self.lock:
             backend.last_check = detail
             backend.last_check_latency = latency
@@ -260,6 +262,8 @@ class ServerCluster:
                 backend.check_failures += 1
                 backend.check_successes = 0
                 changed = backend.healthy and backend.check_failures >= fall
+                # Already out (and logged) through passive checks: confirm quietly.
+                quiet = changed and backend.passive_down_until > 0
             if changed:
                 self._set_health(backend, ok)
             if revived:
@@ -267,7 +271,7 @@ class ServerCluster:
                 backend.up_since = time.monotonic()
         if (changed and ok) or revived:
             log.warning("backend %s is UP again", backend.url)
-        elif changed:
+        elif changed and not quiet:
             log.warning("backend %s is DOWN: %s", backend.url, detail)
         if changed and not ok:
             backend.pool.close_all()

@@ -24,6 +24,10 @@ class Readable(Protocol):
 class TruncatedBody(Exception):
     """The peer closed before the end of a body whose length was declared."""
 
+    def __init__(self, message: str, partial: bytes = b"") -> None:
+        super().__init__(message)
+        self.partial = partial  # what did arrive (read_small_body only)
+
 
 class MalformedBody(Exception):
     """Bad chunked syntax, or a body larger than allowed."""
@@ -68,6 +72,8 @@ def read_field_lines(reader: Readable, limits: Limits, for_response: bool) -> Fi
             if for_response:
                 raise ValueError("too many response header fields")
             raise ProtocolError(431, "too many header fields")
+        if for_response and not line.endswith(b"\n"):
+            raise IncompleteHead("backend closed the connection inside the response head")
         if for_response and line[:1] in (b" ", b"\t") and items:
             http11.unfold_continuation(fields, line)
         else:
@@ -89,10 +95,15 @@ class EmptyResponse(ConnectionError):
     """The backend closed the connection without sending a byte."""
 
 
+class IncompleteHead(ConnectionError):
+    """The backend closed the connection in the middle of a response head."""
+
+
 def read_response_head(reader: Readable, request_method: str, limits: Limits) -> ResponseHead:
     """Read a backend's response head, skipping 1xx interim responses.
 
-    Raises EmptyResponse if the connection closed before any byte, ValueError
+    Raises EmptyResponse if the connection closed before any byte,
+    IncompleteHead if it closed inside the head, ValueError
     for a head that must not be forwarded (the caller answers 502).
     """
     interim: list[int] = []
@@ -102,6 +113,8 @@ def read_response_head(reader: Readable, request_method: str, limits: Limits) ->
             if interim:
                 raise ValueError("backend closed after an interim response")
             raise EmptyResponse("backend closed the connection without a response")
+        if not line.endswith(b"\n"):
+            raise IncompleteHead("backend closed the connection inside the status line")
         version, status, reason = http11.parse_status_line(line)
         headers = read_field_lines(reader, limits, for_response=True)
         if status == 101:
@@ -198,5 +211,5 @@ def read_small_body(reader: Readable, length: int) -> bytes:
     """Read exactly ``length`` bytes, or raise TruncatedBody."""
     data = reader.read(length)
     if len(data) != length:
-        raise TruncatedBody(f"{length - len(data)} bytes of the body missing")
+        raise TruncatedBody(f"{length - len(data)} bytes of the body missing", data)
     return data

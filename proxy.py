@@ -27,7 +27,7 @@ from cluster import Backend, ServerCluster
 from health_checkers import describe_error
 from http11 import BodyFraming, Headers, ProtocolError
 from loggers import AccessLog, sanitize
-from message_reader import (BodyTooLarge, EmptyResponse, Limits, MalformedBody, ResponseHead,
+from message_reader import (BodyTooLarge, EmptyResponse, IncompleteHead, Limits, MalformedBody, ResponseHead,
                             TruncatedBody, iter_body, read_field_lines, read_response_head,
                             read_small_body)
 from upstream import UpstreamConnection
@@ -400,6 +400,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.connection.settimeout(self.server.config.body_timeout)
                 body = read_small_body(self.rfile, request.framing.length)
                 self.body_pending = False
+            except TimeoutError:
+                self.send_error_response(408, "request body not received in time")
+                self.log_request_done(request, 408, 0, None)
+                return
             except (TruncatedBody, OSError):
                 self.log_request_done(request, 400, 0, None)
                 self.close_connection = True  # the client gave up mid-body
@@ -409,10 +413,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
         head = self.upstream_head(request)
         tried: list[Backend] = []
         stale_retries = 0
+        last_error: BackendError | None = None
         while True:
             backend = cluster.acquire(self.client_ip, tuple(tried))
             if backend is None:
-                self.answer_no_backend(request, bool(tried))
+                if last_error is not None and last_error.sent:
+                    # A backend took the request and failed: a gateway error.
+                    self.send_error_response(502, f"backend {tried[-1].url} failed: {last_error}")
+                    cluster.count_unrouted(502)
+                    self.log_request_done(request, 502, 0, tried[-1])
+                else:
+                    self.answer_no_backend(request, bool(tried))
                 return
             try:
                 self.exchange(request, backend, head, body)
@@ -431,6 +442,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     self.log_request_done(request, 502, 0, backend)
                     return
                 tried.append(backend)
+                last_error = error
 
     def answer_no_backend(self, request: Request, after_failures: bool) -> None:
         if after_failures:
@@ -478,7 +490,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             response = self.send_and_receive(request, conn, reused, head, body)
             status = response.status
-            self.relay(request, response, conn, backend)  # pools or closes conn
+            self.relay(request, response, conn, backend, body is not None)  # pools or closes conn
         except BackendError:
             conn.close()
             raise
@@ -529,6 +541,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return read_response_head(conn.reader, request.method, self.server.limits)
         except EmptyResponse as error:
             raise BackendError(str(error), sent=sent, stale=reused) from None
+        except IncompleteHead as error:
+            raise BackendError(str(error), sent=sent) from None
         except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as error:
             raise BackendError(describe_error(error), sent=sent, stale=reused and body is not None) from None
 
@@ -544,8 +558,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise ClientError(413, "request body too large") from None
             except MalformedBody as error:
                 raise ClientError(400, f"malformed request body: {error}") from None
+            except TimeoutError:
+                raise ClientError(408, "request body not received in time") from None
             except (TruncatedBody, OSError):
-                raise ClientError(None, "client closed or stalled while sending the body") from None
+                raise ClientError(None, "client closed while sending the body") from None
             if piece is None:
                 break
             conn.send_all(http11.chunk(piece) if chunked else piece)
@@ -556,8 +572,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # --- the response ---------------------------------------------------------
 
     def relay(self, request: Request, response: ResponseHead, conn: UpstreamConnection,
-              backend: Backend) -> None:
-        """Send the backend's response to the client; pool or close ``conn``."""
+              backend: Backend, replayable: bool) -> None:
+        """Send the backend's response to the client; pool or close ``conn``.
+
+        Raises BackendError if the backend broke off before anything reached
+        the client and the request may be retried (``replayable``: its body,
+        if any, is still held).
+        """
         config = self.server.config
         framing = response.framing
         headers = http11.end_to_end(response.headers, ("content-length", "x-request-id"))
@@ -582,7 +603,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     headers.extend((n, v) for n, v in response.headers if n.lower() == "content-length")
                 self.write(http11.serialize_head(status_line, headers))
             elif known and framing.length <= BUFFER_LIMIT:
-                data = read_small_body(conn.reader, framing.length)
+                try:
+                    data = read_small_body(conn.reader, framing.length)
+                except TruncatedBody as error:
+                    if http11.may_retry(request.method, True, False, replayable):
+                        # Nothing reached the client yet: try another backend.
+                        conn.close()
+                        raise BackendError(str(error), sent=True) from None
+                    # What arrived, under the declared length, then a close:
+                    # the client sees an incomplete message, never a short 200.
+                    headers.append(("Content-Length", str(framing.length)))
+                    self.write(http11.serialize_head(status_line, headers) + error.partial)
+                    raise
                 if gzip:
                     data = http11.gzip_compress(data, config.gzip_level)
                     headers = http11.gzip_headers(headers)
@@ -597,7 +629,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             conn.close()
             self.log_request_done(request, response.status, sent, backend)
             return
-        if response.reusable:
+        if response.reusable and not conn.has_leftover_bytes():
             backend.pool.release(conn)
         else:
             conn.close()

@@ -63,6 +63,23 @@ class UpstreamConnection(http.client.HTTPConnection):
             return True
 
 
+    def has_leftover_bytes(self) -> bool:
+        """True if bytes beyond the last response were already received.
+
+        They may sit in the reader's buffer, where ``looks_stale`` cannot see
+        them (e.g. a body sent after a HEAD or 304 answer).  Reused, the
+        connection would hand them to the next request as its response.
+        """
+        assert self.sock is not None
+        self.sock.settimeout(0.0)  # peek must not wait for more
+        try:
+            return bool(self.reader.peek(1))
+        except OSError:
+            return True
+        finally:
+            self.sock.settimeout(self.read_timeout)
+
+
 class ConnectionPool:
     """Idle keep-alive connections to one backend, most recently used first.
 

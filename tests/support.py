@@ -331,6 +331,10 @@ class RawBackend:
 
     def stop(self) -> None:
         self.stopped = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
         self.listener.close()
         for thread in self.threads:
             thread.join(timeout=2)

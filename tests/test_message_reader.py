@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from http11 import BodyFraming, ProtocolError  # noqa: E402
-from message_reader import (BodyTooLarge, EmptyResponse, Limits, MalformedBody,  # noqa: E402
+from message_reader import (BodyTooLarge, EmptyResponse, IncompleteHead, Limits, MalformedBody,  # noqa: E402
                             TruncatedBody, iter_body, read_field_lines, read_response_head,
                             read_small_body)
 
@@ -127,12 +127,19 @@ class ReadFieldLinesTest(unittest.TestCase):
             "NUL in folded value": b"X-A: one\r\n t\x00wo\r\n\r\n",
             "CR in folded value": b"X-A: one\r\n t\rwo\r\n\r\n",
             "bad name": b"X(A): one\r\n\r\n",
-            "EOF inside head": b"X-A: one\r\n",
-            "EOF at start": b"",
         }
         for why, data in cases.items():
             with self.subTest(why=why):
                 self.assert_response_error(data, Limits())
+
+    def test_response_cut_by_eof_is_a_transport_failure(self):
+        # A backend that dies mid-head failed at the transport level (the
+        # request may be retried), unlike one that sent a malformed head.
+        for why, data in {"EOF inside head": b"X-A: one\r\n", "EOF at start": b"",
+                          "EOF inside line": b"X-A: on"}.items():
+            with self.subTest(why=why):
+                with self.assertRaises(IncompleteHead):
+                    read_field_lines(stream(data), Limits(), for_response=True)
 
 
 # --- response head ----------------------------------------------------------------
@@ -182,11 +189,16 @@ class ReadResponseHeadTest(unittest.TestCase):
             "two different CLs": b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             "TE not chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
             "CR in a value": b"HTTP/1.1 200 OK\r\nX: a\rb\r\nContent-Length: 0\r\n\r\n",
-            "truncated head": b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n",
         }
         for why, data in cases.items():
             with self.subTest(why=why):
                 with self.assertRaises(ValueError):
+                    self.head(data)
+
+    def test_truncated_head_is_incomplete_not_invalid(self):
+        for data in (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n", b"HTTP/1.1 200 O"):
+            with self.subTest(data=data):
+                with self.assertRaises(IncompleteHead):
                     self.head(data)
 
     def test_reusable_flag(self):

@@ -1,0 +1,351 @@
+"""The command line and the process life cycle of ``cclb.py``, run as a real process."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+from tests.support import (PYTHON, ROOT, Balancer, ChildProcess, RawBackend, accepts, free_port,
+                           read_body, wait_for)
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+import settings  # noqa: E402
+
+CCLB = str(ROOT / "cclb.py")
+SERVER = str(ROOT / "server.py")
+DEMO_PORTS = (7000, 7001, 7002)
+READY = re.compile(r"^cclb listening on http://(?P<host>[^\s:]+):(?P<port>\d+) -> (?P<n>\d+) backends?$")
+
+
+def run_cclb(*args: str, timeout: float = 15.0) -> subprocess.CompletedProcess[str]:
+    """Run cclb.py to completion (for argument and start-up errors)."""
+    return subprocess.run([PYTHON, CCLB, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def run_many(argvs: list[tuple[str, ...]], timeout: float = 20.0) -> list[subprocess.CompletedProcess[str]]:
+    """Run several cclb.py invocations in parallel (each only parses arguments)."""
+    procs = [subprocess.Popen([PYTHON, CCLB, *argv], cwd=ROOT, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for argv in argvs]
+    results = []
+    try:
+        for argv, proc in zip(argvs, procs):
+            stdout, stderr = proc.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+def get(port: int, path: str = "/", timeout: float = 10.0):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        conn.close()
+
+
+def child_pids(parent: int) -> set[int]:
+    """PIDs whose parent is ``parent``, from /proc/*/stat."""
+    children = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        if len(fields) > 1 and int(fields[1]) == parent:
+            children.add(int(entry))
+    return children
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def demo_server_processes() -> list[tuple[int, list[str]]]:
+    """Running ``server.py 700x`` processes of this checkout."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                argv = [a.decode(errors="replace") for a in handle.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if SERVER in argv and any(str(port) in argv for port in DEMO_PORTS) and alive(int(entry)):
+            found.append((int(entry), argv))
+    return found
+
+
+def port_free(port: int) -> bool:
+    """Whether ``port`` can be bound on 127.0.0.1 (and nothing accepts on it)."""
+    if accepts(port):
+        return False
+    try:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+
+
+def stop_raw(backend: RawBackend) -> None:
+    """RawBackend.stop without its 2 s wait: shutdown() wakes a thread blocked in accept()."""
+    backend.stopped = True
+    try:
+        backend.listener.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    backend.stop()
+
+
+def kill_pids(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def kill_demo_leftovers() -> None:
+    """Cleanup: SIGKILL demo servers of this checkout that survived, and wait until they are gone."""
+    kill_pids(pid for pid, _ in demo_server_processes())
+    wait_for(lambda: not demo_server_processes(), 5, message="leftover demo servers to die")
+
+
+class ArgumentTests(unittest.TestCase):
+
+    def assert_usage_error(self, result: subprocess.CompletedProcess[str], *needles: str) -> None:
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertTrue(result.stderr.strip(), "no message on stderr")
+        for needle in needles:
+            self.assertIn(needle, result.stderr)
+        self.assertNotIn("listening", result.stdout)
+
+    def test_help_exits_0_and_documents_every_option_with_defaults(self):
+        """--help lists every flag of settings.SETTINGS, each with its default."""
+        result = run_cclb("--help")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        text = result.stdout
+        entries: list[str] = []  # one per option: its help lines joined
+        for line in text.splitlines():
+            if re.match(r"^  -", line):
+                entries.append(line)
+            elif entries and re.match(r"^\s{3,}\S", line):
+                entries[-1] += " " + line.strip()
+        for setting in settings.SETTINGS:
+            for flag in setting.flags:
+                self.assertRegex(text, rf"(?<![\w-]){re.escape(flag)}(?![\w-])", f"{flag} missing from --help")
+            if setting.flag_only or setting.default is None:
+                continue
+            entry = next((e for e in entries
+                          if re.match(rf"^\s+(?:\S+ \S+, )?{re.escape(setting.flags[0])}\b", e)), None)
+            self.assertIsNotNone(entry, f"no help entry for {setting.flags[0]}")
+            self.assertIn("(default:", entry, f"{setting.flags[0]} help does not show its default")
+        collapsed = " ".join(text.split())
+        for expected in ("(default: 8080)", "(default: /)", "(default: INFO)", "(default: -)"):
+            self.assertIn(expected, collapsed)
+
+    def test_invalid_backend_urls_exit_2_with_message(self):
+        """-b with a bad port, a non-http scheme or no port: exit 2, message naming it, no traceback."""
+        values = ("http://x:99999", "ftp://h:1", "nohost", "http://h:0", "http://h:abc")
+        results = run_many([("-p", "0", "--health-interval", "0", "-b", value) for value in values])
+        for value, result in zip(values, results):
+            with self.subTest(backend=value):
+                self.assert_usage_error(result, value)
+
+    def test_bad_numeric_options_exit_2(self):
+        """Non-numeric or out-of-range numbers are usage errors (exit 2), not tracebacks."""
+        cases = [("--health-interval", "abc"), ("--health-interval", "-1"), ("-p", "70000"),
+                 ("-p", "http"), ("--health-timeout", "0"), ("--health-interval", "nan")]
+        for args, result in zip(cases, run_many(cases)):
+            with self.subTest(args=args):
+                self.assert_usage_error(result, args[0])
+
+    def test_port_in_use_exits_1_with_clear_message(self):
+        """Another socket listens on the port: exit 1, 'in use' on stderr, no traceback."""
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = taken.getsockname()[1]
+            result = run_cclb("-p", str(port), "--host", "127.0.0.1", "-b", "127.0.0.1:1",
+                              "--health-interval", "0")
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertIn(str(port), result.stderr)
+        self.assertIn("in use", result.stderr.lower())
+        self.assertNotIn("listening on", result.stdout)
+
+
+class LifecycleTests(unittest.TestCase):
+
+    def start_balancer(self, backends, *extra: str) -> Balancer:
+        balancer = Balancer(backends, *extra)
+        self.addCleanup(balancer.kill)
+        return balancer
+
+    def test_ready_line_format_and_port_accepts_at_once(self):
+        """Ready line is 'cclb listening on http://HOST:PORT -> N backends' and PORT accepts right away."""
+        balancer = self.start_balancer([free_port(), free_port()], "--health-interval", "0")
+        lines = [line.rstrip("\n") for line in balancer.stdout]
+        ready = [line for line in lines if "listening" in line]
+        self.assertEqual(len(ready), 1, lines)
+        match = READY.match(ready[0])
+        self.assertIsNotNone(match, ready[0])
+        self.assertEqual((match["host"], int(match["port"]), match["n"]),
+                         ("127.0.0.1", balancer.port, "2"))
+        self.assertTrue(accepts(balancer.port))
+
+    def test_sigterm_lets_in_flight_request_finish_then_exits_0(self):
+        """SIGTERM during a slow request: the client still gets its 200, then exit code 0."""
+        arrived, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+        result: dict[str, object] = {}
+
+        def slow(head, conn, reader):
+            read_body(head, reader)
+            arrived.set()
+            release.wait(10)
+            time.sleep(0.5)  # the backend's own slowness, well into the balancer's drain
+            result["alive_before_answer"] = balancer.proc.poll() is None
+            body = b"slow but complete"
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            return True
+
+        backend = RawBackend(slow)
+        self.addCleanup(stop_raw, backend)
+        balancer = self.start_balancer([backend.port], "--health-interval", "0")
+        # An idle keep-alive client: the balancer closes it once it starts draining.
+        idle = socket.create_connection(("127.0.0.1", balancer.port), timeout=10)
+        self.addCleanup(idle.close)
+
+        def client():
+            try:
+                result["response"] = get(balancer.port, "/slow")
+            except Exception as error:  # noqa: BLE001 - asserted below
+                result["error"] = repr(error)
+
+        thread = threading.Thread(target=client, daemon=True)
+        thread.start()
+        self.assertTrue(arrived.wait(10), "request never reached the backend")
+        balancer.signal(signal.SIGTERM)
+        wait_for(lambda: "stopping" in balancer.log_text(), 5, message="the balancer to start stopping")
+        idle.settimeout(2)
+        try:  # wait (bounded) until draining has begun: the idle connection is closed
+            idle.recv(1)
+        except OSError:
+            pass
+        self.assertIsNone(balancer.proc.poll(), "exited with a request in flight")
+        release.set()
+        thread.join(10)
+        self.assertNotIn("error", result)
+        status, _, body = result["response"]
+        self.assertEqual((status, body), (200, b"slow but complete"))
+        self.assertTrue(result["alive_before_answer"])
+        self.assertEqual(balancer.proc.wait(10), 0)
+        balancer.kill()  # joins the output readers
+        self.assertNotIn("Traceback", balancer.log_text())
+
+    def test_sigint_exits_0(self):
+        """Ctrl-C (SIGINT) stops the balancer with exit code 0 and no traceback."""
+        balancer = self.start_balancer([free_port()], "--health-interval", "0")
+        balancer.signal(signal.SIGINT)
+        self.assertEqual(balancer.proc.wait(10), 0)
+        balancer.kill()
+        self.assertNotIn("Traceback", balancer.log_text())
+        self.assertFalse(accepts(balancer.port))
+
+
+class DemoTests(unittest.TestCase):
+
+    def setUp(self) -> None:
+        busy = [port for port in DEMO_PORTS if not port_free(port)]
+        if busy:
+            self.skipTest(f"demo ports in use: {busy}")
+
+    def test_demo_starts_three_backends_and_stops_them_on_sigterm(self):
+        """--demo: server-7000/1/2 answer through the balancer; after SIGTERM: exit 0, no child, ports free."""
+        balancer = ChildProcess([PYTHON, CCLB, "--demo", "-p", "0", "--host", "127.0.0.1",
+                                 "--health-interval", "0"])
+        # SIGTERM, not SIGKILL: a killed balancer could not stop its children.
+        self.addCleanup(kill_demo_leftovers)
+        self.addCleanup(balancer.stop)
+        match = balancer.wait_line(r"listening on http://[^:]+:(\d+) -> 3 backends", 15)
+        port = int(match[1])
+        children = wait_for(lambda: (lambda pids: pids if len(pids) >= 3 else None)(
+            child_pids(balancer.pid)), 5, message="three demo children")
+        self.assertEqual(len(children), 3, children)
+        names = set()
+        for _ in range(6):
+            status, headers, _ = get(port)
+            self.assertEqual(status, 200)
+            names.add(headers["X-Backend-Server"])
+        self.assertEqual(names, {"server-7000", "server-7001", "server-7002"})
+
+        balancer.signal(signal.SIGTERM)
+        self.assertEqual(balancer.proc.wait(15), 0, balancer.log_text())
+        balancer.kill()
+        self.assertNotIn("Traceback", balancer.log_text())
+        self.assertEqual([pid for pid in children if alive(pid)], [], "demo children left running")
+        self.assertEqual(demo_server_processes(), [])
+        self.assertEqual([p for p in DEMO_PORTS if accepts(p)], [], "demo ports still answer")
+
+    def test_demo_with_own_port_taken_exits_1_and_leaves_no_children(self):
+        """--demo when the balancer's port is in use: exit 1, message, and no demo backend survives."""
+        # Output goes to files, not pipes: a surviving child would keep a pipe open.
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.addCleanup(out.close)
+        self.addCleanup(err.close)
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = taken.getsockname()[1]
+            proc = subprocess.Popen([PYTHON, CCLB, "--demo", "-p", str(port), "--host", "127.0.0.1",
+                                     "--health-interval", "0"], cwd=ROOT, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=err, text=True)
+            seen: set[int] = set()
+            self.addCleanup(kill_demo_leftovers)
+            self.addCleanup(lambda: proc.poll() is None and (proc.terminate(), proc.wait(10)))
+            deadline = time.monotonic() + 20
+            while proc.poll() is None and time.monotonic() < deadline:  # record every child
+                seen |= child_pids(proc.pid)
+                time.sleep(0.01)  # polling interval only
+        self.assertIsNotNone(proc.poll(), "cclb --demo still running 20 s after a failed start")
+        err.seek(0)
+        stderr = err.read()
+        self.assertEqual(proc.returncode, 1, stderr)
+        self.assertNotIn("Traceback", stderr)
+        self.assertIn(str(port), stderr)
+        self.assertIn("in use", stderr.lower())
+        self.assertEqual([pid for pid in seen if alive(pid)], [], "demo children left running")
+        self.assertEqual(demo_server_processes(), [])
+        self.assertEqual([p for p in DEMO_PORTS if accepts(p)], [], "demo ports still answer")
+
+
+if __name__ == "__main__":
+    unittest.main()
