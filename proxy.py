@@ -10,7 +10,7 @@ Failures that are safe to retry go to the next backend.
 from __future__ import annotations
 
 import logging
-import os
+import random
 import socket
 import threading
 import time
@@ -30,6 +30,7 @@ from loggers import AccessLog, sanitize
 from message_reader import (BodyTooLarge, EmptyResponse, IncompleteHead, Limits, MalformedBody, ResponseHead,
                             TruncatedBody, iter_body, read_field_lines, read_response_head,
                             read_small_body)
+from socket_io import SocketReader, SocketWriter, set_timeouts
 from upstream import UpstreamConnection
 
 log = logging.getLogger("cclb")
@@ -260,7 +261,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
     server: LoadBalancerServer
 
     def setup(self) -> None:
-        super().setup()
+        # Instead of StreamRequestHandler's makefile() pair: see socket_io.
+        self.connection = self.request
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.timeout_now = self.server.config.keepalive_timeout
+        set_timeouts(self.connection, self.timeout_now)
+        self.rfile = SocketReader(self.connection)
+        self.wfile = SocketWriter(self.connection)
         self.timed_out = False
         self.body_pending = False
         self.response_started = False
@@ -269,6 +276,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.busy = False  # between the first byte of a request and its end
         self.request_id = ""
         self.server.register(self)
+
+    def finish(self) -> None:
+        self.rfile.close()
+        self.wfile.close()
+
+    def set_client_timeout(self, seconds: float) -> None:
+        """Change the client socket's kernel timeouts (only when it differs)."""
+        if seconds != self.timeout_now:
+            set_timeouts(self.connection, seconds)
+            self.timeout_now = seconds
 
     def expire(self) -> None:
         """Called by the watchdog (under its lock) when the head deadline passed."""
@@ -303,9 +320,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         timeout, or an error answered here).
         """
         config = self.server.config
-        sock = self.connection
         try:
-            sock.settimeout(config.keepalive_timeout)
+            self.set_client_timeout(config.keepalive_timeout)
             buffered = self.rfile.peek(1)
             if not buffered:
                 return None  # client closed the connection
@@ -320,7 +336,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if watchdog is not None:
             watchdog.watch(self, self.started + config.header_timeout)
         try:
-            sock.settimeout(config.header_timeout)
+            # The per-read timeout stays the idle one: the watchdog enforces
+            # the deadline for the whole head.
             return self.parse_head()
         except ProtocolError as error:
             status = 408 if self.timed_out else error.status
@@ -397,7 +414,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if request.framing.kind == "length" and request.framing.length <= BUFFER_LIMIT \
                 and not request.expect_continue:
             try:
-                self.connection.settimeout(self.server.config.body_timeout)
+                self.set_client_timeout(self.server.config.body_timeout)
                 body = read_small_body(self.rfile, request.framing.length)
                 self.body_pending = False
             except TimeoutError:
@@ -463,7 +480,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         request_id = http11.get_field(request.headers, "x-request-id")
         drop: tuple[str, ...] = ("content-length", "expect")
         if not http11.valid_request_id(request_id):
-            request_id = os.urandom(8).hex()
+            request_id = f"{random.getrandbits(64):016x}"
             drop += ("x-request-id",)
         self.request_id = request_id
         headers = http11.end_to_end(request.headers, drop)
@@ -548,7 +565,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def stream_request_body(self, request: Request, conn: UpstreamConnection) -> None:
         """Copy a large or chunked request body from the client to the backend."""
-        self.connection.settimeout(self.server.config.body_timeout)
+        self.set_client_timeout(self.server.config.body_timeout)
         chunked = request.framing.kind == "chunked"
         pieces = iter_body(self.rfile, request.framing, PIECE, self.server.config.max_body_size)
         while True:

@@ -15,13 +15,15 @@ import http.client
 import select
 import threading
 import time
-from io import BufferedReader
+
+from socket_io import SocketReader, SocketWriter, set_timeouts
 
 
 class UpstreamConnection(http.client.HTTPConnection):
     """One connection to a backend, with a persistent buffered reader."""
 
-    reader: BufferedReader
+    reader: SocketReader
+    writer: SocketWriter
     idle_since: float = 0.0
 
     def __init__(self, host: str, port: int, connect_timeout: float, read_timeout: float) -> None:
@@ -29,25 +31,22 @@ class UpstreamConnection(http.client.HTTPConnection):
         self.read_timeout = read_timeout
 
     def connect(self) -> None:
-        super().connect()  # sets TCP_NODELAY too
+        super().connect()  # sets TCP_NODELAY too; timeout = connect timeout
         assert self.sock is not None
-        self.sock.settimeout(self.read_timeout)
-        self.reader = self.sock.makefile("rb", buffering=65536)
+        set_timeouts(self.sock, self.read_timeout)
+        self.reader = SocketReader(self.sock)
+        self.writer = SocketWriter(self.sock)
         self.poller = select.poll()
         self.poller.register(self.sock, select.POLLIN)
 
     def close(self) -> None:
         reader = getattr(self, "reader", None)
         if reader is not None:
-            try:
-                reader.close()
-            except OSError:
-                pass
+            reader.close()
         super().close()
 
     def send_all(self, data: bytes) -> None:
-        assert self.sock is not None
-        self.sock.sendall(data)
+        self.writer.write(data)
 
     def looks_stale(self) -> bool:
         """True if the backend closed (or sent unexpected bytes) while idle.
@@ -66,18 +65,11 @@ class UpstreamConnection(http.client.HTTPConnection):
     def has_leftover_bytes(self) -> bool:
         """True if bytes beyond the last response were already received.
 
-        They may sit in the reader's buffer, where ``looks_stale`` cannot see
+        They sit in the reader's buffer, where ``looks_stale`` cannot see
         them (e.g. a body sent after a HEAD or 304 answer).  Reused, the
         connection would hand them to the next request as its response.
         """
-        assert self.sock is not None
-        self.sock.settimeout(0.0)  # peek must not wait for more
-        try:
-            return bool(self.reader.peek(1))
-        except OSError:
-            return True
-        finally:
-            self.sock.settimeout(self.read_timeout)
+        return self.reader.buffered > 0
 
 
 class ConnectionPool:
