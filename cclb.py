@@ -235,6 +235,9 @@ def run_supervisor(config: Any, argv: list[str]) -> int:
         threading.Thread(target=admin.serve_forever, name="admin", daemon=True).start()
     print(ready_line(config.host, port, len(config.backends), f" ({config.workers} workers)"),
           flush=True)
+    if admin is not None:
+        admin_host, admin_port = admin.server_address[:2]
+        print(f"cclb admin on http://{admin_host}:{admin_port}/", flush=True)
     log.info("cclb supervisor started (pid %d, %d workers)", os.getpid(), config.workers)
     while not stop.wait(0.2):
         if reload_requested.is_set():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from urllib.parse import urlsplit
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -210,6 +211,22 @@ def valid_request_id(value: str | None) -> bool:
     return value is not None and _REQUEST_ID.fullmatch(value) is not None
 
 
+def split_absolute_form(target: str) -> tuple[str, str]:
+    """(authority, origin-form target) of an absolute-form target (RFC 9112 3.2.2).
+
+    ProtocolError 400 for a malformed one, one with userinfo, or no host.
+    """
+    try:
+        parts = urlsplit(target)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ProtocolError(400, "malformed absolute-form request target") from None
+    if not parts.hostname or "@" in parts.netloc or not valid_host(parts.netloc):
+        raise ProtocolError(400, "absolute-form target needs a valid host and no userinfo")
+    path = parts.path or "/"
+    return parts.netloc, path + (f"?{parts.query}" if parts.query else "")
+
+
 def valid_host(value: str) -> bool:
     """Whether a Host field value is a syntactically valid authority."""
     return _HOST.fullmatch(value) is not None
@@ -285,7 +302,10 @@ def response_framing(status: int, request_method: str, headers: Fields | Headers
     ignored (RFC 9112 6.3 (3)); the caller must not reuse the connection.
     """
     if request_method == "HEAD" or status < 200 or status in (204, 304):
-        return NO_BODY  # 6.3 (1): never a body, whatever the fields say
+        # 6.3 (1): never a body, whatever the fields say; but a Content-Length
+        # that is passed on (HEAD, 304) must still be valid.
+        content_length(field_values(headers, "content-length"))
+        return NO_BODY
     codings = transfer_codings(headers)
     if codings:
         if codings != ["chunked"]:
@@ -445,6 +465,8 @@ def is_compressible_type(content_type: str | None) -> bool:
     if not content_type:
         return False
     media = content_type.partition(";")[0].strip().lower()
+    if media == "text/event-stream":
+        return False  # compressing would hold events back until enough bytes pile up
     return (media.startswith(_COMPRESSIBLE_PREFIXES) or media in _COMPRESSIBLE_TYPES
             or media.endswith(("+json", "+xml")))
 
@@ -476,10 +498,12 @@ def should_gzip(method: str, status: int, response_headers: Headers,
     return is_compressible_type(content_type)
 
 
-def gzip_headers(headers: Headers) -> Headers:
+def gzip_headers(headers: Headers, encoded: bool = True) -> Headers:
     """Response headers for a body we gzip: Content-Encoding, Vary, weak ETag.
 
     RFC 9110 8.8.3: a changed representation may not keep a strong ETag.
+    ``encoded=False`` gives the fields of a 304 for such a response (same
+    Vary and ETag, no Content-Encoding).
     """
     result: Headers = []
     vary_done = False
@@ -495,7 +519,8 @@ def gzip_headers(headers: Headers) -> Headers:
                 value = f"{value}, Accept-Encoding"
             vary_done = True
         result.append((name, value))
-    result.append(("Content-Encoding", "gzip"))
+    if encoded:
+        result.append(("Content-Encoding", "gzip"))
     if not vary_done:
         result.append(("Vary", "Accept-Encoding"))
     return result

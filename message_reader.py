@@ -114,6 +114,8 @@ def read_response_head(reader: Readable, request_method: str, limits: Limits) ->
                 raise ValueError("backend closed after an interim response")
             raise EmptyResponse("backend closed the connection without a response")
         if not line.endswith(b"\n"):
+            if len(line) > limits.max_line:
+                raise ValueError("status line too long")
             raise IncompleteHead("backend closed the connection inside the status line")
         version, status, reason = http11.parse_status_line(line)
         headers = read_field_lines(reader, limits, for_response=True)

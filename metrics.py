@@ -8,6 +8,7 @@ histogram type and renders a consistent snapshot as Prometheus text
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
@@ -27,13 +28,7 @@ class Histogram:
     count: int = 0
 
     def observe(self, value: float) -> None:
-        index = 0
-        for index, bound in enumerate(BUCKETS):  # noqa: B007 - few buckets, linear is fastest
-            if value <= bound:
-                break
-        else:
-            index = len(BUCKETS)
-        self.counts[index] += 1
+        self.counts[bisect_left(BUCKETS, value)] += 1  # first bucket with value <= bound
         self.total += value
         self.count += 1
 

@@ -14,13 +14,13 @@ import random
 import socket
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import TCPServer
 from typing import Any
-from urllib.parse import urlsplit
 
 import http11
 from cluster import Backend, ServerCluster
@@ -40,6 +40,9 @@ log = logging.getLogger("cclb")
 # leave in one write (and can be gzipped in one call).  Larger ones stream.
 BUFFER_LIMIT = 256 * 1024
 PIECE = 64 * 1024
+# Backends are trusted more than clients (many Set-Cookie fields are normal)
+# but not blindly: a runaway head still ends in a 502.
+RESPONSE_LIMITS = Limits(max_line=16 * 1024, max_header_bytes=128 * 1024, max_fields=500)
 
 
 class ClientError(Exception):
@@ -128,6 +131,7 @@ class LoadBalancerServer(ThreadingHTTPServer):
         self.cluster = cluster
         self.access_log = access_log
         self.limits = Limits(config.max_request_line, config.max_header_size, config.max_headers)
+        self.response_limits = RESPONSE_LIMITS
         self.lock = threading.Lock()
         self.connections: dict[socket.socket, ProxyHandler | None] = {}
         self.draining = False
@@ -164,10 +168,24 @@ class LoadBalancerServer(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.lock:
             full = len(self.connections) >= self.config.max_connections
+            idle = None
+            if full:
+                # Like nginx, reclaim an idle keep-alive connection before
+                # turning a new client away.
+                idle = next((sock for sock, handler in self.connections.items()
+                             if handler is not None and not handler.busy), None)
+                if idle is not None:
+                    del self.connections[idle]
+                    full = False
             if not full:
                 self.connections[request] = None
             else:
                 self.rejected += 1
+        if idle is not None:
+            try:
+                idle.shutdown(socket.SHUT_RDWR)  # its handler sees EOF and ends
+            except OSError:
+                pass
         if full:
             self.reject_connection(request)
             return
@@ -306,6 +324,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.close_connection = not request.keep_alive or self.server.draining
         self.command, self.path = request.method, request.shown_target
         self.request_version = f"HTTP/{request.version[0]}.{request.version[1]}"
+        self.response_started = False
+        self.body_pending = request.framing.has_body  # until a handler reads it
+        self.continue_sent = False
         try:
             handler = getattr(self, f"do_{request.method}", self.forward)
             handler(request)
@@ -358,6 +379,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Parse and check a request head (RFC 9112 2-6); ProtocolError if bad."""
         limits = self.server.limits
         line = self.rfile.readline(limits.max_line + 3)
+        if line == b"\r\n":  # RFC 9112 2.2: ignore an empty line before the request line
+            line = self.rfile.readline(limits.max_line + 3)
         if self.timed_out:
             raise ProtocolError(408, "timeout")
         if len(line) > limits.max_line + 2:
@@ -383,9 +406,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         target, host = request_line.target, (hosts[0] if hosts else None)
         if not target.startswith("/") and target != "*":
             # RFC 9112 3.2.2: absolute-form; its authority replaces Host.
-            parts = urlsplit(target)
-            host = parts.netloc
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            host, target = http11.split_absolute_form(target)
             headers = http11.Fields([(n, v) for n, v in headers if n.lower() != "host"]
                                     + [("Host", host)])
         expect = http11.get_field(headers, "expect")
@@ -408,8 +429,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def forward(self, request: Request) -> None:
         """Forward ``request`` to a backend, retrying where safe, and relay the answer."""
         cluster = self.server.cluster
-        self.response_started = False
-        self.body_pending = request.framing.has_body
         body: bytes | None = b""
         if request.framing.kind == "length" and request.framing.length <= BUFFER_LIMIT \
                 and not request.expect_continue:
@@ -431,8 +450,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         tried: list[Backend] = []
         stale_retries = 0
         last_error: BackendError | None = None
+        backend: Backend | None = None
         while True:
-            backend = cluster.acquire(self.client_ip, tuple(tried))
+            if backend is None:
+                backend = cluster.acquire(self.client_ip, tuple(tried))
             if backend is None:
                 if last_error is not None and last_error.sent:
                     # A backend took the request and failed: a gateway error.
@@ -449,10 +470,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 retry = http11.may_retry(request.method, error.sent, False, body is not None)
                 if error.stale and retry and stale_retries == 0:
                     # An idle pooled connection had died: not the backend's fault.
+                    # Its siblings are probably dead too; retry the same backend
+                    # on a fresh connection.
+                    backend.pool.close_all()
                     stale_retries += 1
-                    cluster.release(backend, None, retried=True)
                     continue
-                cluster.report_failure(backend, str(error))
+                if not error.stale:  # a dead idle connection says nothing of the backend
+                    cluster.report_failure(backend, str(error))
                 cluster.release(backend, None, retried=retry)
                 if not retry:
                     self.send_error_response(502, f"backend {backend.url} failed: {error}")
@@ -460,6 +484,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     return
                 tried.append(backend)
                 last_error = error
+                backend = None
 
     def answer_no_backend(self, request: Request, after_failures: bool) -> None:
         if after_failures:
@@ -484,6 +509,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
             drop += ("x-request-id",)
         self.request_id = request_id
         headers = http11.end_to_end(request.headers, drop)
+        if request.host is None or not any(n.lower() == "host" for n, _ in headers):
+            # RFC 9112 3.2: a 1.1 request always has Host (empty if unknown);
+            # and Connection: host must not strip it.
+            headers = [(n, v) for n, v in headers if n.lower() != "host"]
+            headers.insert(0, ("Host", request.host or ""))
         if "x-request-id" in drop:
             headers.append(("X-Request-ID", request_id))
         headers = http11.append_forwarded(headers, self.client_ip, "http", request.host)
@@ -510,6 +540,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.relay(request, response, conn, backend, body is not None)  # pools or closes conn
         except BackendError:
             conn.close()
+            status = 0  # forward() releases the backend and decides on a retry
             raise
         except ClientError as error:
             conn.close()
@@ -543,19 +574,30 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def send_and_receive(self, request: Request, conn: UpstreamConnection, reused: bool,
                          head: bytes, body: bytes | None) -> ResponseHead:
         """Send the request (streaming a large body) and read the response head."""
+        if body is None and request.expect_continue and not self.continue_sent:
+            # Only now that a backend is connected (RFC 9110 10.1.1), and once.
+            self.continue_sent = True
+            try:
+                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            except OSError:
+                raise ClientError(None, "client went away") from None
         sent = False
+        limits = self.server.response_limits
         try:
             if body is not None:
                 conn.send_all(head + body)
                 sent = True
             else:
-                if request.expect_continue:
-                    # Only now that a backend is connected: RFC 9110 10.1.1.
-                    self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 conn.send_all(head)
                 sent = True
-                self.stream_request_body(request, conn)
-            return read_response_head(conn.reader, request.method, self.server.limits)
+                try:
+                    self.stream_request_body(request, conn)
+                except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
+                    # The backend stopped reading the body: it may have answered
+                    # early (413, 401...).  Relay that; the client's unread rest
+                    # of the body means this connection must close afterwards.
+                    self.close_connection = True
+            return read_response_head(conn.reader, request.method, limits)
         except EmptyResponse as error:
             raise BackendError(str(error), sent=sent, stale=reused) from None
         except IncompleteHead as error:
@@ -606,8 +648,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             request.method, response.status, headers, accept_encoding,
             framing.length if known else None, config.gzip_min_size)
         client_11 = request.version >= (1, 1)
-        if not client_11 and not known and framing.kind != "none":
-            self.close_connection = True  # an HTTP/1.0 client reads to the close
+        streamed = framing.kind != "none" and not (known and framing.length <= BUFFER_LIMIT)
+        if not client_11 and streamed and (gzip or not known):
+            self.close_connection = True  # no length to announce: a 1.0 client reads to the close
         if self.close_connection:
             headers.append(("Connection", "close"))
         elif not client_11:
@@ -616,8 +659,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         sent = 0
         try:
             if framing.kind == "none":
-                if response.status != 204:  # HEAD and 304 may describe the full body
-                    headers.extend((n, v) for n, v in response.headers if n.lower() == "content-length")
+                headers = self.bodiless_headers(request, response, headers, accept_encoding)
                 self.write(http11.serialize_head(status_line, headers))
             elif known and framing.length <= BUFFER_LIMIT:
                 try:
@@ -652,6 +694,26 @@ class ProxyHandler(BaseHTTPRequestHandler):
             conn.close()
         self.log_request_done(request, response.status, sent, backend)
 
+    def bodiless_headers(self, request: Request, response: ResponseHead, headers: Headers,
+                         accept_encoding: str | None) -> Headers:
+        """Fields of a HEAD, 304 or 1xx/204 answer, consistent with the GET/200 we would gzip.
+
+        RFC 9110 9.3.2: HEAD gets the fields GET would get; 15.4.5: a 304 carries
+        the validators and Vary the 200 would have had.
+        """
+        if response.status == 204:
+            return headers
+        length = http11.content_length(http11.field_values(response.headers, "content-length"))
+        config = self.server.config
+        if config.gzip_level > 0 and http11.should_gzip(
+                "GET", 200, headers, accept_encoding, length, config.gzip_min_size):
+            if request.method == "HEAD":
+                return http11.gzip_headers(headers)  # compressed length unknown: no Content-Length
+            return http11.gzip_headers(headers, encoded=False)
+        if length is not None:
+            headers.append(("Content-Length", str(length)))
+        return headers
+
     def stream_response(self, request: Request, response: ResponseHead, conn: UpstreamConnection,
                         headers: Headers, status_line: str, gzip: bool, client_11: bool) -> int:
         """Relay a large or unknown-length body in bounded pieces; bytes sent."""
@@ -670,6 +732,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         for piece in iter_body(conn.reader, framing, PIECE):
             if compressor is not None:
                 piece = compressor.compress(piece)
+                if not conn.reader.buffered:
+                    # Nothing more at hand: flush, so a slow stream is not held back.
+                    piece += compressor.flush(zlib.Z_SYNC_FLUSH)
                 if not piece:
                     continue
             self.write(http11.chunk(piece) if chunked else piece)

@@ -61,7 +61,6 @@ class UpstreamConnection(http.client.HTTPConnection):
         except (OSError, ValueError):
             return True
 
-
     def has_leftover_bytes(self) -> bool:
         """True if bytes beyond the last response were already received.
 
@@ -93,8 +92,10 @@ class ConnectionPool:
     def acquire(self) -> tuple[UpstreamConnection, bool]:
         """A connection and whether it was reused from the pool.
 
-        A new connection is connected here; OSError (refused, timeout) is the
-        caller's to handle.
+        A pooled connection is polled first (one system call): anything
+        readable on an idle connection (EOF, or bytes nobody asked for) makes
+        it unusable.  A new connection is connected here; OSError (refused,
+        timeout) is the caller's to handle.
         """
         now = time.monotonic()
         while True:

@@ -1131,36 +1131,55 @@ class ConnectTimeoutTest(unittest.TestCase):
         self.assertNotIn("Traceback", balancer.log_text())
 
 
+def settled_threads(pid: int) -> int:
+    """The thread count once handler threads of earlier tests have ended."""
+    counts: list[int] = []
+
+    def stable() -> bool:
+        counts.append(process_threads(pid))
+        return len(counts) >= 5 and len(set(counts[-5:])) == 1
+    wait_for(stable, 10, interval=0.05, message="the thread count to settle")
+    return counts[-1]
+
+
 class MaxConnectionsTest(BalancerCase):
     balancer_args = ("--max-connections", "20", "--keepalive-timeout", "30",
                      "--header-timeout", "30")
 
     def test_over_the_limit_gets_fast_503_and_threads_stay_bounded(self) -> None:
-        threads_before = process_threads(self.balancer.pid)
-        idle = []
-        for _ in range(50):
+        """20 connections busy with slow request heads: the rest get a fast 503."""
+        threads_before = settled_threads(self.balancer.pid)
+        busy = []
+        for _ in range(20):
             sock = connect(self.port)
             self.addCleanup(sock.close)
-            idle.append(sock)
+            sock.sendall(b"GET /slow HTTP/1.1\r\nHost: test.invalid\r\n")  # head never ends
+            busy.append(sock)
+        wait_for(lambda: process_threads(self.balancer.pid) >= threads_before + 20, 5,
+                 message="20 handler threads")
+        extra = []
+        for _ in range(30):
+            sock = connect(self.port)
+            self.addCleanup(sock.close)
+            extra.append(sock)
 
         def answered() -> list[socket.socket]:
-            readable, _, _ = select.select(idle, [], [], 0)
-            return readable if len(readable) >= 30 else []
+            readable, _, _ = select.select(extra, [], [], 0)
+            return readable if len(readable) == 30 else []
         rejected = wait_for(answered, 5, message="30 connections over the limit answered")
         for sock in rejected:
             raw, closed = collect_until_close(sock, 2)
             self.assertEqual([r.status for r in parse_responses(raw)], [503], raw)
             self.assertTrue(closed)
-        self.assertEqual(len(rejected), 30)
-        # A new client is turned away fast (not queued behind idle connections).
+        # A new client is turned away fast (not queued behind slow connections).
         started = time.monotonic()
         raw, closed = send_and_collect(self.port, get("/new"), timeout=3)
         self.assertLess(time.monotonic() - started, 1.0)
         self.assertEqual([r.status for r in parse_responses(raw)], [503], raw)
         self.assertTrue(closed)
         self.assertLess(process_threads(self.balancer.pid), threads_before + 20 + 5)
-        # Once the idle connections go, new clients are served normally.
-        for sock in idle:
+        # Once the slow connections go, new clients are served normally.
+        for sock in busy:
             sock.close()
 
         def served() -> bool:
@@ -1169,6 +1188,27 @@ class MaxConnectionsTest(BalancerCase):
         wait_for(served, 5, interval=0.05, message="a new client to be served")
         wait_for(lambda: process_threads(self.balancer.pid) <= threads_before + 1, 5,
                  message="handler threads to end")
+
+    def test_idle_connections_are_reclaimed_for_new_clients(self) -> None:
+        """At the limit with only idle keep-alive connections, a new client is served, not refused."""
+        idle = []
+        for _ in range(20):
+            sock = connect(self.port)
+            self.addCleanup(sock.close)
+            sock.sendall(get("/warm"))  # one request each, then the connection idles
+            idle.append(sock)
+        for sock in idle:
+            with sock.makefile("rb") as reader:
+                self.assertEqual(read_response(reader).status, 200)
+        started = time.monotonic()
+        raw, closed = send_and_collect(self.port, get("/new", "Connection: close"), timeout=3)
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertEqual([r.status for r in parse_responses(raw)], [200], raw)
+
+        def one_closed() -> bool:
+            readable, _, _ = select.select(idle, [], [], 0)
+            return any(sock.recv(1, socket.MSG_PEEK) == b"" for sock in readable)
+        wait_for(one_closed, 5, message="an idle connection to be closed to make room")
 
 
 # --- robustness ---------------------------------------------------------------------

@@ -511,17 +511,27 @@ class GzipTests(ProxyTestCase):
         self.assertLess(len(small), 256)
         self.assert_identity(self.get("/small", "gzip"), small)
 
-    def test_head_is_not_compressed(self):
-        """HEAD gets no Content-Encoding and no body."""
+    def test_head_gets_the_fields_get_would_get_and_no_body(self):
+        """HEAD: same Content-Encoding/Vary as the gzipped GET (RFC 9110 9.3.2), no body, no stale length."""
         with connect(self.balancer.port) as sock, sock.makefile("rb") as reader:
             sock.sendall(raw_request("HEAD", "/json", [("Accept-Encoding", "gzip")]))
             head = read_response(reader, "HEAD")
             sock.sendall(raw_request("GET", "/small"))
             after = read_response(reader)
         self.assertEqual(head.status, 200)
-        self.assertIsNone(head.header("Content-Encoding"))
+        self.assertEqual(head.header("Content-Encoding"), "gzip")
+        self.assertIn("accept-encoding", (head.header("Vary") or "").lower())
+        self.assertIsNone(head.header("Content-Length"))  # the compressed length is unknown
         self.assertEqual(after.status, 200)
         self.assertTrue(after.body.startswith(b'{"small"'))
+
+    def test_head_without_gzip_keeps_the_length(self):
+        """HEAD from a client that does not accept gzip: identity fields, Content-Length kept."""
+        with connect(self.balancer.port) as sock, sock.makefile("rb") as reader:
+            sock.sendall(raw_request("HEAD", "/json"))
+            head = read_response(reader, "HEAD")
+        self.assertIsNone(head.header("Content-Encoding"))
+        self.assertEqual(head.header("Content-Length"), str(len(BIG_JSON)))
 
     def test_large_streamed_body_is_gzipped_correctly(self):
         """A body over the buffering limit is gzipped on the fly (chunked) and decompresses exactly."""
