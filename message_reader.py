@@ -46,6 +46,26 @@ class Limits:
     max_fields: int = 100
 
 
+def read_head_block(reader: Readable, max_bytes: int) -> bytes:
+    """The field lines and the empty line after them, as one block.
+
+    Uses the reader's ``read_head`` when it has one (``SocketReader``: one
+    search, no per-line calls); any file-like reader works line by line.
+    """
+    read_head = getattr(reader, "read_head", None)
+    if read_head is not None:
+        return read_head(max_bytes)
+    lines = []
+    total = 0
+    while total <= max_bytes:
+        line = reader.readline(max_bytes + 1)
+        lines.append(line)
+        total += len(line)
+        if line in (b"\r\n", b""):
+            break
+    return b"".join(lines)
+
+
 def read_field_lines(reader: Readable, limits: Limits, for_response: bool) -> Fields:
     """Read field lines up to the empty line that ends the head.
 
@@ -53,31 +73,36 @@ def read_field_lines(reader: Readable, limits: Limits, for_response: bool) -> Fi
     or too large a 431).  Responses: obs-fold is unfolded (RFC 9112 5.2), and
     anything unforwardable raises ValueError (the proxy answers 502).
     """
-    fields = Fields()
-    items = fields.items
-    readline = reader.readline
-    max_line, max_bytes, max_fields = limits.max_line, limits.max_header_bytes, limits.max_fields
-    parse = http11.parse_response_field_line if for_response else http11.parse_field_line
-    total = 0
-    while True:
-        line = readline(max_line + 1)
-        total += len(line)
-        if line == b"\r\n" and total <= max_bytes:
-            return fields
-        if len(line) > max_line or total > max_bytes:
-            if for_response:
-                raise ValueError("response head too large")
-            raise ProtocolError(431, "request header fields too large")
-        if len(items) >= max_fields:
-            if for_response:
-                raise ValueError("too many response header fields")
-            raise ProtocolError(431, "too many header fields")
-        if for_response and not line.endswith(b"\n"):
+    block = read_head_block(reader, limits.max_header_bytes)
+    if len(block) > limits.max_header_bytes:
+        if for_response:
+            raise ValueError("response head too large")
+        raise ProtocolError(431, "request header fields too large")
+    if not block.endswith(b"\r\n\r\n") and block != b"\r\n":
+        if for_response:
             raise IncompleteHead("backend closed the connection inside the response head")
-        if for_response and line[:1] in (b" ", b"\t") and items:
+        raise ProtocolError(400, "incomplete request head")
+    # bytes.splitlines splits at CR, LF and CRLF only; a bare CR or LF thus
+    # leaves a line without CRLF, which the field parser rejects.
+    lines = block.splitlines(keepends=True)
+    lines.pop()  # the empty line
+    if len(lines) > limits.max_fields:
+        if for_response:
+            raise ValueError("too many response header fields")
+        raise ProtocolError(431, "too many header fields")
+    fields = Fields()
+    max_line = limits.max_line
+    parse = http11.parse_response_field_line if for_response else http11.parse_field_line
+    for line in lines:
+        if len(line) > max_line:
+            if for_response:
+                raise ValueError("response header line too long")
+            raise ProtocolError(431, "request header field too large")
+        if for_response and line[:1] in (b" ", b"\t") and fields.items:
             http11.unfold_continuation(fields, line)
         else:
-            fields.add(*parse(line))  # a line cut short by EOF fails here
+            fields.add(*parse(line))
+    return fields
 
 
 @dataclass(slots=True)

@@ -82,6 +82,27 @@ class SocketReader:
             if not self.fill():
                 return self._take(len(buffer))
 
+    def read_head(self, max_bytes: int) -> bytes:
+        """Header lines up to and including the empty line that ends them.
+
+        One search instead of a ``readline`` per line.  Returns more than
+        ``max_bytes`` bytes, unterminated, if the head is too large; and what
+        there was, unterminated, if the stream ended first.
+        """
+        buffer = self.buffer
+        start = 0
+        while True:
+            if buffer[:2] == b"\r\n":
+                return self._take(2)  # no fields at all
+            end = buffer.find(b"\r\n\r\n", start)
+            if end >= 0:
+                return self._take(end + 4)
+            if len(buffer) > max_bytes:
+                return self._take(max_bytes + 1)
+            start = max(0, len(buffer) - 3)
+            if not self.fill():
+                return self._take(len(buffer))
+
     def read(self, n: int) -> bytes:
         """Exactly ``n`` bytes, or fewer if the stream ends first."""
         while len(self.buffer) < n:
