@@ -400,3 +400,42 @@ def process_peak_rss_kib(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
     return 0
+
+
+# --- added for the operations and workers tests ----------------------------------
+
+def child_pids(parent: int) -> set[int]:
+    """Live (non-zombie) processes whose parent is ``parent``, from /proc/*/stat."""
+    children = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        if len(fields) > 1 and int(fields[1]) == parent and fields[0] != "Z":
+            children.add(int(entry))
+    return children
+
+
+def process_gone(pid: int) -> bool:
+    """True once ``pid`` has exited: reaped, or a zombie whose threads are all gone.
+
+    A multi-threaded process's leader turns zombie before its other threads
+    have exited, and its files (listening sockets...) close with the last one.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            if handle.read().rpartition(")")[2].split()[0] != "Z":
+                return False
+        return os.listdir(f"/proc/{pid}/task") == [str(pid)]
+    except OSError:
+        return True
+
+
+def wait_admin_port(balancer: ChildProcess, timeout: float = 5.0) -> int:
+    """The admin port from the ``cclb admin on http://H:P/`` line (after the ready line)."""
+    return int(balancer.wait_line(r"cclb admin on http://[^\s/]+:(\d+)/", timeout)[1])

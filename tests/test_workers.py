@@ -1,0 +1,381 @@
+"""``--workers N``: worker processes sharing the port under one supervisor that
+restarts them, checks health once for all of them, forwards SIGHUP and stops
+them on SIGTERM.  Real processes, real sockets.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+import unittest
+
+from tests.support import (Balancer, RawBackend, accepts, child_pids, process_gone, read_body,
+                           wait_admin_port, wait_for)
+
+
+def fetch(port: int, path: str = "/", timeout: float = 10.0):
+    """GET on a fresh connection (so the kernel may hand it to any worker)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        conn.close()
+
+
+def served_by(port: int, path: str = "/") -> str:
+    status, headers, body = fetch(port, path)
+    if status != 200:
+        raise AssertionError(f"GET {path}: {status} {body[:200]!r}")
+    return headers["X-Backend-Server"]
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def socket_owners(clients: list[socket.socket], pids: set[int]) -> list[int | None]:
+    """For each connected ``client``, which of ``pids`` holds the server end (or None)."""
+    server_port = clients[0].getpeername()[1]
+    wanted = {client.getsockname()[1] for client in clients}
+    inodes: dict[int, str] = {}  # client port -> inode of the server-side socket
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            local_port = int(fields[1].rpartition(":")[2], 16)
+            remote_port = int(fields[2].rpartition(":")[2], 16)
+            if local_port == server_port and remote_port in wanted:
+                inodes[remote_port] = fields[9]
+    holder: dict[str, int] = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                holder[link[8:-1]] = pid
+    return [holder.get(inodes.get(client.getsockname()[1], ""), None) for client in clients]
+
+
+def open_served(port: int, count: int, owner: unittest.TestCase) -> list[socket.socket]:
+    """``count`` keep-alive connections, each having had one request answered 200."""
+    clients = []
+    for _ in range(count):
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        owner.addCleanup(client.close)
+        client.sendall(b"GET /owner HTTP/1.1\r\nHost: x\r\n\r\n")
+        owner.assertTrue(client.recv(65536).startswith(b"HTTP/1.1 200"))
+        clients.append(client)
+    return clients
+
+
+class Backend:
+    """An in-process backend named ``name``: 200 to everything, X-Backend-Server: name.
+
+    The health path answers ``health_status`` (changeable) and every check's
+    arrival time is recorded; other requests are counted in ``targets``.
+    """
+
+    def __init__(self, name: str, health_path: str = "/healthz") -> None:
+        self.name = name
+        self.health_path = health_path
+        self.health_status = 200
+        self.lock = threading.Lock()
+        self.targets: list[str] = []
+        self.health_times: list[float] = []
+        self.health_answered: list[tuple[float, int]] = []  # (time, status) after sending
+        self.raw = RawBackend(self.respond)
+        self.port = self.raw.port
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def respond(self, head: bytes, conn: socket.socket, reader) -> bool:
+        read_body(head, reader)
+        target = head.split(b" ", 2)[1].decode("latin-1")
+        status = 200
+        health = target.partition("?")[0] == self.health_path
+        with self.lock:
+            if health:
+                self.health_times.append(time.monotonic())
+                status = self.health_status
+            else:
+                self.targets.append(target)
+        body = json.dumps({"name": self.name}).encode()
+        conn.sendall(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nX-Backend-Server: %s\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (status, self.name.encode(), len(body), body))
+        if health:
+            with self.lock:
+                self.health_answered.append((time.monotonic(), status))
+        return True
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.targets)
+
+    def checks(self) -> int:
+        with self.lock:
+            return len(self.health_times)
+
+
+def toml_backends(*backends: Backend) -> str:
+    return "".join(f'[[backends]]\nurl = "{b.url}"\n' for b in backends)
+
+
+class WorkersCase(unittest.TestCase):
+
+    def backend(self, name: str) -> Backend:
+        backend = Backend(name)
+        self.addCleanup(backend.raw.stop)
+        return backend
+
+    def start(self, backends, *extra: str, workers: int = 2) -> Balancer:
+        balancer = Balancer([b.url if isinstance(b, Backend) else b for b in backends],
+                            "--workers", str(workers), *extra, ready_timeout=20)
+        self.addCleanup(self.kill_all, balancer)
+        return balancer
+
+    @staticmethod
+    def kill_all(balancer: Balancer) -> None:
+        """SIGKILL the supervisor, then its workers (by pid); wait until all are gone."""
+        workers = child_pids(balancer.pid) if balancer.proc.poll() is None else set()
+        balancer.kill()
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in workers:
+            wait_for(lambda: process_gone(pid), 5, message=f"worker {pid} to exit")
+
+    def workers_of(self, balancer: Balancer, count: int = 2) -> set[int]:
+        """The supervisor's worker pids, once there are exactly ``count`` running cclb.py."""
+        return wait_for(lambda: (lambda pids: pids if len(pids) == count and all(
+            "cclb.py" in cmdline(pid) for pid in pids) else None)(child_pids(balancer.pid)),
+            10, message=f"{count} worker processes")
+
+    def spread_requests(self, port: int, count: int, tag: str) -> list[str]:
+        """``count`` GETs, each on its own connection (the kernel spreads them over workers)."""
+        return [served_by(port, f"/{tag}{number}") for number in range(count)]
+
+
+class SharedWorkersTests(WorkersCase):
+    """One --workers 2 balancer in front of backends a and b, shared by tests that leave
+    it as they found it (health checked every INTERVAL s, admin API on)."""
+
+    INTERVAL = 0.25
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.a, cls.b = Backend("a"), Backend("b")
+        cls.addClassCleanup(cls.a.raw.stop)
+        cls.addClassCleanup(cls.b.raw.stop)
+        cls.balancer = Balancer([cls.a.url, cls.b.url], "--workers", "2", "--health-interval",
+                                str(cls.INTERVAL), "--health-path", "/healthz", "--admin-port", "0",
+                                ready_timeout=20)
+        cls.addClassCleanup(cls.kill_all, cls.balancer)
+
+    def test_ready_line_two_workers_both_serving(self):
+        """--workers 2: the ready line says (2 workers); two cclb.py child processes exist and
+        both accept connections; requests are served round robin over the backends."""
+        balancer = self.balancer
+        ready = [line for line in balancer.stdout if "listening on" in line]
+        self.assertEqual(len(ready), 1, balancer.stdout)
+        self.assertRegex(ready[0].rstrip("\n"),
+                         rf"^cclb listening on http://127\.0\.0\.1:{balancer.port} -> 2 backends "
+                         r"\(2 workers\)$")
+        workers = self.workers_of(balancer)
+        self.assertNotIn(balancer.pid, workers)
+        names = self.spread_requests(balancer.port, 20, "r")
+        self.assertEqual(set(names), {"a", "b"})
+        # Which process holds each accepted connection: both workers take their share.
+        clients = open_served(balancer.port, 16, self)
+        owners = set(socket_owners(clients, workers | {balancer.pid}))
+        self.assertEqual(owners, workers, "connections are not spread over both workers")
+
+    def test_health_is_checked_once_per_interval_by_the_supervisor(self):
+        """With 2 workers, a backend sees one health check per interval (the supervisor's),
+        not one per worker."""
+        backend, interval = self.a, self.INTERVAL
+        first = backend.checks()
+        wait_for(lambda: backend.checks() >= first + 5, 10, message="five more health checks")
+        with backend.lock:
+            times = list(backend.health_times[first:first + 5])
+        span = times[-1] - times[0]
+        # One checker: four intervals; two checkers would need only about half of that.
+        self.assertGreater(span, 4 * interval * 0.8, f"5 checks in {span:.2f}s: checked more than once")
+
+    def test_backend_failing_health_gets_no_traffic_from_any_worker(self):
+        """A backend that starts failing its health check gets no new request from any worker
+        one interval after the supervisor's verdict, and traffic comes back when it passes."""
+        a, b, balancer = self.a, self.b, self.balancer
+        self.addCleanup(setattr, b, "health_status", 200)
+        self.assertEqual(set(self.spread_requests(balancer.port, 10, "before")), {"a", "b"})
+        with b.lock:
+            b.health_status = 503  # b still serves requests: only the health verdict counts
+            failed_from = len(b.health_answered)
+        wait_for(lambda: any(status == 503 for _, status in b.health_answered[failed_from:]), 5,
+                 message="a failed health check")
+        verdict = next(t for t, status in b.health_answered[failed_from:] if status == 503)
+        # One interval after the verdict (the next round's check has arrived).
+        wait_for(lambda: any(t > verdict for t in b.health_times), 5, message="the next round")
+        before = b.count()
+        names = self.spread_requests(balancer.port, 30, "down")
+        self.assertEqual(set(names), {"a"})
+        self.assertEqual(b.count(), before, "a worker still sent requests to the DOWN backend")
+        with b.lock:
+            b.health_status = 200
+        wait_for(lambda: "b" in self.spread_requests(balancer.port, 4, "back"), 5,
+                 message="traffic back on b")
+
+    def test_admin_api_runs_in_the_supervisor_and_reports_its_port(self):
+        """--admin-port 0 with workers: the `cclb admin on` line gives the port; /status shows
+        the health the supervisor checks."""
+        port = wait_admin_port(self.balancer, 3)
+        status, _, body = fetch(port, "/status")
+        self.assertEqual(status, 200)
+        self.assertEqual([entry["url"] for entry in json.loads(body)["backends"]],
+                         [self.a.url, self.b.url])
+        wait_for(lambda: json.loads(fetch(port, "/status")[2])["backends"][0]["last_check"]
+                 == "HTTP 200", 5, message="a health check shown in /status")
+
+
+class WorkersAdminTests(WorkersCase):
+
+    def admin_call(self, port: int, method: str, path: str, document=None):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            body = json.dumps(document).encode() if document is not None else b""
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            conn.close()
+
+    def routes_settle(self, port: int, wanted: set[str], tag: str) -> None:
+        """Poll until a batch of fresh connections reaches exactly ``wanted``, then check that
+        it stays so (every worker applied the change)."""
+        wait_for(lambda: set(self.spread_requests(port, 10, tag)) == wanted, 3,
+                 message=f"traffic to reach exactly {sorted(wanted)}")
+        self.assertEqual(set(self.spread_requests(port, 30, tag + "-after")), wanted)
+
+    def test_admin_writes_reach_every_worker(self):
+        """With workers, admin API changes made in the supervisor apply to every worker's
+        traffic: maint takes a backend out, ready brings it back, POST /backends adds one
+        that then gets traffic, DELETE removes it."""
+        a, b, c = self.backend("a"), self.backend("b"), self.backend("c")
+        balancer = self.start([a, b], "--health-interval", "0.25", "--health-path", "/healthz",
+                              "--admin-port", "0")
+        admin = wait_admin_port(balancer)
+        self.workers_of(balancer)
+        a_id = next(entry["id"] for entry in self.admin_call(admin, "GET", "/status")[1]["backends"]
+                    if entry["url"] == a.url)
+        self.assertEqual(self.admin_call(admin, "POST", f"/backends/{a_id}/maint")[0], 200)
+        self.routes_settle(balancer.port, {"b"}, "maint")
+        self.assertEqual(self.admin_call(admin, "POST", f"/backends/{a_id}/ready")[0], 200)
+        self.routes_settle(balancer.port, {"a", "b"}, "ready")
+        status, added = self.admin_call(admin, "POST", "/backends", {"url": c.url})
+        self.assertEqual(status, 201)
+        self.routes_settle(balancer.port, {"a", "b", "c"}, "added")
+        self.assertEqual(self.admin_call(admin, "DELETE", f"/backends/{added['id']}")[0], 200)
+        self.routes_settle(balancer.port, {"a", "b"}, "deleted")
+
+
+class WorkersLifecycleTests(WorkersCase):
+    def test_killed_worker_is_restarted_and_service_continues(self):
+        """SIGKILL one worker: requests keep being served, the supervisor starts a new worker
+        (a new child pid) and logs it."""
+        a, b = self.backend("a"), self.backend("b")
+        balancer = self.start([a, b], "--health-interval", "0")
+        workers = self.workers_of(balancer)
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: process_gone(victim), 5, message="the killed worker to die")
+        self.assertEqual(set(self.spread_requests(balancer.port, 20, "during")), {"a", "b"})
+        replaced = wait_for(lambda: (lambda pids: pids if len(pids) == 2 and victim not in pids
+                                     else None)(self.workers_of(balancer)), 10,
+                            message="a replacement worker")
+        self.assertEqual(len(replaced & workers), 1)
+        new = (replaced - workers).pop()
+        wait_for(lambda: f"pid {victim}" in balancer.log_text(), 5, message="the restart log line")
+        wait_for(lambda: f"worker started (pid {new}," in balancer.log_text(), 10,
+                 message="the new worker to listen")
+        # The new worker takes and serves connections too.
+        owners = socket_owners(open_served(balancer.port, 16, self), replaced)
+        self.assertIn(new, owners, "the new worker serves no connection")
+        self.assertNotIn(None, owners)
+        self.assertEqual(set(self.spread_requests(balancer.port, 10, "after")), {"a", "b"})
+        self.assertIsNone(balancer.proc.poll())
+
+    def test_sigterm_exits_0_and_leaves_no_process(self):
+        """SIGTERM: the supervisor stops its workers gracefully, exits 0 and the port is closed."""
+        a = self.backend("a")
+        balancer = self.start([a], "--health-interval", "0")
+        workers = self.workers_of(balancer)
+        self.assertEqual(served_by(balancer.port), "a")
+        balancer.signal(signal.SIGTERM)
+        self.assertEqual(balancer.proc.wait(15), 0)
+        for pid in workers:
+            self.assertTrue(process_gone(pid), f"worker {pid} outlived the supervisor")
+        self.assertFalse(accepts(balancer.port))
+        balancer.kill()  # joins the output readers
+        log_text = balancer.log_text()
+        self.assertNotIn("Traceback", log_text)
+        # Each worker finished gracefully (not killed after a timeout), then the supervisor.
+        self.assertEqual(log_text.count("cclb stopped"), 3, log_text)
+
+    def test_workers_exit_when_the_supervisor_is_killed(self):
+        """SIGKILL of the supervisor: the workers notice and exit by themselves (no orphans)."""
+        a = self.backend("a")
+        balancer = self.start([a], "--health-interval", "0")
+        workers = self.workers_of(balancer)
+        self.addCleanup(lambda: [os.kill(pid, signal.SIGKILL) for pid in workers
+                                 if not process_gone(pid)])
+        balancer.proc.kill()
+        balancer.proc.wait()
+        for pid in workers:
+            wait_for(lambda: process_gone(pid), 10, message=f"orphaned worker {pid} to exit")
+        wait_for(lambda: not accepts(balancer.port), 5, message="the port to close")
+
+    def test_sighup_reloads_every_worker(self):
+        """SIGHUP: every worker re-reads the file: the added backend gets traffic and no worker
+        sends any to the removed one."""
+        a, b, c = self.backend("a"), self.backend("b"), self.backend("c")
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        path = os.path.join(directory.name, "cclb.toml")
+        with open(path, "w") as handle:
+            handle.write("health_interval = 0\n" + toml_backends(a, b))
+        balancer = self.start([], "--config", path)
+        self.workers_of(balancer)
+        self.assertEqual(set(self.spread_requests(balancer.port, 10, "before")), {"a", "b"})
+        with open(path + ".new", "w") as handle:
+            handle.write("health_interval = 0\n" + toml_backends(b, c))
+        os.replace(path + ".new", path)
+        balancer.signal(signal.SIGHUP)
+        wait_for(lambda: balancer.log_text().count("configuration reloaded from") >= 2, 5,
+                 message="both workers to reload")
+        before = a.count()
+        names = self.spread_requests(balancer.port, 30, "after")
+        self.assertEqual(set(names), {"b", "c"})
+        self.assertEqual(a.count(), before, "a worker still uses the removed backend")
+        self.assertEqual(len(child_pids(balancer.pid)), 2)
+
+
+if __name__ == "__main__":
+    unittest.main()
