@@ -109,6 +109,7 @@ class AdminHandler(BaseHTTPRequestHandler):
             return
         state = {"drain": DRAIN, "maint": MAINT, "ready": READY}[match[2]]
         self.server.cluster.set_admin_state(backend, state)
+        self.changed()
         self.reply_json(200, self.describe(backend))
 
     def do_DELETE(self) -> None:
@@ -123,6 +124,7 @@ class AdminHandler(BaseHTTPRequestHandler):
             self.reply_json(404, {"error": f"no backend with id {match[1]}"})
             return
         self.server.cluster.remove(backend)
+        self.changed()
         log.warning("backend %s removed by the admin API", backend.url)
         self.reply_json(200, {"removed": backend.url})
 
@@ -146,8 +148,13 @@ class AdminHandler(BaseHTTPRequestHandler):
             self.reply_json(409, {"error": f"{spec.url} is already a backend"})
             return
         backend = cluster.add(spec)
+        self.changed()
         log.warning("backend %s added by the admin API", backend.url)
         self.reply_json(201, self.describe(backend))
+
+    def changed(self) -> None:
+        if self.server.on_change is not None:
+            self.server.on_change()
 
     def describe(self, backend: Backend) -> dict[str, Any]:
         with self.server.cluster.lock:
@@ -191,9 +198,11 @@ class AdminServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], cluster: ServerCluster,
-                 get_config: Callable[[], Any]) -> None:
+                 get_config: Callable[[], Any],
+                 on_change: Callable[[], None] | None = None) -> None:
         self.cluster = cluster
         self.get_config = get_config
+        self.on_change = on_change  # --workers: publish the change to the workers
         super().__init__(address, AdminHandler)
 
     def server_bind(self) -> None:

@@ -220,13 +220,14 @@ def run_supervisor(config: Any, argv: list[str]) -> int:
     if not supervisor.start():
         print("cclb: a worker failed to start (see the messages above)", file=sys.stderr)
         return 1
-    checker = HealthChecker(cluster, health_settings(config), supervisor.publish_health)
+    checker = HealthChecker(cluster, health_settings(config), supervisor.publish_state)
     if config.health_interval > 0:
         checker.start()
     admin = None
     if config.admin_port is not None:
         try:
-            admin = AdminServer((config.admin_host, config.admin_port), cluster, lambda: config)
+            admin = AdminServer((config.admin_host, config.admin_port), cluster, lambda: config,
+                                on_change=supervisor.publish_state)
         except OSError as error:
             supervisor.stop(DRAIN_SECONDS)
             print(f"cclb: cannot listen on admin port {config.admin_port}: {error.strerror}",
@@ -246,6 +247,7 @@ def run_supervisor(config: Any, argv: list[str]) -> int:
             if new is not None:
                 checker, _, _ = apply_to_cluster(cluster, checker, config, new)
                 config = new
+                supervisor.publish_state()
                 supervisor.forward(signal.SIGHUP)
                 log.warning("configuration reloaded; workers told to reload")
         supervisor.watch()

@@ -284,11 +284,12 @@ class ServerCluster:
             if healthy:
                 backend.passive_down_until = 0.0
 
-    def set_admin_state(self, backend: Backend, state: str) -> None:
+    def set_admin_state(self, backend: Backend, state: str, quiet: bool = False) -> None:
         with self.lock:
             backend.admin_state = state
             backend.since = time.time()
-        log.warning("backend %s set to %s", backend.url, state)
+        if not quiet:
+            log.warning("backend %s set to %s", backend.url, state)
 
     def _set_health(self, backend: Backend, healthy: bool) -> None:
         # caller holds self.lock

@@ -5,15 +5,17 @@ The GIL lets one Python process use about one core; workers use them all.
 - Sharing the port: each worker binds the same address with ``SO_REUSEPORT``
   (the kernel spreads new connections over them).  Where that option does not
   exist, the supervisor listens once and the workers inherit the socket.
-- Health is checked once, by the supervisor, not N times: after every round
-  it publishes each backend's state to every worker through the worker's
-  stdin (``<url> up`` / ``<url> down``); a worker runs no checker of its own.
+- Health is checked once, by the supervisor, not N times: after every round,
+  and after every admin API change, it publishes each backend's state
+  (membership, health, admin state) to every worker through the worker's
+  stdin; a worker runs no checker of its own.
   Passive failures are still detected by each worker on its own traffic.
   A worker whose stdin closes (the supervisor is gone) stops: no orphans.
 - The supervisor restarts a worker that dies, forwards SIGHUP (each worker
   re-reads the config file) and, on SIGTERM/SIGINT, stops them all and exits.
-- The admin API runs in the supervisor: health, states and settings are
-  exact; traffic counters live in the workers and are not aggregated.
+- The admin API runs in the supervisor: backends, health, admin states and
+  settings are exact, and its writes reach every worker; traffic counters
+  (requests, in-flight, latency) live in the workers and are not aggregated.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster import ServerCluster
+from cluster import DRAIN, MAINT, READY, ServerCluster, parse_backend
 
 log = logging.getLogger("cclb")
 
@@ -44,29 +46,52 @@ def is_worker() -> bool:
     return os.environ.get(WORKER_ENV) == "1"
 
 
-def health_lines(cluster: ServerCluster) -> bytes:
-    """The published state of every backend, one line each."""
+def state_lines(cluster: ServerCluster) -> bytes:
+    """The supervisor's view of every backend, one line each, then ``end``.
+
+    ``<url> <weight> <up|down> <ready|drain|maint>``: health, membership and
+    admin state, so changes made through the admin API reach every worker.
+    """
     with cluster.lock:
-        return b"".join(f"{b.url} {'up' if b.healthy else 'down'}\n".encode()
-                        for b in cluster.backends)
+        lines = [f"{b.url} {b.weight} {'up' if b.healthy else 'down'} {b.admin_state}\n"
+                 for b in cluster.backends]
+    return "".join(lines + ["end\n"]).encode()
 
 
 def follow_supervisor(cluster: ServerCluster, fd: int, on_exit: Any) -> None:
-    """Worker side: apply published health lines until the supervisor goes away.
+    """Worker side: adopt each published snapshot until the supervisor goes away.
 
     Reads the raw descriptor with ``os.read``: a daemon thread blocked inside
     a buffered ``sys.stdin`` would hold its lock during interpreter shutdown.
     """
     pending = b""
+    snapshot: list[list[str]] = []
     while data := os.read(fd, 65536):
         pending += data
         *lines, pending = pending.split(b"\n")
         for line in lines:
-            url, _, state = line.decode("ascii", "replace").strip().partition(" ")
-            for backend in cluster.snapshot():
-                if backend.url == url:
-                    cluster.apply_published_health(backend, state == "up")
+            words = line.decode("ascii", "replace").split()
+            if words == ["end"]:
+                apply_snapshot(cluster, snapshot)
+                snapshot = []
+            elif len(words) == 4:
+                snapshot.append(words)
     on_exit()
+
+
+def apply_snapshot(cluster: ServerCluster, snapshot: list[list[str]]) -> None:
+    try:
+        specs = [parse_backend(f"{url},weight={weight}") for url, weight, _, _ in snapshot]
+    except ValueError as error:
+        log.error("ignoring a malformed state snapshot from the supervisor: %s", error)
+        return
+    cluster.reconcile(specs)
+    states = {url: (health == "up", admin) for url, _, health, admin in snapshot}
+    for backend in cluster.snapshot():
+        healthy, admin = states[backend.url]
+        cluster.apply_published_health(backend, healthy)
+        if admin in (READY, DRAIN, MAINT) and admin != backend.admin_state:
+            cluster.set_admin_state(backend, admin, quiet=True)
 
 
 class Worker:
@@ -149,7 +174,7 @@ class Supervisor:
     def start_worker(self, number: int) -> Worker:
         listen_fd = None if hasattr(socket, "SO_REUSEPORT") else self.listener.fileno()
         worker = Worker(number, self.argv, self.port, listen_fd)
-        worker.publish(health_lines(self.cluster))
+        worker.publish(state_lines(self.cluster))
         return worker
 
     def start(self, timeout: float = 15.0) -> bool:
@@ -160,8 +185,9 @@ class Supervisor:
         self.stop(1.0)
         return False
 
-    def publish_health(self) -> None:
-        data = health_lines(self.cluster)
+    def publish_state(self) -> None:
+        """Send every worker the current backends, health and admin states."""
+        data = state_lines(self.cluster)
         for worker in self.workers:
             worker.publish(data)
 
