@@ -156,11 +156,13 @@ def read_response_head(reader: Readable, request_method: str, limits: Limits) ->
     lengths = http11.field_values(headers, "content-length")
     codings = http11.transfer_codings(headers)
     # RFC 9112 6.3 (3): CL and TE together mean a smuggling attempt or a broken
-    # server; and a 204 that declares a body would leave that body in the
-    # stream.  Either way, never trust what follows on this connection.
+    # server: never trust what follows on this connection.
+    declares_body = bool(codings) or any(v != "0" for v in lengths)
     poisoned = (framing.kind == "chunked" and bool(lengths)) or (
         version < (1, 1) and bool(codings)) or (  # RFC 9112 6.1: faulty framing in 1.0
-        status == 204 and (bool(codings) or any(v != "0" for v in lengths)))
+        # A HEAD/204/304 answer that declares a body: a backend that sends it
+        # anyway, even a moment later, would answer the next request with it.
+        framing.kind == "none" and status >= 200 and declares_body)
     reusable = (http11.wants_keep_alive(version, options) and framing.kind != "close"
                 and not poisoned)
     return ResponseHead(version, status, reason, headers, framing, reusable, interim)

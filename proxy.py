@@ -603,7 +603,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except IncompleteHead as error:
             raise BackendError(str(error), sent=sent) from None
         except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as error:
-            raise BackendError(describe_error(error), sent=sent, stale=reused and body is not None) from None
+            # On a reused connection a reset most likely means the backend had
+            # closed it while idle: not a sign the backend is down.
+            raise BackendError(describe_error(error), sent=sent, stale=reused) from None
 
     def stream_request_body(self, request: Request, conn: UpstreamConnection) -> None:
         """Copy a large or chunked request body from the client to the backend."""
@@ -732,8 +734,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         for piece in iter_body(conn.reader, framing, PIECE):
             if compressor is not None:
                 piece = compressor.compress(piece)
-                if not conn.reader.buffered:
-                    # Nothing more at hand: flush, so a slow stream is not held back.
+                if conn.reader.buffered < 64:
+                    # Little or nothing more at hand (maybe just the chunk's CRLF):
+                    # flush, so a slow stream is not held back by the compressor.
                     piece += compressor.flush(zlib.Z_SYNC_FLUSH)
                 if not piece:
                     continue
