@@ -903,7 +903,7 @@ class BackendResponseTest(BalancerCase):
         # Buffered (small) body: the client must get either the bytes that
         # arrived followed by a close, or a 502 -- not an empty reply, and never
         # a complete-looking short 200.
-        raw, closed = send_and_collect(self.port, get("/resp/truncated-small"))
+        raw, closed = send_and_collect(self.port, get("/resp/truncated-small", "Connection: close"))
         self.assertTrue(raw, "the client got an empty reply (closed without any response)")
         response = parse_responses(raw)[0]
         if response.status == 200:
