@@ -99,15 +99,11 @@ class AdminHandler(BaseHTTPRequestHandler):
         if path == "/backends":
             self.add_backend()
             return
-        match = _BACKEND_ACTION.fullmatch(path)
-        if not match or not match[2]:
-            self.reply_json(404, {"error": "not found"})
+        target = self.backend_target(path, with_action=True)
+        if target is None:
             return
-        backend = self.server.cluster.find(int(match[1]))
-        if backend is None:
-            self.reply_json(404, {"error": f"no backend with id {match[1]}"})
-            return
-        state = {"drain": DRAIN, "maint": MAINT, "ready": READY}[match[2]]
+        backend, action = target
+        state = {"drain": DRAIN, "maint": MAINT, "ready": READY}[action]
         self.server.cluster.set_admin_state(backend, state)
         self.changed()
         self.reply_json(200, self.describe(backend))
@@ -115,18 +111,29 @@ class AdminHandler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         if not self.authorized():
             return
-        match = _BACKEND_ACTION.fullmatch(self.path.split("?", 1)[0])
-        if not match or match[2]:
-            self.reply_json(404, {"error": "not found"})
+        target = self.backend_target(self.path.split("?", 1)[0], with_action=False)
+        if target is None:
             return
-        backend = self.server.cluster.find(int(match[1]))
-        if backend is None:
-            self.reply_json(404, {"error": f"no backend with id {match[1]}"})
-            return
+        backend, _ = target
         self.server.cluster.remove(backend)
         self.changed()
         log.warning("backend %s removed by the admin API", backend.url)
         self.reply_json(200, {"removed": backend.url})
+
+    def backend_target(self, path: str, with_action: bool) -> tuple[Backend, str] | None:
+        """The backend (and action) named by ``/backends/<id>[/<action>]``.
+
+        Answers 404 itself, and returns None, for any other path or an unknown id.
+        """
+        match = _BACKEND_ACTION.fullmatch(path)
+        if match is None or bool(match[2]) != with_action:
+            self.reply_json(404, {"error": "not found"})
+            return None
+        backend = self.server.cluster.find(int(match[1]))
+        if backend is None:
+            self.reply_json(404, {"error": f"no backend with id {match[1]}"})
+            return None
+        return backend, match[2] or ""
 
     def add_backend(self) -> None:
         try:
