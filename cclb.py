@@ -93,7 +93,6 @@ class LoadBalancer:
         self.cluster = server.cluster
         self.checker = HealthChecker(self.cluster, health_settings(config))
         self.admin: AdminServer | None = None
-        self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
         if self.config.health_interval > 0 and not workers.is_worker():
@@ -105,9 +104,7 @@ class LoadBalancer:
             self._spawn(self.admin.serve_forever, "admin")
 
     def _spawn(self, target: Any, name: str) -> None:
-        thread = threading.Thread(target=target, name=name, daemon=True)
-        thread.start()
-        self.threads.append(thread)
+        threading.Thread(target=target, name=name, daemon=True).start()
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file; apply it, or keep the old one if invalid."""

@@ -135,7 +135,6 @@ class LoadBalancerServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.connections: dict[socket.socket, ProxyHandler | None] = {}
         self.draining = False
-        self.rejected = 0
         self.watchdog = Watchdog()
         self.allow_reuse_port = reuse_port  # --workers: siblings bind the same port
         if ":" in address[0]:
@@ -179,8 +178,6 @@ class LoadBalancerServer(ThreadingHTTPServer):
                     full = False
             if not full:
                 self.connections[request] = None
-            else:
-                self.rejected += 1
         if idle is not None:
             try:
                 idle.shutdown(socket.SHUT_RDWR)  # its handler sees EOF and ends
@@ -290,7 +287,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.body_pending = False
         self.response_started = False
         self.client_ip = self.client_address[0]
-        self.requests_served = 0
         self.busy = False  # between the first byte of a request and its end
         self.request_id = ""
         self.server.register(self)
@@ -332,7 +328,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
             handler(request)
         finally:
             self.busy = False
-            self.requests_served += 1
 
     def read_request(self) -> Request | None:
         """Wait for the next request and read its head, or answer an error.

@@ -6,10 +6,12 @@
   receives and answers with whatever bytes a test scripts.
 - ``http_exchange`` / ``read_response``: a tiny client-side response reader
   for raw-socket tests.
+- ``http_request``: one request through ``http.client`` on a fresh connection.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
 import queue
 import re
@@ -178,13 +180,13 @@ class Response:
         return [value for key, value in self.headers if key.lower() == name.lower()]
 
 
-def read_response(reader, method: str = "GET") -> Response:
-    """Read one response from a ``makefile('rb')`` reader (CL, chunked or close)."""
+def read_head(reader) -> Response:
+    """Only the head of a response (the body, if any, is left in ``reader``)."""
     line = reader.readline()
     if not line:
         raise ConnectionError("connection closed before a response")
     raw = line
-    version, status, reason = (line.decode("latin-1").rstrip("\r\n").split(" ", 2) + [""])[:3]
+    _, status, reason = (line.decode("latin-1").rstrip("\r\n").split(" ", 2) + [""])[:3]
     headers = []
     while True:
         line = reader.readline()
@@ -193,8 +195,13 @@ def read_response(reader, method: str = "GET") -> Response:
             break
         name, _, value = line.decode("latin-1").partition(":")
         headers.append((name, value.strip()))
-    response = Response(int(status), reason, headers, b"", raw)
-    code = int(status)
+    return Response(int(status), reason, headers, b"", raw)
+
+
+def read_response(reader, method: str = "GET") -> Response:
+    """Read one response from a ``makefile('rb')`` reader (CL, chunked or close)."""
+    response = read_head(reader)
+    code = response.status
     if method == "HEAD" or code < 200 or code in (204, 304):
         return response
     te = response.header("transfer-encoding")
@@ -238,6 +245,31 @@ def http_exchange(port: int, data: bytes, method: str = "GET", timeout: float = 
         sock.sendall(data)
         with sock.makefile("rb") as reader:
             return read_response(reader, method)
+
+
+def http_request(port: int, method: str = "GET", path: str = "/", body: bytes | None = None,
+                 headers: dict[str, str] | None = None, timeout: float = 10.0,
+                 source: str | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """One request on a fresh ``http.client`` connection: (status, headers, body).
+
+    ``source``: the local IP address to connect from (any port).
+    """
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout,
+                                      source_address=(source, 0) if source else None)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        conn.close()
+
+
+def served_by(port: int, path: str = "/", **kwargs) -> str:
+    """The X-Backend-Server of a 200 answer to GET ``path`` on a fresh connection."""
+    status, headers, body = http_request(port, path=path, **kwargs)
+    if status != 200:
+        raise AssertionError(f"GET {path}: {status} {body[:200]!r}")
+    return headers["X-Backend-Server"]
 
 
 def read_until_close(sock: socket.socket, timeout: float = 10.0) -> bytes:
@@ -386,20 +418,21 @@ def process_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def process_rss_kib(pid: int) -> int:
+def _status_kib(pid: int, key: str) -> int:
+    """A ``key:`` line of /proc/PID/status, in KiB (0 if absent)."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def process_rss_kib(pid: int) -> int:
+    return _status_kib(pid, "VmRSS")
 
 
 def process_peak_rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
+    return _status_kib(pid, "VmHWM")
 
 
 # --- added for the operations and workers tests ----------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
 import signal
@@ -14,8 +13,8 @@ import threading
 import time
 import unittest
 
-from tests.support import (PYTHON, ROOT, Balancer, ChildProcess, RawBackend, accepts, free_port,
-                           read_body, wait_for)
+from tests.support import (PYTHON, ROOT, Balancer, ChildProcess, RawBackend, accepts, child_pids,
+                           free_port, http_request, read_body, wait_for)
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -49,33 +48,6 @@ def run_many(argvs: list[tuple[str, ...]], timeout: float = 20.0) -> list[subpro
                 proc.kill()
                 proc.wait()
     return results
-
-
-def get(port: int, path: str = "/", timeout: float = 10.0):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.headers, response.read()
-    finally:
-        conn.close()
-
-
-def child_pids(parent: int) -> set[int]:
-    """PIDs whose parent is ``parent``, from /proc/*/stat."""
-    children = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()
-        if len(fields) > 1 and int(fields[1]) == parent:
-            children.add(int(entry))
-    return children
 
 
 def alive(pid: int) -> bool:
@@ -114,16 +86,6 @@ def port_free(port: int) -> bool:
         return True
     except OSError:
         return False
-
-
-def stop_raw(backend: RawBackend) -> None:
-    """RawBackend.stop without its 2 s wait: shutdown() wakes a thread blocked in accept()."""
-    backend.stopped = True
-    try:
-        backend.listener.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    backend.stop()
 
 
 def kill_pids(pids) -> None:
@@ -240,7 +202,7 @@ class LifecycleTests(unittest.TestCase):
             return True
 
         backend = RawBackend(slow)
-        self.addCleanup(stop_raw, backend)
+        self.addCleanup(backend.stop)
         balancer = self.start_balancer([backend.port], "--health-interval", "0")
         # An idle keep-alive client: the balancer closes it once it starts draining.
         idle = socket.create_connection(("127.0.0.1", balancer.port), timeout=10)
@@ -248,7 +210,7 @@ class LifecycleTests(unittest.TestCase):
 
         def client():
             try:
-                result["response"] = get(balancer.port, "/slow")
+                result["response"] = http_request(balancer.port, path="/slow")
             except Exception as error:  # noqa: BLE001 - asserted below
                 result["error"] = repr(error)
 
@@ -304,7 +266,7 @@ class DemoTests(unittest.TestCase):
         self.assertEqual(len(children), 3, children)
         names = set()
         for _ in range(6):
-            status, headers, _ = get(port)
+            status, headers, _ = http_request(port)
             self.assertEqual(status, 200)
             names.add(headers["X-Backend-Server"])
         self.assertEqual(names, {"server-7000", "server-7001", "server-7002"})

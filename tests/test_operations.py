@@ -26,7 +26,8 @@ import unittest
 from collections import Counter
 
 from tests.support import (PYTHON, ROOT, Balancer, DemoServer, RawBackend, connect, free_port,
-                           read_body, read_response, wait_admin_port, wait_for)
+                           http_request, read_body, read_response, served_by, wait_admin_port,
+                           wait_for)
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -37,27 +38,6 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 # --- helpers -----------------------------------------------------------------
-
-def fetch(port: int, method: str = "GET", path: str = "/", headers: dict | None = None,
-          body: bytes | None = None, source: str | None = None, timeout: float = 10.0):
-    """One request on a fresh connection: (status, headers, body)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout,
-                                      source_address=(source, 0) if source else None)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, response.headers, response.read()
-    finally:
-        conn.close()
-
-
-def served_by(port: int, path: str = "/", **kwargs) -> str:
-    """The X-Backend-Server of a 200 answer to GET ``path`` on a fresh connection."""
-    status, headers, body = fetch(port, path=path, **kwargs)
-    if status != 200:
-        raise AssertionError(f"GET {path}: {status} {body[:200]!r}")
-    return headers["X-Backend-Server"]
-
 
 class Admin:
     """A client of the admin API."""
@@ -80,8 +60,7 @@ class Admin:
             headers["Content-Type"] = "application/json"
         elif method in ("POST", "DELETE"):
             headers["Content-Length"] = "0"
-        status, response_headers, data = fetch(self.port, method, path, headers, body)
-        return status, response_headers, data
+        return http_request(self.port, method, path, body=body, headers=headers)
 
     def json(self, method: str, path: str, document=None, auth: str | None = None):
         status, _, data = self.call(method, path, document, auth)
@@ -189,7 +168,7 @@ class Backend:
 
 
 class Background:
-    """Run ``fetch(...)`` in a thread; ``result()`` waits for (status, headers, body)."""
+    """Run ``http_request(...)`` in a thread; ``result()`` waits for (status, headers, body)."""
 
     def __init__(self, *args, **kwargs) -> None:
         self.outcome: list = []
@@ -198,7 +177,7 @@ class Background:
 
     def _run(self, *args, **kwargs) -> None:
         try:
-            self.outcome.append(fetch(*args, **kwargs))
+            self.outcome.append(http_request(*args, **kwargs))
         except Exception as error:  # noqa: BLE001 - reported by result()
             self.outcome.append(error)
 
@@ -424,7 +403,7 @@ class HealthTests(OperationsCase):
             if number == 5:
                 wait_for(lambda: "is DOWN: HTTP 502" in balancer.log_text(), 5,
                          message="the DOWN log line")
-                status, headers, _ = fetch(balancer.port, path="/while-down")
+                status, headers, _ = http_request(balancer.port, path="/while-down")
                 self.assertEqual(status, 503, "a DOWN backend was given a request")
             if number == 8:
                 self.assertNotIn("is UP again", balancer.log_text())
@@ -447,11 +426,11 @@ class HealthTests(OperationsCase):
             strict_admin.backend(backend.url)), 5, message="the strict balancer to mark it down")
         self.assertEqual(down["last_check"], "HTTP 302")
         wait_for(lambda: "is DOWN: HTTP 302" in strict.log_text(), 5, message="the DOWN log line")
-        self.assertEqual(fetch(strict.port, path="/x")[0], 503)
+        self.assertEqual(http_request(strict.port, path="/x")[0], 503)
         checked = wait_for(lambda: (lambda b: b if b["last_check"] == "HTTP 302" else None)(
             lenient_admin.backend(backend.url)), 5, message="the lenient balancer's check")
         self.assertEqual(checked["state"], "up")
-        self.assertEqual(fetch(lenient.port, path="/x")[0], 200)
+        self.assertEqual(http_request(lenient.port, path="/x")[0], 200)
         self.assertEqual(strict_admin.status()["settings"]["health_status"], "200-299")
 
 
@@ -556,7 +535,7 @@ class AdminTests(OperationsCase):
         balancer, admin = self.with_admin([a.url, b.url, dead_url], "--health-interval", "0")
         before = {entry["url"]: entry for entry in admin.status()["backends"]}
         self.assertEqual(before[a.url]["responses"], {})
-        answers = [fetch(balancer.port, path=path)[0]
+        answers = [http_request(balancer.port, path=path)[0]
                    for path in ("/1", "/2", "/3", "/code/404", "/5", "/code/503", "/7", "/8")]
         self.assertEqual(answers, [200, 200, 200, 404, 200, 503, 200, 200])
         after = self.settled_status(admin, 8)
@@ -582,7 +561,7 @@ class AdminTests(OperationsCase):
                                           "--health-path", "/healthz", "--max-fails", "0")
         wait_for(lambda: len(a.health_answers) >= 1 and len(b.health_answers) >= 1, 5,
                  message="one health check each")
-        answers = [fetch(balancer.port, path=path)[0]
+        answers = [http_request(balancer.port, path=path)[0]
                    for path in ("/1", "/2", "/3", "/4", "/code/404", "/6", "/close-a")]
         # /close-a: backend a hangs up without answering; the GET is retried on b.
         self.assertEqual(answers, [200, 200, 200, 200, 404, 200, 200])
@@ -837,7 +816,7 @@ admin_port = 0
         self.assertEqual([(e["url"], e["weight"]) for e in document["backends"]],
                          [(a.url, 2), (b.url, 1)])
         self.assertEqual("".join(served_by(balancer.port) for _ in range(6)), "abaaba")
-        self.assertEqual(fetch(balancer.port, "POST", "/big", body=b"x" * 2000)[0], 413)
+        self.assertEqual(http_request(balancer.port, "POST", "/big", body=b"x" * 2000)[0], 413)
 
     BAD_FILES = [  # (file text, words the message must contain)
         ("health_interval = 1\nbogus_key = 3\n", ["bogus_key", "line 2"]),
@@ -1038,7 +1017,8 @@ class AccessLogTests(OperationsCase):
         for method, target, given, body in requests:
             heads_before = len(backend.heads())
             headers = {} if given is None else {"X-Request-ID": given}
-            status, response_headers, data = fetch(balancer.port, method, target, headers, body)
+            status, response_headers, data = http_request(balancer.port, method, target, body=body,
+                                                          headers=headers)
             returned = response_headers.get_all("X-Request-ID") or []
             self.assertEqual(len(returned), 1, f"{target}: {returned}")
             forwarded = [line.split(b":", 1)[1].strip().decode()

@@ -20,22 +20,10 @@ import unittest
 from collections import Counter
 
 from tests.support import (Balancer, DemoServer, RawBackend, connect, free_port, http_exchange,
-                           read_body, read_response, wait_for)
+                           http_request, read_body, read_response, wait_for)
 
 
 # --- helpers -----------------------------------------------------------------
-
-def fetch(port: int, method: str = "GET", path: str = "/", headers: dict | None = None,
-          body: bytes | None = None, timeout: float = 10.0):
-    """One request on a fresh http.client connection: (status, headers, body)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, response.headers, response.read()
-    finally:
-        conn.close()
-
 
 def raw_request(method: str, target: str, headers: list[tuple[str, str]] = (),
                 body: bytes = b"", version: str = "HTTP/1.1", host: str | None = "127.0.0.1") -> bytes:
@@ -86,20 +74,6 @@ def routed(routes: dict[str, bytes], default: bytes | None = None):
     return respond
 
 
-def stop_raw(backend: RawBackend) -> None:
-    """RawBackend.stop, without waiting 2 s for an acceptor blocked in accept().
-
-    Closing a listening socket does not wake a thread blocked in accept() on
-    Linux; shutting it down does.
-    """
-    backend.stopped = True
-    try:
-        backend.listener.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    backend.stop()
-
-
 class ProxyTestCase(unittest.TestCase):
     """Starts processes and backends with cleanups registered."""
 
@@ -110,7 +84,7 @@ class ProxyTestCase(unittest.TestCase):
 
     def start_raw(self, respond=None) -> RawBackend:
         backend = RawBackend(respond)
-        self.addCleanup(stop_raw, backend)
+        self.addCleanup(backend.stop)
         return backend
 
     def start_balancer(self, backends, *extra: str) -> Balancer:
@@ -127,7 +101,7 @@ class ProxyTestCase(unittest.TestCase):
     @classmethod
     def class_raw(cls, respond=None) -> RawBackend:
         backend = RawBackend(respond)
-        cls.addClassCleanup(stop_raw, backend)
+        cls.addClassCleanup(backend.stop)
         return backend
 
 
@@ -149,7 +123,7 @@ class RoundRobinTests(ProxyTestCase):
         """Request i goes to backend i mod 3, in the order given with -b."""
         names = []
         for _ in range(9):
-            status, headers, _ = fetch(self.balancer.port)
+            status, headers, _ = http_request(self.balancer.port)
             self.assertEqual(status, 200)
             names.append(headers["X-Backend-Server"])
         self.assertEqual(sorted(names[:3]), sorted(self.NAMES))
@@ -209,7 +183,7 @@ class MethodForwardingTests(ProxyTestCase):
         for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
             with self.subTest(method=method):
                 body = f"payload for {method} \u00e9".encode()
-                status, headers, data = fetch(
+                status, headers, data = http_request(
                     self.balancer.port, method, "/echo?a=1&b=two%20words",
                     headers={"X-Test-Header": f"value-{method}", "Content-Type": "text/plain"},
                     body=body)
@@ -626,7 +600,7 @@ class FailoverTests(ProxyTestCase):
         balancer = self.start_balancer(ports, "--health-interval", "0.3", "--access-log", "off")
         for _ in range(5):
             started = time.monotonic()
-            status, headers, body = fetch(balancer.port, "GET", "/users")
+            status, headers, body = http_request(balancer.port, "GET", "/users")
             elapsed = time.monotonic() - started
             self.assertEqual(status, 503)
             self.assertLess(elapsed, 1.0)
@@ -639,7 +613,7 @@ class FailoverTests(ProxyTestCase):
         self.start_demo("phoenix", ports[0])
 
         def recovered():
-            status, headers, _ = fetch(balancer.port, "GET", "/users")
+            status, headers, _ = http_request(balancer.port, "GET", "/users")
             return status == 200 and headers["X-Backend-Server"] == "phoenix"
         wait_for(recovered, 5, interval=0.05, message="recovery after a backend came back")
         self.assertIsNone(balancer.proc.poll())
@@ -681,7 +655,7 @@ class KeepAliveTests(ProxyTestCase):
         backend = self.start_raw()
         balancer = self.start_balancer([backend.port], "--health-interval", "0", "--access-log", "off")
         for i in range(10):
-            self.assertEqual(fetch(balancer.port, "GET", f"/fresh/{i}")[0], 200)
+            self.assertEqual(http_request(balancer.port, "GET", f"/fresh/{i}")[0], 200)
         self.assertEqual(len(backend.heads), 10)
         self.assertLessEqual(len(backend.connections), 2)
 
@@ -772,8 +746,8 @@ class RetryTests(ProxyTestCase):
 
     def check_post_not_retried(self, failing_respond) -> None:
         failing, good, balancer = self.setup_pair(failing_respond)
-        status, _, body = fetch(balancer.port, "POST", "/orders", body=b'{"buy": 1}',
-                                headers={"Content-Type": "application/json"})
+        status, _, body = http_request(balancer.port, "POST", "/orders", body=b'{"buy": 1}',
+                                       headers={"Content-Type": "application/json"})
         self.assertEqual(status, 502, body)
         self.assertEqual(self.methods_seen(failing), ["POST"])
         self.assertIn(b'{"buy": 1}', failing.received())
@@ -791,7 +765,7 @@ class RetryTests(ProxyTestCase):
     def test_get_retried_when_backend_closes_without_answer(self):
         """An idempotent GET is retried on the next backend: the client gets its 200."""
         failing, good, balancer = self.setup_pair(close_without_answer)
-        status, headers, _ = fetch(balancer.port, "GET", "/items?page=2")
+        status, headers, _ = http_request(balancer.port, "GET", "/items?page=2")
         self.assertEqual(status, 200)
         self.assertEqual(headers["X-Backend-Server"], "good")
         self.assertEqual([target_of(h) for h in failing.heads], ["/items?page=2"])
@@ -800,21 +774,21 @@ class RetryTests(ProxyTestCase):
     def test_get_retried_when_backend_resets(self):
         """GET after a reset: retried on the other backend, 200."""
         failing, good, balancer = self.setup_pair(reset_after_request)
-        status, headers, _ = fetch(balancer.port, "GET", "/items")
+        status, headers, _ = http_request(balancer.port, "GET", "/items")
         self.assertEqual((status, headers["X-Backend-Server"]), (200, "good"))
         self.assertEqual(self.methods_seen(failing), ["GET"])
 
     def test_get_retried_when_backend_dies_mid_head(self):
         """Backend closes inside its response head: no byte reached the client, so a GET is retried (200)."""
         failing, good, balancer = self.setup_pair(die_mid_head)
-        status, headers, body = fetch(balancer.port, "GET", "/items")
+        status, headers, body = http_request(balancer.port, "GET", "/items")
         self.assertEqual((status, headers["X-Backend-Server"]), (200, "good"), body)
         self.assertEqual(self.methods_seen(failing), ["GET"])
 
     def test_post_not_retried_when_backend_dies_mid_head(self):
         """Backend closes inside its response head after a POST: 502, never replayed."""
         failing, good, balancer = self.setup_pair(die_mid_head)
-        status, _, _ = fetch(balancer.port, "POST", "/orders", body=b"once")
+        status, _, _ = http_request(balancer.port, "POST", "/orders", body=b"once")
         self.assertEqual(status, 502)
         self.assertEqual(self.methods_seen(good), [])
 
@@ -822,7 +796,7 @@ class RetryTests(ProxyTestCase):
         """Backend dies inside a small (buffered) body: nothing reached the client yet, so a GET is retried."""
         failing, good, balancer = self.setup_pair(die_mid_body)
         try:
-            status, headers, body = fetch(balancer.port, "GET", "/items")
+            status, headers, body = http_request(balancer.port, "GET", "/items")
         except (http.client.HTTPException, OSError) as error:
             self.fail(f"client got a broken response instead of a retry: {error!r}")
         self.assertEqual((status, headers["X-Backend-Server"], body), (200, "good", b'{"server": "good", "body": ""}'))
@@ -834,10 +808,10 @@ class RetryTests(ProxyTestCase):
         dead = free_port()
         balancer = self.start_balancer([dead, good.port], "--health-interval", "0",
                                        "--access-log", "off")
-        status, headers, body = fetch(balancer.port, "POST", "/orders", body=b"once")
+        status, headers, body = http_request(balancer.port, "POST", "/orders", body=b"once")
         self.assertEqual((status, headers["X-Backend-Server"]), (200, "good"))
         self.assertEqual(json.loads(body)["body"], "once")
-        status, headers, _ = fetch(balancer.port, "GET", "/")
+        status, headers, _ = http_request(balancer.port, "GET", "/")
         self.assertEqual((status, headers["X-Backend-Server"]), (200, "good"))
         self.assertEqual(self.methods_seen(good), ["POST", "GET"])
         self.assertIn(f"backend http://127.0.0.1:{dead} is DOWN", balancer.log_text())
@@ -854,8 +828,8 @@ class AccessLogTests(ProxyTestCase):
         self.addCleanup(directory.cleanup)
         path = os.path.join(directory.name, "access.log")
         balancer = self.start_balancer([server.port], "--access-log", path)
-        ok = fetch(balancer.port, "GET", "/user/1?verbose=1")
-        missing = fetch(balancer.port, "DELETE", "/nothing")
+        ok = http_request(balancer.port, "GET", "/user/1?verbose=1")
+        missing = http_request(balancer.port, "DELETE", "/nothing")
         self.assertEqual((ok[0], missing[0]), (200, 404))
 
         def lines():

@@ -15,26 +15,8 @@ import threading
 import time
 import unittest
 
-from tests.support import (Balancer, RawBackend, accepts, child_pids, process_gone, read_body,
-                           wait_admin_port, wait_for)
-
-
-def fetch(port: int, path: str = "/", timeout: float = 10.0):
-    """GET on a fresh connection (so the kernel may hand it to any worker)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.headers, response.read()
-    finally:
-        conn.close()
-
-
-def served_by(port: int, path: str = "/") -> str:
-    status, headers, body = fetch(port, path)
-    if status != 200:
-        raise AssertionError(f"GET {path}: {status} {body[:200]!r}")
-    return headers["X-Backend-Server"]
+from tests.support import (Balancer, RawBackend, accepts, child_pids, http_request, process_gone,
+                           read_body, served_by, wait_admin_port, wait_for)
 
 
 def cmdline(pid: int) -> str:
@@ -247,11 +229,11 @@ class SharedWorkersTests(WorkersCase):
         """--admin-port 0 with workers: the `cclb admin on` line gives the port; /status shows
         the health the supervisor checks."""
         port = wait_admin_port(self.balancer, 3)
-        status, _, body = fetch(port, "/status")
+        status, _, body = http_request(port, path="/status")
         self.assertEqual(status, 200)
         self.assertEqual([entry["url"] for entry in json.loads(body)["backends"]],
                          [self.a.url, self.b.url])
-        wait_for(lambda: json.loads(fetch(port, "/status")[2])["backends"][0]["last_check"]
+        wait_for(lambda: json.loads(http_request(port, path="/status")[2])["backends"][0]["last_check"]
                  == "HTTP 200", 5, message="a health check shown in /status")
 
 
