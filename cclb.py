@@ -139,13 +139,35 @@ class LoadBalancer:
         log.info("cclb stopped")
 
 
-def install_signals() -> tuple[threading.Event, threading.Event]:
-    """SIGINT/SIGTERM set the first event (stop), SIGHUP the second (reload)."""
-    stop, reload_requested = threading.Event(), threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
-    return stop, reload_requested
+class Signals:
+    """What SIGINT/SIGTERM (stop) and SIGHUP (reload) asked for.
+
+    The handlers only set plain attributes: a handler runs in the main thread
+    between two bytecodes, so one that took a lock (``Event.set``) could wait
+    forever for a lock the interrupted main thread itself holds.
+    """
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.reload = False
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
+
+    def request_stop(self, *_: Any) -> None:
+        self.stop = True
+
+    def request_reload(self, *_: Any) -> None:
+        self.reload = True
+
+    def wait(self) -> bool:
+        """Sleep a little; True while no stop was asked for."""
+        time.sleep(0.1)
+        return not self.stop
+
+    def take_reload(self) -> bool:
+        requested, self.reload = self.reload, False
+        return requested
 
 
 def ready_line(host: str, port: int, backends: int, extra: str = "") -> str:
@@ -180,10 +202,10 @@ def run(config: Any) -> int:
         print(f"cclb: cannot listen on admin port {config.admin_host}:{config.admin_port}: "
               f"{error.strerror or error}", file=sys.stderr)
         return 1
-    stop, reload_requested = install_signals()
+    signals = Signals()
     if workers.is_worker():
         threading.Thread(target=workers.follow_supervisor, name="supervisor-link", daemon=True,
-                         args=(server.cluster, sys.stdin.fileno(), stop.set)).start()
+                         args=(server.cluster, sys.stdin.fileno(), signals.request_stop)).start()
         sys.stdout.buffer.write(workers.READY_LINE)
         sys.stdout.flush()
     else:
@@ -195,9 +217,8 @@ def run(config: Any) -> int:
     log.info("cclb %s (pid %d, %s, backends: %s)",
              "worker started" if workers.is_worker() else "started", os.getpid(),
              config.algorithm, ", ".join(spec.url for spec in config.backends))
-    while not stop.wait(0.2):
-        if reload_requested.is_set():
-            reload_requested.clear()
+    while signals.wait():
+        if signals.take_reload():
             balancer.reload()
     balancer.stop()
     return 0
@@ -213,7 +234,7 @@ def run_supervisor(config: Any, argv: list[str]) -> int:
         print(f"cclb: cannot listen on {config.host}:{config.port}: {error.strerror or error}",
               file=sys.stderr)
         return 1
-    stop, reload_requested = install_signals()
+    signals = Signals()
     if not supervisor.start():
         print("cclb: a worker failed to start (see the messages above)", file=sys.stderr)
         return 1
@@ -237,9 +258,8 @@ def run_supervisor(config: Any, argv: list[str]) -> int:
         admin_host, admin_port = admin.server_address[:2]
         print(f"cclb admin on http://{admin_host}:{admin_port}/", flush=True)
     log.info("cclb supervisor started (pid %d, %d workers)", os.getpid(), config.workers)
-    while not stop.wait(0.2):
-        if reload_requested.is_set():
-            reload_requested.clear()
+    while signals.wait():
+        if signals.take_reload():
             new = reread_settings(config)
             if new is not None:
                 checker, _, _ = apply_to_cluster(cluster, checker, config, new)

@@ -147,7 +147,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def respond(self, status: int, payload: Any, extra: dict[str, str]) -> None:
         """Send status line, headers and JSON body in a single write (no body for HEAD)."""
-        body = json.dumps(payload).encode()
+        # Indented: readable with curl, and the lists are then large enough
+        # (over 256 bytes) for the balancer to gzip them, as the challenge shows.
+        body = (json.dumps(payload, indent=2) + "\n").encode()
         headers = {"Content-Type": "application/json", "Content-Length": str(len(body)),
                    "X-Backend-Server": self.server.name, "Date": self.date_time_string(), **extra}
         if self.close_connection:

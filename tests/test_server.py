@@ -143,7 +143,7 @@ class ServerTest(unittest.TestCase):
         response, payload = self.request("HEAD", "/users")
         self.assertEqual(response.status, 200)
         self.assertIsNone(payload)
-        self.assertEqual(int(response.getheader("Content-Length")), len(json.dumps(users)))
+        self.assertEqual(int(response.getheader("Content-Length")), len(json.dumps(users, indent=2)) + 1)
         response, _ = self.request("HEAD", "/user/9")
         self.assertEqual(response.status, 404)
 
