@@ -112,10 +112,17 @@ class LoadBalancer:
         if new is None:
             return
         self.checker, added, removed = apply_to_cluster(self.cluster, self.checker, self.config, new)
-        if (new.access_log, new.log_format) != (self.config.access_log, self.config.log_format):
-            old_log, self.server.access_log = self.server.access_log, AccessLog(
-                new.access_log, new.log_format)
-            old_log.close()
+        if new.access_log not in ("-", "off") or (new.access_log, new.log_format) != (
+                self.config.access_log, self.config.log_format):
+            # A log file is always reopened, so SIGHUP also serves log rotation.
+            try:
+                fresh = AccessLog(new.access_log, new.log_format)
+            except OSError as error:
+                log.error("cannot open access log %s, keeping the old one: %s",
+                          new.access_log, error.strerror)
+            else:
+                old_log, self.server.access_log = self.server.access_log, fresh
+                old_log.close()
         logging.getLogger("cclb").setLevel(new.log_level)
         self.server.configure(new)
         self.config = new
