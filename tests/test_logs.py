@@ -31,15 +31,15 @@ class AccessLogRotationTest(unittest.TestCase):
             except FileNotFoundError:
                 return False
 
-        self.assertEqual(http_exchange(balancer.port, get("/before")).status, 200)
-        wait_for(lambda: logged(path, "/before"), 5, message="the first line in the log")
+        self.assertEqual(http_exchange(balancer.port, get("/?when=before")).status, 200)
+        wait_for(lambda: logged(path, "/?when=before"), 5, message="the first line in the log")
         os.rename(path, path + ".1")  # what logrotate does before signalling
         balancer.signal(signal.SIGHUP)
         wait_for(lambda: "configuration reloaded" in balancer.log_text(), 5,
                  message="the reload")
-        self.assertEqual(http_exchange(balancer.port, get("/after")).status, 200)
-        wait_for(lambda: logged(path, "/after"), 5, message="a new file with the next line")
-        self.assertFalse(logged(path + ".1", "/after"), "the rotated file kept growing")
+        self.assertEqual(http_exchange(balancer.port, get("/?when=after")).status, 200)
+        wait_for(lambda: logged(path, "/?when=after"), 5, message="a new file with the next line")
+        self.assertFalse(logged(path + ".1", "/?when=after"), "the rotated file kept growing")
         self.assertNotIn("Traceback", balancer.log_text())
 
 
