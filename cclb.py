@@ -215,6 +215,8 @@ def run(config: Any) -> int:
                          args=(server.cluster, sys.stdin.fileno(), signals.request_stop)).start()
         sys.stdout.buffer.write(workers.READY_LINE)
         sys.stdout.flush()
+        threading.Thread(target=workers.report_counters, args=(server.cluster,),
+                         name="counter-report", daemon=True).start()
     else:
         host, port = server.server_address[:2]
         print(ready_line(host, port, len(config.backends)), flush=True)
@@ -275,6 +277,7 @@ def run_supervisor(config: Any, argv: list[str]) -> int:
                 supervisor.forward(signal.SIGHUP)
                 log.warning("configuration reloaded; workers told to reload")
         supervisor.watch()
+        supervisor.merge_counters()
     log.info("cclb stopping: workers finish their in-flight requests")
     checker.stop()
     if admin is not None:

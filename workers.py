@@ -14,12 +14,15 @@ The GIL lets one Python process use about one core; workers use them all.
 - The supervisor restarts a worker that dies, forwards SIGHUP (each worker
   re-reads the config file) and, on SIGTERM/SIGINT, stops them all and exits.
 - The admin API runs in the supervisor: backends, health, admin states and
-  settings are exact, and its writes reach every worker; traffic counters
-  (requests, in-flight, latency) live in the workers and are not aggregated.
+  settings are exact, and its writes reach every worker.  Each worker reports
+  its traffic counters (responses, in-flight, failures, retries, latency)
+  once a second on its stdout; the supervisor adds them up, keeping what
+  dead workers had counted, so /status and /metrics cover all workers.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import DRAIN, MAINT, READY, ServerCluster, parse_backend
+from metrics import Histogram
 
 log = logging.getLogger("cclb")
 
@@ -39,6 +43,7 @@ WORKER_ENV = "CCLB_WORKER"  # "1" in a worker process
 PORT_ENV = "CCLB_WORKER_PORT"  # the port to bind (resolved by the supervisor)
 FD_ENV = "CCLB_LISTEN_FD"  # inherited listening socket, when SO_REUSEPORT is missing
 READY_LINE = b"ready\n"
+COUNTERS_INTERVAL = 1.0  # seconds between two counter reports of a worker
 CCLB = Path(__file__).resolve().parent / "cclb.py"
 
 
@@ -94,6 +99,43 @@ def apply_snapshot(cluster: ServerCluster, snapshot: list[list[str]]) -> None:
             cluster.set_admin_state(backend, admin, quiet=True)
 
 
+def counter_snapshot(cluster: ServerCluster) -> dict[str, dict[str, Any]]:
+    """A worker's traffic counters per backend URL (JSON-ready)."""
+    with cluster.lock:
+        return {b.url: {"responses": {str(code): n for code, n in b.responses.items()},
+                        "in_flight": b.in_flight, "failures": b.failures, "retries": b.retries,
+                        "latency": list(b.latency.counts), "latency_sum": b.latency.total,
+                        "latency_count": b.latency.count}
+                for b in cluster.backends}
+
+
+def report_counters(cluster: ServerCluster) -> None:
+    """Worker side: write the counters to stdout (the supervisor) every second."""
+    while True:
+        time.sleep(COUNTERS_INTERVAL)
+        line = (json.dumps(counter_snapshot(cluster), separators=(",", ":")) + "\n").encode()
+        try:
+            os.write(1, line)
+        except OSError:
+            return
+
+
+def add_counters(total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any]],
+                 in_flight: bool = True) -> None:
+    """Add one worker's snapshot into ``total`` (in place)."""
+    for url, counters in part.items():
+        into = total.setdefault(url, {"responses": {}, "in_flight": 0, "failures": 0,
+                                      "retries": 0, "latency": [0] * len(counters["latency"]),
+                                      "latency_sum": 0.0, "latency_count": 0})
+        for code, n in counters["responses"].items():
+            into["responses"][code] = into["responses"].get(code, 0) + n
+        for key in ("failures", "retries", "latency_sum", "latency_count"):
+            into[key] += counters[key]
+        if in_flight:
+            into["in_flight"] += counters["in_flight"]
+        into["latency"] = [a + b for a, b in zip(into["latency"], counters["latency"])]
+
+
 class Worker:
     """One worker process and its two pipes."""
 
@@ -105,6 +147,7 @@ class Worker:
             env[FD_ENV] = str(listen_fd)
             pass_fds = (listen_fd,)
         self.started = time.monotonic()
+        self.counters: dict[str, dict[str, Any]] = {}  # latest report (replaced whole)
         self.proc = subprocess.Popen([sys.executable, str(CCLB), *argv], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      pass_fds=pass_fds)
@@ -112,14 +155,27 @@ class Worker:
         os.set_blocking(self.proc.stdin.fileno(), False)  # a stuck worker must not block us
 
     def wait_ready(self, timeout: float) -> bool:
-        """Wait for the worker's ready line (it is listening)."""
+        """Wait for the worker's ready line (it is listening), then follow its reports."""
         assert self.proc.stdout is not None
         result: list[bytes] = []
         reader = threading.Thread(target=lambda: result.append(self.proc.stdout.readline()),
                                   daemon=True)
         reader.start()
         reader.join(timeout)
-        return result == [READY_LINE]
+        if result != [READY_LINE]:
+            return False
+        threading.Thread(target=self.read_counters, name=f"worker-{self.number}-counters",
+                         daemon=True).start()
+        return True
+
+    def read_counters(self) -> None:
+        """Keep the latest counter snapshot the worker reported (one line each)."""
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.counters = json.loads(line)
+            except ValueError:
+                continue
 
     def publish(self, data: bytes) -> None:
         try:
@@ -151,6 +207,7 @@ class Supervisor:
         self.workers: list[Worker] = []
         self.listener: socket.socket | None = None
         self.port = config.port
+        self.retired: dict[str, dict[str, Any]] = {}  # what dead workers had counted
 
     def bind(self) -> int:
         """Reserve the port (and listen, without SO_REUSEPORT); returns it.
@@ -199,10 +256,29 @@ class Supervisor:
                 continue
             log.error("worker %d (pid %d) exited with %s; restarting it",
                       worker.number, worker.proc.pid, code)
+            add_counters(self.retired, worker.counters, in_flight=False)
             worker.close_pipes()
             self.workers[index] = replacement = self.start_worker(worker.number)
             if not replacement.wait_ready(15.0):
                 log.error("worker %d did not come back", worker.number)
+
+    def merge_counters(self) -> None:
+        """Show the sum of all workers' counters on the supervisor's backends."""
+        total: dict[str, dict[str, Any]] = {}
+        add_counters(total, self.retired, in_flight=False)
+        for worker in self.workers:
+            add_counters(total, worker.counters)
+        with self.cluster.lock:
+            for backend in self.cluster.backends:
+                counters = total.get(backend.url)
+                if counters is None:
+                    continue
+                backend.responses = {int(code): n for code, n in counters["responses"].items()}
+                backend.in_flight = counters["in_flight"]
+                backend.failures = counters["failures"]
+                backend.retries = counters["retries"]
+                backend.latency = Histogram(counters["latency"], counters["latency_sum"],
+                                            counters["latency_count"])
 
     def forward(self, signum: int) -> None:
         for worker in self.workers:
