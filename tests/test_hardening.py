@@ -369,15 +369,6 @@ def stream_gzip(conn: socket.socket, seen: Seen) -> bool:
 
 # --- backend bookkeeping ---------------------------------------------------------
 
-def stop_backend(backend: RawBackend) -> None:
-    """``backend.stop()``, without waiting 2 s for the blocked accept() to time out."""
-    try:
-        backend.listener.shutdown(socket.SHUT_RDWR)  # wakes the acceptor thread
-    except OSError:
-        pass
-    backend.stop()
-
-
 def backend_mark(backend: RawBackend) -> tuple[int, list[int]]:
     with backend.lock:
         return len(backend.heads), [len(record) for record in backend.connections]
@@ -420,7 +411,7 @@ class BalancerCase(unittest.TestCase):
     def setUpClass(cls) -> None:
         cls.script = Script()
         cls.backend = RawBackend(cls.script)
-        cls.addClassCleanup(stop_backend, cls.backend)
+        cls.addClassCleanup(cls.backend.stop)
         cls.addClassCleanup(cls.script.release.set)  # runs first: frees hung responders
         cls.balancer = Balancer([cls.backend.port], *BASE_ARGS, *cls.balancer_args)
         cls.addClassCleanup(cls.balancer.stop)
@@ -754,7 +745,7 @@ class ExpectWithoutBackendTest(BalancerCase):
     def setUpClass(cls) -> None:
         cls.script = Script()
         cls.backend = RawBackend(cls.script)  # unused: only for the shared assertions
-        cls.addClassCleanup(stop_backend, cls.backend)
+        cls.addClassCleanup(cls.backend.stop)
         cls.balancer = Balancer([free_port()], *BASE_ARGS)  # nothing listens there
         cls.addClassCleanup(cls.balancer.stop)
         cls.port = cls.balancer.port
@@ -1113,7 +1104,7 @@ class ConnectTimeoutTest(unittest.TestCase):
             self.skipTest("cannot make a connect() time out on this machine")
         script = Script()
         backend = RawBackend(script)
-        self.addCleanup(stop_backend, backend)
+        self.addCleanup(backend.stop)
         balancer = Balancer([f"http://127.0.0.1:{blackhole.port}", backend.port], *BASE_ARGS,
                             "--connect-timeout", "0.3")
         self.addCleanup(balancer.stop)
@@ -1333,7 +1324,7 @@ class StreamingTest(unittest.TestCase):
     def setUpClass(cls) -> None:
         cls.script = Script()
         cls.backend = RawBackend(cls.script)
-        cls.addClassCleanup(stop_backend, cls.backend)
+        cls.addClassCleanup(cls.backend.stop)
 
     def setUp(self) -> None:
         # One balancer per test: each measures its own peak memory.

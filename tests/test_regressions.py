@@ -43,11 +43,11 @@ if str(ROOT) not in sys.path:
 import http11  # noqa: E402
 from http11 import NO_BODY, ProtocolError  # noqa: E402
 from tests import test_hardening as hardening  # noqa: E402
-from tests.support import (Balancer, RawBackend, Response, connect, http_exchange,  # noqa: E402
+from tests.support import (Balancer, RawBackend, connect, http_exchange, read_head,  # noqa: E402
                            wait_admin_port, wait_for)
 from tests.test_hardening import (BASE_ARGS, Client, Script, Seen, _head_fields,  # noqa: E402
                                   backend_mark, collect_until_close, get, heads_since,
-                                  parse_responses, post, send_and_collect, stop_backend)
+                                  parse_responses, post, send_and_collect)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -80,24 +80,6 @@ def split_head(raw: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
 
 def field(fields: list[tuple[str, str]], name: str) -> str | None:
     return next((value for key, value in fields if key == name), None)
-
-
-def read_head(reader) -> Response:
-    """Only the head of a response (the body is left in ``reader``)."""
-    line = reader.readline()
-    if not line:
-        raise ConnectionError("connection closed before a response")
-    raw = line
-    _, status, reason = (line.decode("latin-1").rstrip("\r\n").split(" ", 2) + [""])[:3]
-    headers = []
-    while True:
-        line = reader.readline()
-        raw += line
-        if line in (b"\r\n", b""):
-            break
-        name, _, value = line.decode("latin-1").partition(":")
-        headers.append((name, value.strip()))
-    return Response(int(status), reason, headers, b"", raw)
 
 
 def chunked_pieces(reader):
@@ -610,9 +592,9 @@ class TwoBackendCase(hardening.BalancerCase):
             return self.script(head, conn, reader)
 
         self.backend = RawBackend(respond)
-        self.addCleanup(stop_backend, self.backend)
+        self.addCleanup(self.backend.stop)
         self.backend2 = RawBackend(respond)
-        self.addCleanup(stop_backend, self.backend2)
+        self.addCleanup(self.backend2.stop)
         self.addCleanup(self.script.release.set)
         self.balancer = Balancer([self.backend.port, self.backend2.port], *BASE_ARGS,
                                  "--access-log", "-")
@@ -787,9 +769,9 @@ class InFlightTest(unittest.TestCase):
             return False
 
         self.broken = RawBackend(truncated)
-        self.addCleanup(stop_backend, self.broken)
+        self.addCleanup(self.broken.stop)
         self.healthy = RawBackend()
-        self.addCleanup(stop_backend, self.healthy)
+        self.addCleanup(self.healthy.stop)
         self.balancer = Balancer([self.broken.port, self.healthy.port], *BASE_ARGS,
                                  "--admin-port", "0", "--max-fails", "0")
         self.addCleanup(self.balancer.stop)
