@@ -14,10 +14,11 @@ import json
 import re
 import signal
 import sys
+import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 DATA_FILE = Path(__file__).resolve().parent / "data.json"
 MAX_BODY = 16 * 1024 * 1024
@@ -206,11 +207,6 @@ def fail(message: str) -> int:
     return 1
 
 
-def raise_interrupt(signum: int, frame: Any) -> NoReturn:
-    """SIGTERM handler: stop like Ctrl-C does."""
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the server until SIGTERM or Ctrl-C; return the exit code."""
     args = parse_args(argv)
@@ -222,12 +218,16 @@ def main(argv: list[str] | None = None) -> int:
         server = BackendServer((args.host, args.port), args.name, data, args.verbose)
     except OSError as err:
         return fail(f"{args.name}: cannot listen on {args.host}:{args.port}: {err.strerror or err}")
-    signal.signal(signal.SIGTERM, raise_interrupt)
+    # SIGTERM and Ctrl-C ask serve_forever() to return (from another thread, as
+    # shutdown() requires); raising an exception at an arbitrary point of the
+    # accept loop could close a socket that a handler thread is using.
+    def stop(signum: int, frame: Any) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         print(f"{args.name} listening on http://{args.host}:{args.port}", flush=True)
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.server_close()
     return 0
