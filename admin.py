@@ -32,7 +32,7 @@ from cluster import DRAIN, MAINT, READY, Backend, ServerCluster, parse_backend
 
 log = logging.getLogger("cclb")
 
-_BACKEND_ACTION = re.compile(r"/backends/(\d+)(?:/(drain|maint|ready))?")
+_BACKEND_ACTION = re.compile(r"/backends/([0-9]{1,9})(?:/(drain|maint|ready))?")
 MAX_ADMIN_BODY = 64 * 1024
 
 
@@ -93,6 +93,9 @@ class AdminHandler(BaseHTTPRequestHandler):
             self.reply_json(404, {"error": "not found"})
 
     def do_POST(self) -> None:
+        # Writes are rare: close after each, so an unread or partly read body
+        # can never be taken for a next request on the connection.
+        self.close_connection = True
         if not self.authorized():
             return
         path = self.path.split("?", 1)[0]
@@ -109,6 +112,7 @@ class AdminHandler(BaseHTTPRequestHandler):
         self.reply_json(200, self.describe(backend))
 
     def do_DELETE(self) -> None:
+        self.close_connection = True  # as for POST
         if not self.authorized():
             return
         target = self.backend_target(self.path.split("?", 1)[0], with_action=False)
@@ -147,14 +151,13 @@ class AdminHandler(BaseHTTPRequestHandler):
             if isinstance(weight, bool) or not isinstance(weight, int):
                 raise ValueError("weight must be a whole number")
             spec = parse_backend(f"{data['url']},weight={weight}")
-        except (ValueError, json.JSONDecodeError) as error:
-            self.reply_json(400, {"error": str(error)})
+        except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
+            self.reply_json(400, {"error": str(error) or "invalid JSON"})
             return
-        cluster = self.server.cluster
-        if any(b.url == spec.url for b in cluster.snapshot()):
+        backend = self.server.cluster.add(spec)
+        if backend is None:
             self.reply_json(409, {"error": f"{spec.url} is already a backend"})
             return
-        backend = cluster.add(spec)
         self.changed()
         log.warning("backend %s added by the admin API", backend.url)
         self.reply_json(201, self.describe(backend))
@@ -190,6 +193,8 @@ class AdminHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         for name, value in extra:
             self.send_header(name, value)
         self.end_headers()

@@ -50,38 +50,55 @@ def health_settings(config: Any) -> HealthSettings:
                           config.health_status, config.rise, config.fall)
 
 
-def apply_to_cluster(cluster: ServerCluster, checker: HealthChecker, old: Any,
-                     new: Any) -> tuple[HealthChecker, list[str], list[str]]:
-    """Apply reloaded settings to the backends and the health checker."""
+# Settings that belong to the listening sockets: a reload cannot change them.
+RESTART_ONLY = ("host", "port", "workers", "admin_port", "admin_host")
+
+
+def apply_to_cluster(cluster: ServerCluster, old: Any, new: Any) -> tuple[list[str], list[str]]:
+    """Apply reloaded settings to the backends; returns (added, removed) URLs."""
     added, removed = cluster.reconcile(new.backends)
     cluster.configure(
         make_policy(new.algorithm) if new.algorithm != old.algorithm else None,
         connect_timeout=new.connect_timeout, read_timeout=new.read_timeout,
         max_fails=new.max_fails, fail_timeout=new.fail_timeout, slow_start=new.slow_start)
+    return added, removed
+
+
+def updated_checker(checker: HealthChecker, cluster: ServerCluster, new: Any) -> HealthChecker:
+    """The health checker for reloaded settings: adjusted, stopped (interval 0) or new."""
     checker.settings = health_settings(new)
-    if new.health_interval > 0 and not checker.is_alive() and not workers.is_worker():
-        checker = HealthChecker(cluster, checker.settings, checker.on_round)
-        checker.start()
-    return checker, added, removed
+    if new.health_interval <= 0:
+        checker.stop()
+        return checker
+    if workers.is_worker() or (checker.is_alive() and not checker.stopped.is_set()):
+        return checker
+    fresh = HealthChecker(cluster, checker.settings, checker.on_round)
+    fresh.start()
+    return fresh
 
 
-def reread_settings(old: Any) -> Any | None:
-    """SIGHUP: the settings from the config file again, or None if invalid."""
+def reload_settings(old: Any, cluster: ServerCluster, checker: HealthChecker
+                    ) -> tuple[Any, HealthChecker, list[str], list[str]] | None:
+    """SIGHUP: re-read the settings and apply them to the cluster, checker and log level.
+
+    Returns (settings, checker, added, removed), or None (logged) if the new
+    settings are invalid, in which case nothing changes.
+    """
     try:
         new = settings.resolve(old.cli)
+        for name in RESTART_ONLY:
+            if new.values[name] != old.values[name]:
+                log.warning("reload: %s changed but needs a restart; keeping %r",
+                            name, old.values[name])
+                new.values[name] = old.values[name]
+        settings.validate(new.values)  # again: e.g. a kept admin_host needs its token
     except (settings.SettingsError, ValueError) as error:
         log.error("reload failed, keeping the current configuration: %s", error)
         return None
-    for name in RESTART_ONLY:
-        if new.values[name] != old.values[name]:
-            log.warning("reload: %s changed but needs a restart; keeping %r",
-                        name, old.values[name])
-            new.values[name] = old.values[name]
-    return new
-
-
-# Settings that belong to the listening sockets: a reload cannot change them.
-RESTART_ONLY = ("host", "port", "workers", "admin_port", "admin_host")
+    added, removed = apply_to_cluster(cluster, old, new)
+    checker = updated_checker(checker, cluster, new)
+    logging.getLogger("cclb").setLevel(new.log_level)
+    return new, checker, added, removed
 
 
 class LoadBalancer:
@@ -108,10 +125,10 @@ class LoadBalancer:
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file; apply it, or keep the old one if invalid."""
-        new = reread_settings(self.config)
-        if new is None:
+        result = reload_settings(self.config, self.cluster, self.checker)
+        if result is None:
             return
-        self.checker, added, removed = apply_to_cluster(self.cluster, self.checker, self.config, new)
+        new, self.checker, added, removed = result
         if new.access_log not in ("-", "off") or (new.access_log, new.log_format) != (
                 self.config.access_log, self.config.log_format):
             # A log file is always reopened, so SIGHUP also serves log rotation.
@@ -123,7 +140,6 @@ class LoadBalancer:
             else:
                 old_log, self.server.access_log = self.server.access_log, fresh
                 old_log.close()
-        logging.getLogger("cclb").setLevel(new.log_level)
         self.server.configure(new)
         self.config = new
         log.warning("configuration reloaded from %s (backends added: %s; removed: %s)",
@@ -269,10 +285,9 @@ def run_supervisor(config: Any, argv: list[str]) -> int:
     log.info("cclb supervisor started (pid %d, %d workers)", os.getpid(), config.workers)
     while signals.wait():
         if signals.take_reload():
-            new = reread_settings(config)
-            if new is not None:
-                checker, _, _ = apply_to_cluster(cluster, checker, config, new)
-                config = new
+            result = reload_settings(config, cluster, checker)
+            if result is not None:
+                config, checker, _, _ = result
                 supervisor.publish_state()
                 supervisor.forward(signal.SIGHUP)
                 log.warning("configuration reloaded; workers told to reload")
@@ -340,6 +355,8 @@ def stop_children(children: list[subprocess.Popen[bytes]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Until the handlers are in place a SIGHUP must not kill us (its default).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = settings.load(argv)
     setup_app_logger(config.log_level)
     if workers.is_worker():

@@ -9,7 +9,9 @@ requests to different backends never contend on socket bookkeeping.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +25,16 @@ from upstream import ConnectionPool
 log = logging.getLogger("cclb")
 
 READY, DRAIN, MAINT = "ready", "drain", "maint"
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                       r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +71,8 @@ def parse_backend(text: str) -> BackendSpec:
             raise ValueError(f"invalid backend option {option!r} in {text!r}: expected weight=1..1000")
         weight = int(value)
     host = parts.hostname
+    if not _HOSTNAME.fullmatch(host) and not _is_ip(host):
+        raise ValueError(f"invalid backend {text!r}: {host!r} is not a host name or IP address")
     shown_host = f"[{host}]" if ":" in host else host
     return BackendSpec(f"http://{shown_host}:{port}", host, port, weight)
 
@@ -135,13 +149,20 @@ class ServerCluster:
 
     # --- membership -------------------------------------------------------
 
-    def add(self, spec: BackendSpec) -> Backend:
-        pool = ConnectionPool(spec.host, spec.port, self.connect_timeout, self.read_timeout)
+    def add(self, spec: BackendSpec) -> Backend | None:
+        """Add a backend; None if one with the same URL is already there."""
         with self.lock:
-            backend = Backend(self.next_id, spec.url, spec.host, spec.port, spec.weight, pool,
-                              slow_start=self.slow_start)
-            self.next_id += 1
-            self.backends.append(backend)
+            return self._add_locked(spec)
+
+    def _add_locked(self, spec: BackendSpec) -> Backend | None:
+        # caller holds self.lock
+        if any(backend.url == spec.url for backend in self.backends):
+            return None
+        pool = ConnectionPool(spec.host, spec.port, self.connect_timeout, self.read_timeout)
+        backend = Backend(self.next_id, spec.url, spec.host, spec.port, spec.weight, pool,
+                          slow_start=self.slow_start)
+        self.next_id += 1
+        self.backends.append(backend)
         return backend
 
     def remove(self, backend: Backend) -> None:
@@ -155,18 +176,19 @@ class ServerCluster:
         """Make the backend list match ``specs`` (a reload); returns (added, removed) URLs.
 
         Backends that stay keep their state, counters and pooled
-        connections; only their weight follows the new spec.
+        connections; only their weight follows the new spec.  One step
+        under the lock, so concurrent changes cannot interleave.
         """
         wanted = {spec.url: spec for spec in specs}
         with self.lock:
-            current = {backend.url: backend for backend in self.backends}
-            for url, backend in current.items():
-                if url in wanted:
-                    backend.weight = wanted[url].weight
-        removed = [current[url] for url in current if url not in wanted]
+            removed = [b for b in self.backends if b.url not in wanted]
+            for backend in self.backends:
+                if backend.url in wanted:
+                    backend.weight = wanted[backend.url].weight
+            self.backends = [b for b in self.backends if b.url in wanted]
+            added = [b.url for spec in wanted.values() if (b := self._add_locked(spec))]
         for backend in removed:
-            self.remove(backend)
-        added = [self.add(spec).url for url, spec in wanted.items() if url not in current]
+            backend.pool.close_all()
         return added, [backend.url for backend in removed]
 
     def configure(self, policy: Policy | None = None, **params: float) -> None:
@@ -233,9 +255,9 @@ class ServerCluster:
             recent = [t for t in backend.passive_failures if now - t < self.fail_timeout]
             recent.append(now)
             backend.passive_failures = recent
-            if (self.max_fails == 0 or len(recent) < self.max_fails
-                    or len(self.backends) < 2 or not backend.available):
-                return
+            if (self.max_fails == 0 or len(recent) < self.max_fails or not backend.available
+                    or sum(b.available for b in self.backends) < 2):
+                return  # never take out the last backend that can take traffic
             backend.passive_down_until = now + self.fail_timeout
             backend.passive_failures = []
             backend.check_successes = 0
@@ -279,10 +301,10 @@ class ServerCluster:
     def apply_published_health(self, backend: Backend, healthy: bool) -> None:
         """A worker adopts the supervisor's verdict (see workers.py); no log."""
         with self.lock:
+            # Only a change of the verdict counts: an "up" repeated every round
+            # must not cut short this worker's own passive fail_timeout.
             if backend.healthy != healthy:
                 self._set_health(backend, healthy)
-            if healthy:
-                backend.passive_down_until = 0.0
 
     def set_admin_state(self, backend: Backend, state: str, quiet: bool = False) -> None:
         with self.lock:

@@ -38,7 +38,8 @@ def probe(backend: Backend, settings: HealthSettings) -> tuple[bool, str, float 
     conn = http.client.HTTPConnection(backend.host, backend.port, timeout=settings.timeout)
     try:
         conn.request("GET", settings.path, headers={
-            "Host": f"{backend.host}:{backend.port}", "User-Agent": "cclb-health-check",
+            "Host": backend.url.partition("://")[2],  # host:port, IPv6 in brackets
+            "User-Agent": "cclb-health-check",
             "Connection": "close"})
         response = conn.getresponse()
         response.read(65536)
@@ -80,13 +81,11 @@ class HealthChecker(threading.Thread):
         self.settings = settings
         self.on_round = on_round  # called after every round (workers.py publishes)
         self.stopped = threading.Event()
-        self.rounds = 0
 
     def run(self) -> None:
-        while not self.stopped.is_set():
+        while not self.stopped.is_set() and self.settings.interval > 0:
             started = time.monotonic()
             self.check_all()
-            self.rounds += 1
             if self.on_round is not None:
                 self.on_round()
             self.stopped.wait(max(0.0, self.settings.interval - (time.monotonic() - started)))

@@ -113,6 +113,10 @@ def _backends(value: Any) -> list[BackendSpec]:
                 raise ValueError(f"weight must be a whole number, got {weight!r}")
             item = f"{item['url']},weight={weight}"
         specs.append(parse_backend(_text(item)))
+    urls = [spec.url for spec in specs]
+    duplicates = sorted({url for url in urls if urls.count(url) > 1})
+    if duplicates:
+        raise ValueError(f"backend listed twice: {', '.join(duplicates)}")
     return specs
 
 

@@ -52,15 +52,17 @@ def is_worker() -> bool:
 
 
 def state_lines(cluster: ServerCluster) -> bytes:
-    """The supervisor's view of every backend, one line each, then ``end``.
+    """The supervisor's view of every backend as one JSON line.
 
-    ``<url> <weight> <up|down> <ready|drain|maint>``: health, membership and
-    admin state, so changes made through the admin API reach every worker.
+    ``[[url, weight, "up"|"down", "ready"|"drain"|"maint"], ...]``: health,
+    membership and admin state, so changes made through the admin API reach
+    every worker.  One line per snapshot: a snapshot cut short (see
+    ``Worker.publish``) spoils one line, which the worker skips.
     """
     with cluster.lock:
-        lines = [f"{b.url} {b.weight} {'up' if b.healthy else 'down'} {b.admin_state}\n"
-                 for b in cluster.backends]
-    return "".join(lines + ["end\n"]).encode()
+        rows = [[b.url, b.weight, "up" if b.healthy else "down", b.admin_state]
+                for b in cluster.backends]
+    return (json.dumps(rows, separators=(",", ":")) + "\n").encode()
 
 
 def follow_supervisor(cluster: ServerCluster, fd: int, on_exit: Any) -> None:
@@ -70,21 +72,22 @@ def follow_supervisor(cluster: ServerCluster, fd: int, on_exit: Any) -> None:
     a buffered ``sys.stdin`` would hold its lock during interpreter shutdown.
     """
     pending = b""
-    snapshot: list[list[str]] = []
     while data := os.read(fd, 65536):
         pending += data
         *lines, pending = pending.split(b"\n")
         for line in lines:
-            words = line.decode("ascii", "replace").split()
-            if words == ["end"]:
-                apply_snapshot(cluster, snapshot)
-                snapshot = []
-            elif len(words) == 4:
-                snapshot.append(words)
+            try:
+                rows = json.loads(line)
+                snapshot = [[str(url), int(weight), str(health), str(admin)]
+                            for url, weight, health, admin in rows]
+            except (ValueError, TypeError):
+                continue  # a cut-off snapshot: the next one is whole
+            apply_snapshot(cluster, snapshot)
     on_exit()
 
 
-def apply_snapshot(cluster: ServerCluster, snapshot: list[list[str]]) -> None:
+def apply_snapshot(cluster: ServerCluster, snapshot: list[list[Any]]) -> None:
+    """Adopt the supervisor's backends, health verdicts and admin states."""
     try:
         specs = [parse_backend(f"{url},weight={weight}") for url, weight, _, _ in snapshot]
     except ValueError as error:
@@ -93,20 +96,24 @@ def apply_snapshot(cluster: ServerCluster, snapshot: list[list[str]]) -> None:
     cluster.reconcile(specs)
     states = {url: (health == "up", admin) for url, _, health, admin in snapshot}
     for backend in cluster.snapshot():
+        if backend.url not in states:  # changed meanwhile; the next snapshot settles it
+            continue
         healthy, admin = states[backend.url]
         cluster.apply_published_health(backend, healthy)
         if admin in (READY, DRAIN, MAINT) and admin != backend.admin_state:
             cluster.set_admin_state(backend, admin, quiet=True)
 
 
-def counter_snapshot(cluster: ServerCluster) -> dict[str, dict[str, Any]]:
-    """A worker's traffic counters per backend URL (JSON-ready)."""
+def counter_snapshot(cluster: ServerCluster) -> dict[str, Any]:
+    """A worker's traffic counters: per backend URL, and answers given without one."""
     with cluster.lock:
-        return {b.url: {"responses": {str(code): n for code, n in b.responses.items()},
-                        "in_flight": b.in_flight, "failures": b.failures, "retries": b.retries,
-                        "latency": list(b.latency.counts), "latency_sum": b.latency.total,
-                        "latency_count": b.latency.count}
-                for b in cluster.backends}
+        backends = {b.url: {"responses": {str(code): n for code, n in b.responses.items()},
+                            "in_flight": b.in_flight, "failures": b.failures,
+                            "retries": b.retries, "latency": list(b.latency.counts),
+                            "latency_sum": b.latency.total, "latency_count": b.latency.count}
+                    for b in cluster.backends}
+        unrouted = {str(code): n for code, n in cluster.unrouted.items()}
+    return {"backends": backends, "unrouted": unrouted}
 
 
 def report_counters(cluster: ServerCluster) -> None:
@@ -120,13 +127,13 @@ def report_counters(cluster: ServerCluster) -> None:
             return
 
 
-def add_counters(total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any]],
-                 in_flight: bool = True) -> None:
-    """Add one worker's snapshot into ``total`` (in place)."""
-    for url, counters in part.items():
-        into = total.setdefault(url, {"responses": {}, "in_flight": 0, "failures": 0,
-                                      "retries": 0, "latency": [0] * len(counters["latency"]),
-                                      "latency_sum": 0.0, "latency_count": 0})
+def add_counters(total: dict[str, Any], part: dict[str, Any], in_flight: bool = True) -> None:
+    """Add one worker's snapshot into ``total`` (in place; same shape)."""
+    totals = total.setdefault("backends", {})
+    for url, counters in part.get("backends", {}).items():
+        into = totals.setdefault(url, {"responses": {}, "in_flight": 0, "failures": 0,
+                                       "retries": 0, "latency": [0] * len(counters["latency"]),
+                                       "latency_sum": 0.0, "latency_count": 0})
         for code, n in counters["responses"].items():
             into["responses"][code] = into["responses"].get(code, 0) + n
         for key in ("failures", "retries", "latency_sum", "latency_count"):
@@ -134,6 +141,9 @@ def add_counters(total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any
         if in_flight:
             into["in_flight"] += counters["in_flight"]
         into["latency"] = [a + b for a, b in zip(into["latency"], counters["latency"])]
+    unrouted = total.setdefault("unrouted", {})
+    for code, n in part.get("unrouted", {}).items():
+        unrouted[code] = unrouted.get(code, 0) + n
 
 
 class Worker:
@@ -147,7 +157,7 @@ class Worker:
             env[FD_ENV] = str(listen_fd)
             pass_fds = (listen_fd,)
         self.started = time.monotonic()
-        self.counters: dict[str, dict[str, Any]] = {}  # latest report (replaced whole)
+        self.counters: dict[str, Any] = {}  # latest report (replaced whole)
         self.proc = subprocess.Popen([sys.executable, str(CCLB), *argv], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      pass_fds=pass_fds)
@@ -178,11 +188,20 @@ class Worker:
                 continue
 
     def publish(self, data: bytes) -> None:
+        """Send a state snapshot; a worker that cannot take it whole gets the next one.
+
+        The pipe is non-blocking so a stuck worker cannot stall the supervisor.
+        A snapshot cut short by a full pipe is one spoilt line the worker skips.
+        """
         try:
             assert self.proc.stdin is not None
-            os.write(self.proc.stdin.fileno(), data)
-        except (BlockingIOError, BrokenPipeError, OSError):
-            pass  # it will get the next round
+            fd = self.proc.stdin.fileno()
+            while data:
+                data = data[os.write(fd, data):]
+        except BlockingIOError:
+            pass  # full pipe: the worker is busy; the next round resends everything
+        except (OSError, ValueError):
+            pass  # the worker is gone (closed pipe): watch() restarts it
 
     def signal(self, signum: int) -> None:
         if self.proc.poll() is None:
@@ -207,7 +226,8 @@ class Supervisor:
         self.workers: list[Worker] = []
         self.listener: socket.socket | None = None
         self.port = config.port
-        self.retired: dict[str, dict[str, Any]] = {}  # what dead workers had counted
+        self.retired: dict[str, Any] = {}  # what dead workers had counted
+        self.publish_lock = threading.Lock()
 
     def bind(self) -> int:
         """Reserve the port (and listen, without SO_REUSEPORT); returns it.
@@ -243,10 +263,15 @@ class Supervisor:
         return False
 
     def publish_state(self) -> None:
-        """Send every worker the current backends, health and admin states."""
+        """Send every worker the current backends, health and admin states.
+
+        Called from the health checker, admin and main threads: ``publish_lock``
+        keeps two snapshots from interleaving in a pipe.
+        """
         data = state_lines(self.cluster)
-        for worker in self.workers:
-            worker.publish(data)
+        with self.publish_lock:
+            for worker in list(self.workers):
+                worker.publish(data)
 
     def watch(self) -> None:
         """Restart workers that died (at most one restart per second each)."""
@@ -264,13 +289,15 @@ class Supervisor:
 
     def merge_counters(self) -> None:
         """Show the sum of all workers' counters on the supervisor's backends."""
-        total: dict[str, dict[str, Any]] = {}
+        total: dict[str, Any] = {}
         add_counters(total, self.retired, in_flight=False)
         for worker in self.workers:
             add_counters(total, worker.counters)
+        backends = total.get("backends", {})
         with self.cluster.lock:
+            self.cluster.unrouted = {int(code): n for code, n in total.get("unrouted", {}).items()}
             for backend in self.cluster.backends:
-                counters = total.get(backend.url)
+                counters = backends.get(backend.url)
                 if counters is None:
                     continue
                 backend.responses = {int(code): n for code, n in counters["responses"].items()}
