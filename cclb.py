@@ -4,8 +4,9 @@
 Usage: ``python3 cclb.py [options]`` (``--help`` lists them all).
 
 This module wires the pieces together and owns the process: settings,
-logging, the listening server, the health checker, signals, and the
-``--demo`` backends.  The request path is in ``proxy.py``.
+logging, the listening server, the health checker, the admin API, signals
+(SIGTERM/SIGINT stop, SIGHUP reloads), the ``--workers`` supervisor loop and
+the ``--demo`` backends.  The request path is in ``proxy.py``.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from typing import Any
 
 import settings
 import workers
+from admin import AdminServer
 from balancing import make_policy
 from cluster import ServerCluster
 from health_checkers import HealthChecker, HealthSettings
 from loggers import AccessLog, setup_app_logger
-from admin import AdminServer
 from proxy import LoadBalancerServer
 
 HERE = Path(__file__).resolve().parent
