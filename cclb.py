@@ -11,9 +11,15 @@ the ``--demo`` backends.  The request path is in ``proxy.py``.
 
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":
+    # Before the slower imports: a SIGHUP (reload) arriving while cclb starts
+    # must not kill it (the default action); handlers are installed later.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
