@@ -274,7 +274,12 @@ class Supervisor:
                 worker.publish(data)
 
     def watch(self) -> None:
-        """Restart workers that died (at most one restart per second each)."""
+        """Restart workers that died (at most one restart per second each).
+
+        The replacement's start-up is awaited in a thread of its own, so the
+        supervisor keeps handling signals meanwhile; one that never gets
+        ready is killed, and so restarted again by a later ``watch``.
+        """
         for index, worker in enumerate(self.workers):
             code = worker.proc.poll()
             if code is None or time.monotonic() - worker.started < 1.0:
@@ -284,8 +289,15 @@ class Supervisor:
             add_counters(self.retired, worker.counters, in_flight=False)
             worker.close_pipes()
             self.workers[index] = replacement = self.start_worker(worker.number)
-            if not replacement.wait_ready(15.0):
-                log.error("worker %d did not come back", worker.number)
+            threading.Thread(target=self.await_ready, args=(replacement,),
+                             name=f"worker-{worker.number}-start", daemon=True).start()
+
+    @staticmethod
+    def await_ready(worker: Worker, timeout: float = 15.0) -> None:
+        if not worker.wait_ready(timeout):
+            log.error("worker %d (pid %d) did not get ready; killing it",
+                      worker.number, worker.proc.pid)
+            worker.proc.kill()
 
     def merge_counters(self) -> None:
         """Show the sum of all workers' counters on the supervisor's backends."""
