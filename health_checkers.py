@@ -32,10 +32,15 @@ class HealthSettings:
     fall: int = 1
 
 
-def probe(backend: Backend, settings: HealthSettings) -> tuple[bool, str, float | None]:
-    """One check: (passed, human-readable detail, latency in seconds or None)."""
+def probe(backend: Backend, settings: HealthSettings,
+          conn: http.client.HTTPConnection | None = None) -> tuple[bool, str, float | None]:
+    """One check: (passed, human-readable detail, latency in seconds or None).
+
+    ``conn`` lets the caller keep a handle to abort a check that overruns.
+    """
     started = time.monotonic()
-    conn = http.client.HTTPConnection(backend.host, backend.port, timeout=settings.timeout)
+    if conn is None:
+        conn = http.client.HTTPConnection(backend.host, backend.port, timeout=settings.timeout)
     try:
         conn.request("GET", settings.path, headers={
             "Host": backend.url.partition("://")[2],  # host:port, IPv6 in brackets
@@ -67,6 +72,8 @@ def describe_error(error: BaseException) -> str:
         return "timed out"
     if isinstance(error, socket.gaierror):
         return f"cannot resolve host ({error.strerror})"
+    if isinstance(error, http.client.HTTPException):
+        return f"invalid answer ({type(error).__name__})"
     text = str(error) or type(error).__name__
     return text
 
@@ -91,19 +98,33 @@ class HealthChecker(threading.Thread):
             self.stopped.wait(max(0.0, self.settings.interval - (time.monotonic() - started)))
 
     def check_all(self) -> None:
-        """Probe all backends in parallel; wait at most the check timeout (+ margin)."""
-        settings = self.settings
-        threads = [threading.Thread(target=self.check_one, args=(backend, settings),
-                                    name=f"health-{backend.id}", daemon=True)
-                   for backend in self.cluster.snapshot()]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + settings.timeout + 1.0
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        """Probe all backends in parallel, each for at most the check timeout (+ margin).
 
-    def check_one(self, backend: Backend, settings: HealthSettings) -> None:
-        ok, detail, latency = probe(backend, settings)
+        The socket timeout bounds each read, not a whole check: a backend that
+        dribbles bytes would keep its thread.  Checks still running at the
+        deadline are cut off by shutting their socket down (they report a fail).
+        """
+        settings = self.settings
+        checks = []
+        for backend in self.cluster.snapshot():
+            conn = http.client.HTTPConnection(backend.host, backend.port,
+                                              timeout=settings.timeout)
+            thread = threading.Thread(target=self.check_one, args=(backend, settings, conn),
+                                      name=f"health-{backend.id}", daemon=True)
+            thread.start()
+            checks.append((thread, conn))
+        deadline = time.monotonic() + settings.timeout + 1.0
+        for thread, conn in checks:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive() and conn.sock is not None:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def check_one(self, backend: Backend, settings: HealthSettings,
+                  conn: http.client.HTTPConnection | None = None) -> None:
+        ok, detail, latency = probe(backend, settings, conn)
         self.cluster.report_check(backend, ok, detail, latency, settings.rise, settings.fall)
 
     def stop(self) -> None:
