@@ -600,3 +600,43 @@ class EarlySighupTests(Case):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class OverrunningHealthCheckTest(unittest.TestCase):
+    """A backend that dribbles its answer cannot keep a health-check thread alive."""
+
+    def test_dribbling_backend_is_cut_off_at_the_deadline(self) -> None:
+        import socket as socket_module
+        import threading as threading_module
+        import time as time_module
+
+        from cluster import ServerCluster, parse_backend
+        from health_checkers import HealthChecker, HealthSettings
+
+        listener = socket_module.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        stop = threading_module.Event()
+        self.addCleanup(stop.set)
+
+        def dribble() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 200:
+                    if stop.wait(0.2):  # one byte every 0.2 s: each read is within the timeout
+                        return
+                    try:
+                        conn.send(bytes([byte]))
+                    except OSError:
+                        return
+        server = threading_module.Thread(target=dribble, daemon=True)
+        server.start()
+        self.addCleanup(server.join, 5)
+        cluster = ServerCluster([parse_backend(f"127.0.0.1:{listener.getsockname()[1]}")])
+        checker = HealthChecker(cluster, HealthSettings(interval=60, timeout=0.5))
+        started = time_module.monotonic()
+        checker.check_all()
+        self.assertLess(time_module.monotonic() - started, 3.0)
+        wait_for(lambda: not any(t.name.startswith("health-") for t in threading_module.enumerate()),
+                 5, message="the health-check thread to end")
+        self.assertFalse(cluster.backends[0].available)
