@@ -39,6 +39,9 @@ from proxy import LoadBalancerServer
 
 HERE = Path(__file__).resolve().parent
 DEMO_PORTS = (7000, 7001, 7002)
+# Where --demo starts its backends: "7100,7101,7102" moves them (tests use it
+# to get ports that are free; pair it with matching --backend options).
+DEMO_PORTS_ENV = "CCLB_DEMO_PORTS"
 DRAIN_SECONDS = 5.0
 
 log = logging.getLogger("cclb")
@@ -313,19 +316,34 @@ def run_supervisor(config: Any, argv: list[str]) -> int:
 
 # --- --demo: the three server.py backends as child processes ------------------
 
-def start_demo_backends() -> list[subprocess.Popen[bytes]]:
-    """Start server.py on the demo ports and wait until each accepts.
+def demo_ports() -> tuple[int, ...]:
+    """The --demo backend ports: 7000-7002, or the list in $CCLB_DEMO_PORTS."""
+    text = os.environ.get(DEMO_PORTS_ENV, "")
+    if not text:
+        return DEMO_PORTS
+    try:
+        ports = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise RuntimeError(f"{DEMO_PORTS_ENV} must be a comma-separated list of ports, "
+                           f"got {text!r}") from None
+    if not ports or not all(1 <= port <= 65535 for port in ports):
+        raise RuntimeError(f"{DEMO_PORTS_ENV} must list ports in 1-65535, got {text!r}")
+    return ports
+
+
+def start_demo_backends(ports: tuple[int, ...]) -> list[subprocess.Popen[bytes]]:
+    """Start server.py on ``ports`` and wait until each accepts.
 
     Raises RuntimeError (after stopping any started child) if one fails.
     """
     children: list[subprocess.Popen[bytes]] = []
     try:
-        for port in DEMO_PORTS:
+        for port in ports:
             children.append(subprocess.Popen(
                 [sys.executable, str(HERE / "server.py"), str(port)],
                 stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL))
         deadline = time.monotonic() + 10
-        for port, child in zip(DEMO_PORTS, children):
+        for port, child in zip(ports, children):
             while not accepts("127.0.0.1", port):
                 if child.poll() is not None:
                     raise RuntimeError(f"demo backend on port {port} exited "
@@ -375,11 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if config.demo:
             try:
-                children = start_demo_backends()
+                ports = demo_ports()
+                children = start_demo_backends(ports)
             except RuntimeError as error:
                 print(f"cclb: {error}", file=sys.stderr)
                 return 1
-            log.info("demo backends started on ports %s", ", ".join(map(str, DEMO_PORTS)))
+            log.info("demo backends started on ports %s", ", ".join(map(str, ports)))
         if config.workers > 1:
             return run_supervisor(config, [arg for arg in argv if arg != "--demo"])
         return run(config)
