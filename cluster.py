@@ -128,6 +128,44 @@ class Backend:
         return self.weight * min(1.0, max(ramp, 0.05))
 
 
+class Attempt:
+    """One request's hold on one backend: from ``ServerCluster.acquire`` to one release.
+
+    Every path ends it exactly once: ``done`` (a response, or an answer cclb
+    gave on the backend's behalf, with its status), ``failed`` (a transport
+    failure, maybe retried elsewhere), or leaving the ``with`` block, which
+    releases an attempt that is still open without counting a response.  A
+    second release is a no-op, so in-flight counts can never go below zero.
+    ``released`` is guarded by ``ServerCluster.lock``.
+    """
+
+    __slots__ = ("cluster", "backend", "released")
+
+    def __init__(self, cluster: ServerCluster, backend: Backend) -> None:
+        self.cluster = cluster
+        self.backend = backend
+        self.released = False
+
+    def done(self, status: int, duration: float) -> None:
+        """The attempt ended with ``status`` after ``duration`` seconds."""
+        self.cluster._release(self, status, duration, retried=False)
+
+    def failed(self, reason: str | None, retried: bool = False) -> None:
+        """The attempt failed at the transport level.
+
+        ``reason`` (for the log) counts as a passive health-check failure;
+        None does not (e.g. a pooled connection that had died while idle).
+        """
+        if self.cluster._release(self, None, 0.0, retried) and reason is not None:
+            self.cluster.report_failure(self.backend, reason)
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cluster._release(self, None, 0.0, retried=False)
+
+
 class ServerCluster:
     """The backends behind the balancer and the policy that picks among them."""
 
@@ -213,20 +251,29 @@ class ServerCluster:
 
     # --- the request path -------------------------------------------------
 
-    def acquire(self, client: str, exclude: tuple[Backend, ...] = ()) -> Backend | None:
-        """Pick a backend for a request and count it in flight, or None if none is up."""
+    def acquire(self, client: str, exclude: tuple[Backend, ...] = ()) -> Attempt | None:
+        """Pick a backend for a request and count it in flight, or None if none is up.
+
+        The returned ``Attempt`` owns that in-flight count until it is released
+        (exactly once, see ``Attempt``).
+        """
         with self.lock:
             candidates = [b for b in self.backends if b.available and b not in exclude]
             if not candidates:
                 return None
             backend = self.policy.select(candidates, client)
             backend.in_flight += 1
-            return backend
+        return Attempt(self, backend)
 
-    def release(self, backend: Backend, status: int | None, duration: float = 0.0,
-                retried: bool = False) -> None:
-        """The attempt on ``backend`` ended: with ``status``, or failed (None)."""
+    def _release(self, attempt: Attempt, status: int | None, duration: float,
+                 retried: bool) -> bool:
+        """End ``attempt``: with ``status``, or failed (None).  False if it had ended already."""
+        backend = attempt.backend
         with self.lock:
+            if attempt.released:
+                return False
+            attempt.released = True
+            assert backend.in_flight > 0, f"in-flight count of {backend.url} would go below zero"
             backend.in_flight -= 1
             if status is not None:
                 backend.responses[status] = backend.responses.get(status, 0) + 1
@@ -235,6 +282,7 @@ class ServerCluster:
                     backend.passive_down_until = 0.0  # served again after its time out
             if retried:
                 backend.retries += 1
+        return True
 
     def count_unrouted(self, status: int) -> None:
         """A request answered by cclb itself because no backend could take it."""

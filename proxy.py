@@ -23,7 +23,7 @@ from socketserver import TCPServer
 from typing import Any
 
 import http11
-from cluster import Backend, ServerCluster
+from cluster import Attempt, Backend, ServerCluster
 from health_checkers import describe_error
 from http11 import BodyFraming, Headers, ProtocolError
 from loggers import AccessLog, sanitize
@@ -443,13 +443,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
             body = None  # streamed: cannot be replayed
         head = self.upstream_head(request)
         tried: list[Backend] = []
-        stale_retries = 0
         last_error: BackendError | None = None
-        backend: Backend | None = None
         while True:
-            if backend is None:
-                backend = cluster.acquire(self.client_ip, tuple(tried))
-            if backend is None:
+            attempt = cluster.acquire(self.client_ip, tuple(tried))
+            if attempt is None:
                 if last_error is not None and last_error.sent:
                     # A backend took the request and failed: a gateway error.
                     self.send_error_response(502, f"backend {tried[-1].url} failed: {last_error}")
@@ -458,28 +455,39 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 else:
                     self.answer_no_backend(request, bool(tried))
                 return
-            try:
-                self.exchange(request, backend, head, body)
-                return
-            except BackendError as error:
-                retry = http11.may_retry(request.method, error.sent, False, body is not None)
-                if error.stale and retry and stale_retries == 0:
-                    # An idle pooled connection had died: not the backend's fault.
-                    # Its siblings are probably dead too; retry the same backend
-                    # on a fresh connection.
-                    backend.pool.close_all()
-                    stale_retries += 1
-                    continue
-                if not error.stale:  # a dead idle connection says nothing of the backend
-                    cluster.report_failure(backend, str(error))
-                cluster.release(backend, None, retried=retry)
-                if not retry:
-                    self.send_error_response(502, f"backend {backend.url} failed: {error}")
-                    self.log_request_done(request, 502, 0, backend)
+            backend = attempt.backend
+            with attempt:  # released exactly once, whatever happens below
+                error = self.try_backend(request, attempt, head, body)
+                if error is None:
                     return
-                tried.append(backend)
-                last_error = error
-                backend = None
+                retry = http11.may_retry(request.method, error.sent, False, body is not None)
+                # A dead idle connection says nothing of the backend.
+                attempt.failed(None if error.stale else str(error), retried=retry)
+            if not retry:
+                self.send_error_response(502, f"backend {backend.url} failed: {error}")
+                self.log_request_done(request, 502, 0, backend)
+                return
+            tried.append(backend)
+            last_error = error
+
+    def try_backend(self, request: Request, attempt: Attempt, head: bytes,
+                    body: bytes | None) -> BackendError | None:
+        """``exchange`` on one backend; None when it answered, else the failure.
+
+        When a pooled connection turns out to have died while idle (not the
+        backend's fault; its siblings probably died too), the request goes
+        once more to the same backend on a fresh connection, if it may.
+        """
+        for last_try in (False, True):
+            try:
+                self.exchange(request, attempt, head, body)
+                return None
+            except BackendError as error:
+                if last_try or not error.stale or not http11.may_retry(
+                        request.method, error.sent, False, body is not None):
+                    return error
+                attempt.backend.pool.close_all()
+        raise AssertionError("unreachable")
 
     def answer_no_backend(self, request: Request, after_failures: bool) -> None:
         if after_failures:
@@ -518,12 +526,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
             headers.append(("Content-Length", str(request.framing.length)))
         return http11.serialize_head(f"{request.method} {request.target} HTTP/1.1", headers)
 
-    def exchange(self, request: Request, backend: Backend, head: bytes, body: bytes | None) -> None:
-        """One attempt on ``backend``: send, read the response head, relay it.
+    def exchange(self, request: Request, attempt: Attempt, head: bytes, body: bytes | None) -> None:
+        """One attempt on ``attempt.backend``: send, read the response head, relay it.
 
         Raises BackendError when the attempt failed in a way ``forward`` may
-        retry (it then releases ``backend``); everything else is answered here.
+        retry (it then ends ``attempt``); everything else is answered and ended here.
         """
+        backend = attempt.backend
         try:
             conn, reused = backend.pool.acquire()
         except OSError as error:
@@ -555,7 +564,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise
         finally:
             if status:
-                self.server.cluster.release(backend, status, time.monotonic() - self.started)
+                attempt.done(status, time.monotonic() - self.started)
 
     def fail(self, request: Request, backend: Backend | None, status: int, message: str,
              answer: bool = True) -> None:

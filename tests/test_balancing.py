@@ -24,7 +24,7 @@ import balancing  # noqa: E402
 import cluster  # noqa: E402
 from balancing import (IPHash, LeastConnections, RandomTwo, RoundRobin,  # noqa: E402
                        WeightedRoundRobin, make_policy)
-from cluster import DRAIN, MAINT, READY, ServerCluster, parse_backend  # noqa: E402
+from cluster import DRAIN, MAINT, READY, Attempt, ServerCluster, parse_backend  # noqa: E402
 
 _null_handler = logging.NullHandler()
 
@@ -50,14 +50,36 @@ def make_cluster(*weights: int, policy=None, **options) -> tuple[ServerCluster, 
     return servers, names
 
 
+_OPEN_ATTEMPTS: dict[int, list[Attempt]] = {}  # backend id() -> attempts not yet released
+
+
+def acquire(servers: ServerCluster, client: str, exclude: tuple = ()) -> cluster.Backend | None:
+    """``servers.acquire`` for tests that think in backends: keeps the Attempt for ``release``."""
+    attempt = servers.acquire(client, exclude)
+    if attempt is None:
+        return None
+    _OPEN_ATTEMPTS.setdefault(id(attempt.backend), []).append(attempt)
+    return attempt.backend
+
+
+def release(backend: cluster.Backend, status: int | None, duration: float = 0.0,
+            retried: bool = False) -> None:
+    """End the oldest open attempt on ``backend``: a response, or a (retried) failure."""
+    attempt = _OPEN_ATTEMPTS[id(backend)].pop(0)
+    if status is None or retried:
+        attempt.failed(None, retried=retried)
+    else:
+        attempt.done(status, duration)
+
+
 def picks(servers: ServerCluster, names: dict, count: int, client: str = "10.0.0.1") -> str:
     """Letters of ``count`` backends chosen in a row, each request ending at once."""
     chosen = []
     for _ in range(count):
-        backend = servers.acquire(client)
+        backend = acquire(servers, client)
         assert backend is not None
         chosen.append(names[backend])
-        servers.release(backend, 200)
+        release(backend, 200)
     return "".join(chosen)
 
 
@@ -141,7 +163,7 @@ class RoundRobinTest(unittest.TestCase):
 
     def test_even_spread_while_requests_overlap(self):
         servers, names = make_cluster(1, 1, 1)
-        held = [servers.acquire("x") for _ in range(30)]
+        held = [acquire(servers, "x") for _ in range(30)]
         self.assertEqual(Counter(names[b] for b in held), Counter({"a": 10, "b": 10, "c": 10}))
 
 
@@ -177,21 +199,21 @@ class LeastConnectionsTest(unittest.TestCase):
         servers, names = make_cluster(1, 1, 1, policy=LeastConnections())
         a, b, c = servers.backends
         a.in_flight, b.in_flight, c.in_flight = 3, 1, 2
-        self.assertEqual(names[servers.acquire("x")], "b")
+        self.assertEqual(names[acquire(servers, "x")], "b")
         self.assertEqual(b.in_flight, 2)
         # now a=3, b=2, c=2: tie between b and c, never a
-        chosen = servers.acquire("x")
+        chosen = acquire(servers, "x")
         self.assertIn(names[chosen], "bc")
 
     def test_weight_aware(self):
         servers, names = make_cluster(4, 1, policy=LeastConnections())
         a, b = servers.backends
         a.in_flight, b.in_flight = 3, 1  # 0.75 per weight unit vs 1.0
-        self.assertEqual(names[servers.acquire("x")], "a")
+        self.assertEqual(names[acquire(servers, "x")], "a")
         held = []
         servers2, names2 = make_cluster(3, 1, policy=LeastConnections())
         for _ in range(40):
-            held.append(names2[servers2.acquire("x")])
+            held.append(names2[acquire(servers2, "x")])
         self.assertEqual(Counter(held), Counter({"a": 30, "b": 10}))
 
     def test_ties_broken_round_robin(self):
@@ -200,17 +222,17 @@ class LeastConnectionsTest(unittest.TestCase):
 
     def test_overlapping_requests_spread_evenly(self):
         servers, names = make_cluster(1, 1, 1, policy=LeastConnections())
-        held = [servers.acquire("x") for _ in range(3)]
+        held = [acquire(servers, "x") for _ in range(3)]
         self.assertEqual(sorted(names[b] for b in held), ["a", "b", "c"])
-        servers.release(held[0], 200)
-        self.assertIs(servers.acquire("x"), held[0])
+        release(held[0], 200)
+        self.assertIs(acquire(servers, "x"), held[0])
 
     def test_skips_unavailable_even_if_idle(self):
         servers, names = make_cluster(1, 1, policy=LeastConnections())
         a, b = servers.backends
         a.in_flight, b.in_flight = 5, 0
         b.healthy = False
-        self.assertIs(servers.acquire("x"), a)
+        self.assertIs(acquire(servers, "x"), a)
 
 
 class RandomTwoTest(unittest.TestCase):
@@ -253,9 +275,9 @@ class IPHashTest(unittest.TestCase):
     def mapping(self, servers, names, clients):
         result = {}
         for client in clients:
-            backend = servers.acquire(client)
+            backend = acquire(servers, client)
             result[client] = names[backend]
-            servers.release(backend, 200)
+            release(backend, 200)
         return result
 
     def test_stable_per_client(self):
@@ -339,9 +361,9 @@ class AcquireTest(unittest.TestCase):
                     self.assertFalse(servers.backends[1].available)
                     seen = Counter()
                     for client in client_ips(300):
-                        backend = servers.acquire(client)
+                        backend = acquire(servers, client)
                         seen[names[backend]] += 1
-                        servers.release(backend, 200)
+                        release(backend, 200)
                     self.assertEqual(set(seen), {"a", "c"})
 
     def test_none_when_nothing_is_available(self):
@@ -353,9 +375,9 @@ class AcquireTest(unittest.TestCase):
                 a.healthy = False
                 b.admin_state = DRAIN
                 c.admin_state = MAINT
-                self.assertIsNone(servers.acquire("10.0.0.1"))
+                self.assertIsNone(acquire(servers, "10.0.0.1"))
                 self.assertEqual([x.in_flight for x in servers.backends], [0, 0, 0])
-        self.assertIsNone(ServerCluster([]).acquire("10.0.0.1"))
+        self.assertIsNone(acquire(ServerCluster([]), "10.0.0.1"))
 
     def test_back_to_ready_is_chosen_again(self):
         servers, names = make_cluster(1, 1)
@@ -371,24 +393,24 @@ class AcquireTest(unittest.TestCase):
         servers, names = make_cluster(1, 1, 1)
         a, b, c = servers.backends
         for _ in range(6):
-            chosen = servers.acquire("x", exclude=(a,))
+            chosen = acquire(servers, "x", exclude=(a,))
             self.assertIn(chosen, (b, c))
-            servers.release(chosen, 502, retried=True)
-        self.assertIsNone(servers.acquire("x", exclude=(a, b, c)))
+            release(chosen, 502, retried=True)
+        self.assertIsNone(acquire(servers, "x", exclude=(a, b, c)))
 
     def test_in_flight_and_counters(self):
         servers, names = make_cluster(1)
         (a,) = servers.backends
-        first = servers.acquire("x")
-        second = servers.acquire("x")
+        first = acquire(servers, "x")
+        second = acquire(servers, "x")
         self.assertEqual(a.in_flight, 2)
-        servers.release(first, 200, 0.01)
-        servers.release(second, None, retried=True)  # a failed attempt has no status
+        release(first, 200, 0.01)
+        release(second, None, retried=True)  # a failed attempt has no status
         self.assertEqual(a.in_flight, 0)
         self.assertEqual(a.responses, {200: 1})
         self.assertEqual(a.retries, 1)
         for status in (404, 503, 302, 200):
-            servers.release(servers.acquire("x"), status, 0.02)
+            release(acquire(servers, "x"), status, 0.02)
         self.assertEqual(a.responses, {200: 2, 404: 1, 503: 1, 302: 1})
 
     def test_state_names(self):
@@ -464,7 +486,7 @@ class PassiveFailureTest(unittest.TestCase):
         for _ in range(10):
             servers.report_failure(a, "connection refused")
         self.assertTrue(a.available)
-        self.assertIs(servers.acquire("x"), a)
+        self.assertIs(acquire(servers, "x"), a)
 
     def test_down_lasts_fail_timeout(self):
         # Issue 4: "--max-fails N within --fail-timeout SECONDS mark a backend
@@ -583,7 +605,7 @@ class ActiveCheckTest(unittest.TestCase):
         (a,) = servers.backends
         servers.report_check(a, False, "refused", None)
         self.assertFalse(a.healthy)
-        self.assertIsNone(servers.acquire("x"))
+        self.assertIsNone(acquire(servers, "x"))
 
 
 if __name__ == "__main__":
