@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from cluster import Backend, ServerCluster
+from loops import LoopGuard
+from upstream import describe_error
 
 log = logging.getLogger("cclb")
 
@@ -32,54 +34,76 @@ class HealthSettings:
     fall: int = 1
 
 
-def probe(backend: Backend, settings: HealthSettings,
-          conn: http.client.HTTPConnection | None = None) -> tuple[bool, str, float | None]:
-    """One check: (passed, human-readable detail, latency in seconds or None).
+class Probe:
+    """One active check of one backend, which another thread may cut off.
 
-    ``conn`` lets the caller keep a handle to abort a check that overruns.
+    ``lock`` guards ``cut`` and the hand-over of the socket: ``cut_off``
+    reads ``conn.sock`` once, under the lock, so the probe thread closing
+    the connection at the same moment can never make it fail (the socket
+    it got is then closed, and shutting a closed socket is a harmless
+    OSError).  A probe that connects after being cut off gives up at once.
     """
-    started = time.monotonic()
-    if conn is None:
-        conn = http.client.HTTPConnection(backend.host, backend.port, timeout=settings.timeout)
-    try:
-        conn.request("GET", settings.path, headers={
-            "Host": backend.url.partition("://")[2],  # host:port, IPv6 in brackets
-            "User-Agent": "cclb-health-check",
-            "Connection": "close"})
-        response = conn.getresponse()
-        response.read(65536)
-        latency = time.monotonic() - started
-        low, high = settings.expected
-        if low <= response.status <= high:
-            return True, f"HTTP {response.status}", latency
-        return False, f"HTTP {response.status}", latency
-    except ConnectionRefusedError:
-        return False, "connection refused", None
-    except (socket.timeout, TimeoutError):
-        return False, f"no answer within {settings.timeout:g}s", None
-    except (OSError, http.client.HTTPException) as error:
-        return False, describe_error(error), None
-    finally:
-        conn.close()
+
+    def __init__(self, backend: Backend, settings: HealthSettings) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.conn = http.client.HTTPConnection(backend.host, backend.port, timeout=settings.timeout)
+        self.lock = threading.Lock()
+        self.cut = False
+
+    def run(self) -> tuple[bool, str, float | None]:
+        """Check once: (passed, human-readable detail, latency in seconds or None)."""
+        settings = self.settings
+        started = time.monotonic()
+        try:
+            self.conn.connect()
+            with self.lock:
+                if self.cut:
+                    return False, self.timeout_detail(), None
+            self.conn.request("GET", settings.path, headers={
+                "Host": self.backend.url.partition("://")[2],  # host:port, IPv6 in brackets
+                "User-Agent": "cclb-health-check",
+                "Connection": "close"})
+            response = self.conn.getresponse()
+            response.read(65536)
+            latency = time.monotonic() - started
+            low, high = settings.expected
+            return low <= response.status <= high, f"HTTP {response.status}", latency
+        except (OSError, http.client.HTTPException) as error:
+            with self.lock:
+                if self.cut:  # whatever the shut socket made the read fail with
+                    return False, self.timeout_detail(), None
+            if isinstance(error, (socket.timeout, TimeoutError)):
+                return False, self.timeout_detail(), None
+            return False, describe_error(error), None
+        finally:
+            self.conn.close()
+
+    def timeout_detail(self) -> str:
+        return f"no answer within {self.settings.timeout:g}s"
+
+    def cut_off(self) -> None:
+        """Abort a check that overran: its blocked read returns and it reports a timeout."""
+        with self.lock:
+            self.cut = True
+            sock = self.conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by the probe thread
 
 
-def describe_error(error: BaseException) -> str:
-    if isinstance(error, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(error, ConnectionResetError):
-        return "connection reset"
-    if isinstance(error, (socket.timeout, TimeoutError)):
-        return "timed out"
-    if isinstance(error, socket.gaierror):
-        return f"cannot resolve host ({error.strerror})"
-    if isinstance(error, http.client.HTTPException):
-        return f"invalid answer ({type(error).__name__})"
-    text = str(error) or type(error).__name__
-    return text
+def probe(backend: Backend, settings: HealthSettings) -> tuple[bool, str, float | None]:
+    """One check of ``backend`` in the calling thread (see ``Probe.run``)."""
+    return Probe(backend, settings).run()
 
 
 class HealthChecker(threading.Thread):
     """Daemon thread checking every backend of ``cluster`` every interval."""
+
+    # A check gets its timeout plus this margin before it is cut off.
+    cut_off_margin = 1.0
 
     def __init__(self, cluster: ServerCluster, settings: HealthSettings,
                  on_round: Callable[[], None] | None = None) -> None:
@@ -88,13 +112,16 @@ class HealthChecker(threading.Thread):
         self.settings = settings
         self.on_round = on_round  # called after every round (workers.py publishes)
         self.stopped = threading.Event()
+        self.guard = LoopGuard("health checker")
 
     def run(self) -> None:
         while not self.stopped.is_set() and self.settings.interval > 0:
             started = time.monotonic()
-            self.check_all()
+            with self.guard:
+                self.check_all()
             if self.on_round is not None:
-                self.on_round()
+                with self.guard:
+                    self.on_round()
             self.stopped.wait(max(0.0, self.settings.interval - (time.monotonic() - started)))
 
     def check_all(self) -> None:
@@ -102,30 +129,27 @@ class HealthChecker(threading.Thread):
 
         The socket timeout bounds each read, not a whole check: a backend that
         dribbles bytes would keep its thread.  Checks still running at the
-        deadline are cut off by shutting their socket down (they report a fail).
+        deadline are cut off (they report a timeout).
         """
         settings = self.settings
         checks = []
         for backend in self.cluster.snapshot():
-            conn = http.client.HTTPConnection(backend.host, backend.port,
-                                              timeout=settings.timeout)
-            thread = threading.Thread(target=self.check_one, args=(backend, settings, conn),
+            probe = Probe(backend, settings)
+            thread = threading.Thread(target=self.check_one, args=(probe,),
                                       name=f"health-{backend.id}", daemon=True)
             thread.start()
-            checks.append((thread, conn))
-        deadline = time.monotonic() + settings.timeout + 1.0
-        for thread, conn in checks:
+            checks.append((thread, probe))
+        deadline = time.monotonic() + settings.timeout + self.cut_off_margin
+        for thread, probe in checks:
             thread.join(max(0.0, deadline - time.monotonic()))
-            if thread.is_alive() and conn.sock is not None:
-                try:
-                    conn.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            if thread.is_alive():
+                probe.cut_off()
 
-    def check_one(self, backend: Backend, settings: HealthSettings,
-                  conn: http.client.HTTPConnection | None = None) -> None:
-        ok, detail, latency = probe(backend, settings, conn)
-        self.cluster.report_check(backend, ok, detail, latency, settings.rise, settings.fall)
+    def check_one(self, probe: Probe) -> None:
+        with self.guard:
+            ok, detail, latency = probe.run()
+            settings = probe.settings
+            self.cluster.report_check(probe.backend, ok, detail, latency, settings.rise, settings.fall)
 
     def stop(self) -> None:
         self.stopped.set()

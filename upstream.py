@@ -13,10 +13,26 @@ from __future__ import annotations
 
 import http.client
 import select
+import socket
 import threading
 import time
 
 from socket_io import SocketReader, SocketWriter, set_timeouts
+
+
+def describe_error(error: BaseException) -> str:
+    """A short, human-readable cause for a failed connection or exchange with a backend."""
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, ConnectionResetError):
+        return "connection reset"
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(error, socket.gaierror):
+        return f"cannot resolve host ({error.strerror})"
+    if isinstance(error, http.client.HTTPException):
+        return f"invalid answer ({type(error).__name__})"
+    return str(error) or type(error).__name__
 
 
 class UpstreamConnection(http.client.HTTPConnection):
