@@ -21,6 +21,7 @@ import hmac
 import json
 import logging
 import re
+import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import TCPServer
@@ -28,7 +29,9 @@ from typing import Any, Callable
 
 import metrics
 from dashboard import PAGE
-from cluster import DRAIN, MAINT, READY, Backend, ServerCluster, parse_backend
+from loops import LoopGuard
+from backend_urls import parse_backend
+from cluster import DRAIN, MAINT, READY, Backend, BackendStats, ClusterStats, ServerCluster
 
 log = logging.getLogger("cclb")
 
@@ -36,41 +39,39 @@ _BACKEND_ACTION = re.compile(r"/backends/([0-9]{1,9})(?:/(drain|maint|ready))?")
 MAX_ADMIN_BODY = 64 * 1024
 
 
-def backend_json(backend: Backend, now: float) -> dict[str, Any]:
-    """One backend as shown by /status (call with the cluster lock held)."""
+def backend_json(backend: BackendStats, now: float) -> dict[str, Any]:
+    """One backend as shown by /status."""
     classes: dict[str, int] = {}
-    for code, count in backend.responses.items():
+    for code, count in backend.traffic.responses.items():
         key = f"{code // 100}xx"
         classes[key] = classes.get(key, 0) + count
     return {
         "id": backend.id,
         "url": backend.url,
         "weight": backend.weight,
-        "effective_weight": round(backend.effective_weight(), 3),
+        "effective_weight": round(backend.effective_weight, 3),
         "state": backend.state,
         "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(backend.since)),
         "seconds_in_state": round(now - backend.since, 1),
         "last_check": backend.last_check,
         "last_check_latency_ms": (None if backend.last_check_latency is None
                                   else round(backend.last_check_latency * 1000, 2)),
-        "in_flight": backend.in_flight,
+        "in_flight": backend.traffic.in_flight,
         "responses": dict(sorted(classes.items())),
         "requests": sum(classes.values()),
-        "failures": backend.failures,
-        "retries": backend.retries,
+        "failures": backend.traffic.failures,
+        "retries": backend.traffic.retries,
     }
 
 
-def status_document(cluster: ServerCluster, config: Any) -> dict[str, Any]:
+def status_document(stats: ClusterStats, config: Any) -> dict[str, Any]:
+    """The /status JSON, built from a copy: the cluster lock is not held meanwhile."""
     now = time.time()
-    with cluster.lock:
-        backends = [backend_json(backend, now) for backend in cluster.backends]
-        unrouted = {str(code): count for code, count in cluster.unrouted.items()}
-        policy = cluster.policy.name
     settings = {key: value for key, value in config.values.items()
                 if key not in ("admin_token", "backends", "demo")}
     settings["health_status"] = "-".join(map(str, config.health_status))
-    return {"policy": policy, "backends": backends, "unrouted": unrouted,
+    return {"policy": stats.policy, "backends": [backend_json(b, now) for b in stats.backends],
+            "unrouted": {str(code): count for code, count in stats.unrouted.items()},
             "settings": settings, "time": now}
 
 
@@ -79,15 +80,31 @@ class AdminHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server: AdminServer
+    replied = False  # whether this request's answer has started
+
+    def handle_one_request(self) -> None:
+        """One request; an unexpected error in a route answers 500 and is logged, once."""
+        self.replied = False
+        try:
+            super().handle_one_request()
+        except Exception as error:  # a bug in one route must not take the admin API down
+            self.server.guard.report(error)
+            self.close_connection = True
+            if not self.replied:
+                try:
+                    self.reply_json(500, {"error": "internal error (see the cclb log)"})
+                except OSError:
+                    pass
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/":
             self.reply(200, PAGE, "text/html; charset=utf-8")
         elif path == "/status":
-            self.reply_json(200, status_document(self.server.cluster, self.server.get_config()))
+            self.reply_json(200, status_document(self.server.cluster.stats(),
+                                                 self.server.get_config()))
         elif path == "/metrics":
-            self.reply(200, metrics.render(self.server.cluster).encode(),
+            self.reply(200, metrics.render(self.server.cluster.stats()).encode(),
                        "text/plain; version=0.0.4; charset=utf-8")
         else:
             self.reply_json(404, {"error": "not found"})
@@ -167,8 +184,7 @@ class AdminHandler(BaseHTTPRequestHandler):
             self.server.on_change()
 
     def describe(self, backend: Backend) -> dict[str, Any]:
-        with self.server.cluster.lock:
-            return backend_json(backend, time.time())
+        return backend_json(self.server.cluster.backend_stats(backend), time.time())
 
     def authorized(self) -> bool:
         """Writes need the bearer token when one is configured (401 otherwise)."""
@@ -189,6 +205,7 @@ class AdminHandler(BaseHTTPRequestHandler):
 
     def reply(self, status: int, body: bytes, content_type: str,
               extra: list[tuple[str, str]] = ()) -> None:
+        self.replied = True
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -215,7 +232,14 @@ class AdminServer(ThreadingHTTPServer):
         self.cluster = cluster
         self.get_config = get_config
         self.on_change = on_change  # --workers: publish the change to the workers
+        self.guard = LoopGuard("admin server")
         super().__init__(address, AdminHandler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """An error that escaped a connection's handler: logged, the server carries on."""
+        error = sys.exc_info()[1]
+        if isinstance(error, Exception):
+            self.guard.report(error)
 
     def server_bind(self) -> None:
         # Skip HTTPServer's getfqdn() DNS lookup.

@@ -25,17 +25,20 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import settings
 import workers
 from admin import AdminServer
-from balancing import make_policy
 from cluster import ServerCluster
 from health_checkers import HealthChecker, HealthSettings
 from loggers import AccessLog, setup_app_logger
+from loops import LoopGuard
 from proxy import LoadBalancerServer
+from settings import Config
 
 HERE = Path(__file__).resolve().parent
 DEMO_PORTS = (7000, 7001, 7002)
@@ -44,132 +47,279 @@ DEMO_PORTS = (7000, 7001, 7002)
 DEMO_PORTS_ENV = "CCLB_DEMO_PORTS"
 DRAIN_SECONDS = 5.0
 
-log = logging.getLogger("cclb")
-
-
-def build_cluster(config: Any) -> ServerCluster:
-    return ServerCluster(
-        config.backends, make_policy(config.algorithm),
-        connect_timeout=config.connect_timeout, read_timeout=config.read_timeout,
-        max_fails=config.max_fails, fail_timeout=config.fail_timeout,
-        slow_start=config.slow_start)
-
-
-def health_settings(config: Any) -> HealthSettings:
-    return HealthSettings(config.health_interval, config.health_path, config.health_timeout,
-                          config.health_status, config.rise, config.fall)
-
-
 # Settings that belong to the listening sockets: a reload cannot change them.
 RESTART_ONLY = ("host", "port", "workers", "admin_port", "admin_host")
 
-
-def apply_to_cluster(cluster: ServerCluster, old: Any, new: Any) -> tuple[list[str], list[str]]:
-    """Apply reloaded settings to the backends; returns (added, removed) URLs."""
-    added, removed = cluster.reconcile(new.backends)
-    cluster.configure(
-        make_policy(new.algorithm) if new.algorithm != old.algorithm else None,
-        connect_timeout=new.connect_timeout, read_timeout=new.read_timeout,
-        max_fails=new.max_fails, fail_timeout=new.fail_timeout, slow_start=new.slow_start)
-    return added, removed
+log = logging.getLogger("cclb")
 
 
-def updated_checker(checker: HealthChecker, cluster: ServerCluster, new: Any) -> HealthChecker:
-    """The health checker for reloaded settings: adjusted, stopped (interval 0) or new."""
-    checker.settings = health_settings(new)
-    if new.health_interval <= 0:
-        checker.stop()
-        return checker
-    if workers.is_worker() or (checker.is_alive() and not checker.stopped.is_set()):
-        return checker
-    fresh = HealthChecker(cluster, checker.settings, checker.on_round)
-    fresh.start()
-    return fresh
+class Role(Enum):
+    """What this process is: the whole balancer, one of N workers, or their supervisor."""
+
+    SINGLE = "single"
+    WORKER = "worker"
+    SUPERVISOR = "supervisor"
 
 
-def reload_settings(old: Any, cluster: ServerCluster, checker: HealthChecker
-                    ) -> tuple[Any, HealthChecker, list[str], list[str]] | None:
-    """SIGHUP: re-read the settings and apply them to the cluster, checker and log level.
+class StartError(Exception):
+    """cclb cannot start; the message is printed as is, ``code`` is the exit code."""
 
-    Returns (settings, checker, added, removed), or None (logged) if the new
-    settings are invalid, in which case nothing changes.
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def listen_error(what: str, host: str, port: int | None, error: OSError) -> StartError:
+    return StartError(f"cannot listen on {what}{host}:{port}: {error.strerror or error}")
+
+
+def reload_config(old: Config) -> Config | None:
+    """SIGHUP: the settings re-read from the same sources, or None (logged) if invalid.
+
+    Settings that belong to the listening sockets keep their old value (a
+    warning says so); every setting that does change is logged.
     """
     try:
         new = settings.resolve(old.cli)
+        kept = {}
         for name in RESTART_ONLY:
-            if new.values[name] != old.values[name]:
+            if getattr(new, name) != getattr(old, name):
                 log.warning("reload: %s changed but needs a restart; keeping %r",
-                            name, old.values[name])
-                new.values[name] = old.values[name]
+                            name, getattr(old, name))
+                kept[name] = getattr(old, name)
+        new = replace(new, **kept)
         settings.validate(new.values)  # again: e.g. a kept admin_host needs its token
     except (settings.SettingsError, ValueError) as error:
         log.error("reload failed, keeping the current configuration: %s", error)
         return None
-    added, removed = apply_to_cluster(cluster, old, new)
-    checker = updated_checker(checker, cluster, new)
-    logging.getLogger("cclb").setLevel(new.log_level)
-    return new, checker, added, removed
+    for name, value in new.values.items():
+        if name not in ("backends", "admin_token") and value != getattr(old, name):
+            log.warning("reload: %s changed from %r to %r", name, getattr(old, name), value)
+    return new
 
 
-class LoadBalancer:
-    """The running balancer: listener, cluster, health checker, admin API."""
+class Process:
+    """The parts every role shares: the settings, the backend pool, health, admin API.
 
-    def __init__(self, config: Any, server: LoadBalancerServer) -> None:
+    ``start``, ``reload``, ``tick`` (a round of the main loop) and ``stop``
+    are called by the main thread only; ``serve`` runs the one sequence.
+    """
+
+    role: Role
+
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.server = server
-        self.cluster = server.cluster
-        self.checker = HealthChecker(self.cluster, health_settings(config))
+        pool = config.pools["default"]
+        self.cluster = ServerCluster.from_settings(pool)
+        self.checker = HealthChecker(self.cluster, HealthSettings.of(pool), self.on_health_round)
         self.admin: AdminServer | None = None
 
-    def start(self) -> None:
-        if self.config.health_interval > 0 and not workers.is_worker():
-            self.checker.start()
-        self._spawn(self.server.serve_forever, "acceptor")
-        if self.config.admin_port is not None and not workers.is_worker():
-            self.admin = AdminServer((self.config.admin_host, self.config.admin_port),
-                                     self.cluster, lambda: self.config)
-            self._spawn(self.admin.serve_forever, "admin")
+    def on_health_round(self) -> None:
+        """Called by the health checker after each round."""
 
-    def _spawn(self, target: Any, name: str) -> None:
-        threading.Thread(target=target, name=name, daemon=True).start()
+    def on_admin_change(self) -> None:
+        """Called by the admin API after a write."""
+
+    def start_checks_and_admin(self) -> None:
+        if self.config.health_interval > 0:
+            self.checker.start()
+        if self.config.admin_port is not None:
+            try:
+                self.admin = AdminServer((self.config.admin_host, self.config.admin_port),
+                                         self.cluster, lambda: self.config,
+                                         on_change=self.on_admin_change)
+            except OSError as error:
+                raise listen_error("admin port ", self.config.admin_host,
+                                   self.config.admin_port, error) from None
+            spawn(self.admin.serve_forever, "admin")
+
+    def announce(self) -> None:
+        if self.admin is not None:
+            host, port = self.admin.server_address[:2]
+            print(f"cclb admin on http://{host}:{port}/", flush=True)
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config file; apply it, or keep the old one if invalid."""
-        result = reload_settings(self.config, self.cluster, self.checker)
-        if result is None:
+        """SIGHUP: re-read the configuration; apply it, or keep the old one if invalid."""
+        new = self.reload_config()
+        if new is None:
             return
-        new, self.checker, added, removed = result
-        if new.access_log not in ("-", "off") or (new.access_log, new.log_format) != (
-                self.config.access_log, self.config.log_format):
-            # A log file is always reopened, so SIGHUP also serves log rotation.
-            try:
-                fresh = AccessLog(new.access_log, new.log_format)
-            except OSError as error:
-                log.error("cannot open access log %s, keeping the old one: %s",
-                          new.access_log, error.strerror)
-            else:
-                old_log, self.server.access_log = self.server.access_log, fresh
-                old_log.close()
-        self.server.configure(new)
+        old_pool, new_pool = self.config.pools["default"], new.pools["default"]
+        added, removed = self.cluster.apply_settings(old_pool, new_pool)
+        self.update_checker(HealthSettings.of(new_pool))
+        logging.getLogger("cclb").setLevel(new.log_level)
+        self.apply(new)
         self.config = new
         log.warning("configuration reloaded from %s (backends added: %s; removed: %s)",
                     new.source or "the command line", ", ".join(added) or "none",
                     ", ".join(removed) or "none")
 
-    def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish, release everything."""
-        log.info("cclb stopping: finishing in-flight requests")
-        self.server.shutdown()
+    def reload_config(self) -> Config | None:
+        return reload_config(self.config)
+
+    def apply(self, new: Config) -> None:
+        """Role-specific part of a reload (the new settings are valid)."""
+
+    def update_checker(self, health: HealthSettings) -> None:
+        """Adjust the health checker: new settings, stopped (interval 0) or started anew."""
+        self.checker.settings = health
+        if health.interval <= 0:
+            self.checker.stop()
+        elif not self.checker.is_alive() or self.checker.stopped.is_set():
+            self.checker = HealthChecker(self.cluster, health, self.on_health_round)
+            self.checker.start()
+
+    def tick(self) -> None:
+        """One round of the main loop (every 0.1 s)."""
+
+    def stop_checks_and_admin(self) -> None:
+        self.checker.stop()
         if self.admin is not None:
             self.admin.shutdown()
             self.admin.server_close()
-        self.checker.stop()
+
+
+class Balancer(Process):
+    """A listening balancer: the whole of cclb (single) or one of N workers."""
+
+    def __init__(self, config: Config, role: Role,
+                 on_supervisor_gone: Callable[[], None] = lambda: None) -> None:
+        super().__init__(config)
+        self.role = role
+        self.on_supervisor_gone = on_supervisor_gone  # a worker stops without its supervisor
+        self.server: LoadBalancerServer | None = None
+        self.stopped = threading.Event()  # ends the worker's counter reports
+
+    def start(self) -> None:
+        config = self.config
+        port, reuse_port, inherited_fd = config.port, False, None
+        if self.role is Role.WORKER:
+            port = int(os.environ[workers.PORT_ENV])
+            inherited_fd = int(os.environ[workers.FD_ENV]) if workers.FD_ENV in os.environ else None
+            reuse_port = inherited_fd is None
+        access_log = AccessLog("off")
+        try:
+            self.server = LoadBalancerServer((config.host, port), config, self.cluster,
+                                             access_log, reuse_port, inherited_fd)
+        except OSError as error:
+            access_log.close()
+            raise listen_error("", config.host, port, error) from None
+        try:  # after the bind: a port in use is the first thing to report
+            access_log.reopen(config.access_log, config.log_format)
+        except OSError as error:
+            self.server.server_close()
+            access_log.close()
+            raise StartError(f"cannot open access log {config.access_log}: {error.strerror}",
+                             code=2) from None
+        if self.role is Role.SINGLE:  # a worker follows its supervisor's checks and admin API
+            try:
+                self.start_checks_and_admin()
+            except StartError:
+                self.server.server_close()
+                access_log.close()
+                raise
+        spawn(self.server.serve_forever, "acceptor")
+
+    def announce(self) -> None:
+        assert self.server is not None
+        if self.role is Role.WORKER:
+            spawn(workers.follow_supervisor, "supervisor-link",
+                  self.cluster, sys.stdin.fileno(), self.on_supervisor_gone)
+            spawn(workers.report_counters, "counter-report", self.cluster, self.stopped)
+            sys.stdout.buffer.write(workers.READY_LINE)
+            sys.stdout.flush()
+        else:
+            host, port = self.server.server_address[:2]
+            print(ready_line(host, port, len(self.config.backends)), flush=True)
+            super().announce()
+        log.info("cclb %s (pid %d, %s, backends: %s)",
+                 "worker started" if self.role is Role.WORKER else "started", os.getpid(),
+                 self.config.algorithm, ", ".join(spec.url for spec in self.config.backends))
+
+    def update_checker(self, health: HealthSettings) -> None:
+        if self.role is Role.WORKER:
+            self.checker.settings = health  # never started: the supervisor checks
+        else:
+            super().update_checker(health)
+
+    def apply(self, new: Config) -> None:
+        assert self.server is not None
+        old = self.config
+        if new.access_log not in ("-", "off") or (new.access_log, new.log_format) != (
+                old.access_log, old.log_format):
+            # A log file is always reopened, so SIGHUP also serves log rotation.
+            try:
+                self.server.access_log.reopen(new.access_log, new.log_format)
+            except OSError as error:
+                log.error("cannot open access log %s, keeping the old one: %s",
+                          new.access_log, error.strerror)
+        self.server.configure(new)
+
+    def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish, release everything."""
+        assert self.server is not None
+        log.info("cclb stopping: finishing in-flight requests")
+        self.stopped.set()
+        self.server.shutdown()
+        self.stop_checks_and_admin()
         if not self.server.drain(DRAIN_SECONDS):
             log.warning("gave up waiting for in-flight requests after %.0fs", DRAIN_SECONDS)
         self.server.server_close()
         self.cluster.close()
         self.server.access_log.close()
-        log.info("cclb stopped")
+
+
+class SupervisorProcess(Process):
+    """--workers N: N worker processes, health checked and admin API served once, here."""
+
+    role = Role.SUPERVISOR
+
+    def __init__(self, config: Config, argv: list[str]) -> None:
+        super().__init__(config)
+        self.supervisor = workers.Supervisor(config, argv, self.cluster)
+
+    def on_health_round(self) -> None:
+        self.supervisor.publish_state()
+
+    def on_admin_change(self) -> None:
+        self.supervisor.publish_state()
+
+    def start(self) -> None:
+        try:
+            self.supervisor.bind()
+        except OSError as error:
+            raise listen_error("", self.config.host, self.config.port, error) from None
+        if not self.supervisor.start():
+            raise StartError("a worker failed to start (see the messages above)")
+        try:
+            self.start_checks_and_admin()
+        except StartError:
+            self.supervisor.stop(DRAIN_SECONDS)
+            raise
+
+    def announce(self) -> None:
+        print(ready_line(self.config.host, self.supervisor.port, len(self.config.backends),
+                         f" ({self.config.workers} workers)"), flush=True)
+        super().announce()
+        log.info("cclb supervisor started (pid %d, %d workers)", os.getpid(), self.config.workers)
+
+    def apply(self, new: Config) -> None:
+        self.supervisor.publish_state()
+        self.supervisor.forward(signal.SIGHUP)
+        log.warning("workers told to reload")
+
+    def tick(self) -> None:
+        self.supervisor.watch()
+        self.supervisor.merge_counters()
+
+    def stop(self) -> None:
+        log.info("cclb stopping: workers finish their in-flight requests")
+        self.stop_checks_and_admin()
+        self.supervisor.stop(DRAIN_SECONDS + 2)
+        self.cluster.close()
+
+
+def spawn(target: Callable[..., Any], name: str, *args: Any) -> None:
+    threading.Thread(target=target, args=args, name=name, daemon=True).start()
 
 
 class Signals:
@@ -207,109 +357,33 @@ def ready_line(host: str, port: int, backends: int, extra: str = "") -> str:
     return f"cclb listening on http://{host}:{port} -> {backends} backend{'s' * (backends != 1)}{extra}"
 
 
-def run(config: Any) -> int:
-    """Serve until SIGINT/SIGTERM (SIGHUP reloads); returns the exit code."""
-    port, reuse_port, inherited_fd = config.port, False, None
-    if workers.is_worker():
-        port = int(os.environ[workers.PORT_ENV])
-        inherited_fd = int(os.environ[workers.FD_ENV]) if workers.FD_ENV in os.environ else None
-        reuse_port = inherited_fd is None
-    try:
-        server = LoadBalancerServer((config.host, port), config, build_cluster(config),
-                                    AccessLog("off"), reuse_port, inherited_fd)
-    except OSError as error:
-        reason = error.strerror or str(error)
-        print(f"cclb: cannot listen on {config.host}:{port}: {reason}", file=sys.stderr)
-        return 1
-    try:
-        server.access_log = AccessLog(config.access_log, config.log_format)
-    except OSError as error:
-        server.server_close()
-        print(f"cclb: cannot open access log {config.access_log}: {error.strerror}", file=sys.stderr)
-        return 2
-    balancer = LoadBalancer(config, server)
-    try:
-        balancer.start()
-    except OSError as error:
-        server.server_close()
-        print(f"cclb: cannot listen on admin port {config.admin_host}:{config.admin_port}: "
-              f"{error.strerror or error}", file=sys.stderr)
-        return 1
-    signals = Signals()
-    if workers.is_worker():
-        threading.Thread(target=workers.follow_supervisor, name="supervisor-link", daemon=True,
-                         args=(server.cluster, sys.stdin.fileno(), signals.request_stop)).start()
-        sys.stdout.buffer.write(workers.READY_LINE)
-        sys.stdout.flush()
-        threading.Thread(target=workers.report_counters, args=(server.cluster,),
-                         name="counter-report", daemon=True).start()
-    else:
-        host, port = server.server_address[:2]
-        print(ready_line(host, port, len(config.backends)), flush=True)
-        if balancer.admin is not None:
-            admin_host, admin_port = balancer.admin.server_address[:2]
-            print(f"cclb admin on http://{admin_host}:{admin_port}/", flush=True)
-    log.info("cclb %s (pid %d, %s, backends: %s)",
-             "worker started" if workers.is_worker() else "started", os.getpid(),
-             config.algorithm, ", ".join(spec.url for spec in config.backends))
-    while signals.wait():
-        if signals.take_reload():
-            balancer.reload()
-    balancer.stop()
-    return 0
+def make_process(config: Config, role: Role, argv: list[str],
+                 signals: Signals) -> Balancer | SupervisorProcess:
+    if role is Role.SUPERVISOR:
+        return SupervisorProcess(config, [arg for arg in argv if arg != "--demo"])
+    return Balancer(config, role, on_supervisor_gone=signals.request_stop)
 
 
-def run_supervisor(config: Any, argv: list[str]) -> int:
-    """--workers N: start N workers, check health once for all, supervise."""
-    cluster = build_cluster(config)
-    supervisor = workers.Supervisor(config, argv, cluster)
+def serve(config: Config, role: Role, argv: list[str]) -> int:
+    """Start, serve until SIGINT/SIGTERM (SIGHUP reloads), stop; returns the exit code.
+
+    The one sequence for every role; what differs lives in the role's class.
+    """
+    signals = Signals()  # a stop asked for while starting is honoured right after
+    process = make_process(config, role, argv, signals)
     try:
-        port = supervisor.bind()
-    except OSError as error:
-        print(f"cclb: cannot listen on {config.host}:{config.port}: {error.strerror or error}",
-              file=sys.stderr)
-        return 1
-    signals = Signals()
-    if not supervisor.start():
-        print("cclb: a worker failed to start (see the messages above)", file=sys.stderr)
-        return 1
-    checker = HealthChecker(cluster, health_settings(config), supervisor.publish_state)
-    if config.health_interval > 0:
-        checker.start()
-    admin = None
-    if config.admin_port is not None:
-        try:
-            admin = AdminServer((config.admin_host, config.admin_port), cluster, lambda: config,
-                                on_change=supervisor.publish_state)
-        except OSError as error:
-            supervisor.stop(DRAIN_SECONDS)
-            print(f"cclb: cannot listen on admin port {config.admin_port}: {error.strerror}",
-                  file=sys.stderr)
-            return 1
-        threading.Thread(target=admin.serve_forever, name="admin", daemon=True).start()
-    print(ready_line(config.host, port, len(config.backends), f" ({config.workers} workers)"),
-          flush=True)
-    if admin is not None:
-        admin_host, admin_port = admin.server_address[:2]
-        print(f"cclb admin on http://{admin_host}:{admin_port}/", flush=True)
-    log.info("cclb supervisor started (pid %d, %d workers)", os.getpid(), config.workers)
+        process.start()
+    except StartError as error:
+        print(f"cclb: {error}", file=sys.stderr)
+        return error.code
+    process.announce()
+    guard = LoopGuard("main")
     while signals.wait():
-        if signals.take_reload():
-            result = reload_settings(config, cluster, checker)
-            if result is not None:
-                config, checker, _, _ = result
-                supervisor.publish_state()
-                supervisor.forward(signal.SIGHUP)
-                log.warning("configuration reloaded; workers told to reload")
-        supervisor.watch()
-        supervisor.merge_counters()
-    log.info("cclb stopping: workers finish their in-flight requests")
-    checker.stop()
-    if admin is not None:
-        admin.shutdown()
-        admin.server_close()
-    supervisor.stop(DRAIN_SECONDS + 2)
-    cluster.close()
+        with guard:
+            if signals.take_reload():
+                process.reload()
+            process.tick()
+    process.stop()
     log.info("cclb stopped")
     return 0
 
@@ -385,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     config = settings.load(argv)
     setup_app_logger(config.log_level)
     if workers.is_worker():
-        return run(config)
+        return serve(config, Role.WORKER, argv)
+    role = Role.SUPERVISOR if config.workers > 1 else Role.SINGLE
     children: list[subprocess.Popen[bytes]] = []
     # Until the balancer installs its own handlers, SIGTERM must still lead
     # through the finally below, so the demo children are never orphaned.
@@ -399,9 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"cclb: {error}", file=sys.stderr)
                 return 1
             log.info("demo backends started on ports %s", ", ".join(map(str, ports)))
-        if config.workers > 1:
-            return run_supervisor(config, [arg for arg in argv if arg != "--demo"])
-        return run(config)
+        return serve(config, role, argv)
     except KeyboardInterrupt:
         return 0
     finally:

@@ -1,80 +1,34 @@
 """The backends and their shared state: ``Backend`` and ``ServerCluster``.
 
 Each backend's state (health, admin state, in-flight requests, counters)
-lives on one ``Backend`` object.  ``ServerCluster.lock`` guards the backend
-list, every Backend field marked "guarded" below, and the policy's state.
-Each backend's connection pool has its own lock (see ``upstream``), so
-requests to different backends never contend on socket bookkeeping.
+lives on one ``Backend`` object.  ``ServerCluster._lock`` guards the backend
+list, every Backend field marked "guarded" below, and the policy's state; it
+stays inside this module: other modules read consistent copies
+(``ServerCluster.stats``, ``BackendStats``) and change state through the
+cluster's methods.  Each backend's connection pool has its own lock (see
+``upstream``), so requests to different backends never contend on socket
+bookkeeping.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Iterable
 
-from balancing import Policy, RoundRobin
-from metrics import Histogram
+from backend_urls import BackendSpec, parse_backend  # noqa: F401 - re-exported
+from balancing import Policy, RoundRobin, make_policy
+from metrics import Histogram, TrafficCounters
 from upstream import ConnectionPool
+
+if TYPE_CHECKING:
+    from settings import PoolSettings
 
 log = logging.getLogger("cclb")
 
 READY, DRAIN, MAINT = "ready", "drain", "maint"
-_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-                       r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-@dataclass(frozen=True, slots=True)
-class BackendSpec:
-    """A backend as configured: ``http://host:port`` plus options."""
-
-    url: str
-    host: str
-    port: int
-    weight: int = 1
-
-
-def parse_backend(text: str) -> BackendSpec:
-    """Parse ``[http://]host:port[,weight=N]``; ValueError with a clear message."""
-    address, *options = [part.strip() for part in text.split(",")]
-    raw = address if "://" in address else f"http://{address}"
-    try:
-        parts = urlsplit(raw)
-        port = parts.port
-    except ValueError as error:
-        raise ValueError(f"invalid backend {text!r}: {error}") from None
-    if parts.scheme != "http":
-        raise ValueError(f"invalid backend {text!r}: only http:// backends are supported")
-    if not parts.hostname or port is None:
-        raise ValueError(f"invalid backend {text!r}: expected http://host:port")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise ValueError(f"invalid backend {text!r}: expected http://host:port with no path")
-    if not 1 <= port <= 65535:
-        raise ValueError(f"invalid backend {text!r}: port must be 1-65535")
-    weight = 1
-    for option in options:
-        key, _, value = option.partition("=")
-        if key != "weight" or not value.isdigit() or not 1 <= int(value) <= 1000:
-            raise ValueError(f"invalid backend option {option!r} in {text!r}: expected weight=1..1000")
-        weight = int(value)
-    host = parts.hostname
-    if not _HOSTNAME.fullmatch(host) and not _is_ip(host):
-        raise ValueError(f"invalid backend {text!r}: {host!r} is not a host name or IP address")
-    shown_host = f"[{host}]" if ":" in host else host
-    return BackendSpec(f"http://{shown_host}:{port}", host, port, weight)
 
 
 @dataclass(eq=False)
@@ -87,7 +41,7 @@ class Backend:
     port: int
     weight: int
     pool: ConnectionPool
-    # guarded by ServerCluster.lock:
+    # guarded by ServerCluster._lock:
     healthy: bool = True
     admin_state: str = READY
     since: float = field(default_factory=time.time)  # when `state` last changed
@@ -120,12 +74,57 @@ class Backend:
     def passively_down(self) -> bool:
         return time.monotonic() < self.passive_down_until
 
+    def stats(self) -> BackendStats:
+        """A copy of this backend's state and counters (caller holds the cluster lock)."""
+        return BackendStats(
+            self.id, self.url, self.weight, self.effective_weight(), self.state, self.available,
+            self.healthy, self.admin_state, self.since, self.last_check, self.last_check_latency,
+            dict(self.health_checks),
+            TrafficCounters(dict(self.responses), self.in_flight, self.failures, self.retries,
+                            self.latency.copy()))
+
+    def adopt_traffic(self, traffic: TrafficCounters) -> None:
+        """Show ``traffic`` as this backend's counters (caller holds the cluster lock)."""
+        self.responses = dict(traffic.responses)
+        self.in_flight = traffic.in_flight
+        self.failures = traffic.failures
+        self.retries = traffic.retries
+        self.latency = traffic.latency.copy()
+
     def effective_weight(self) -> float:
         """The weight, ramped up linearly during slow start."""
         if self.slow_start <= 0:
             return self.weight
         ramp = (time.monotonic() - self.up_since) / self.slow_start
         return self.weight * min(1.0, max(ramp, 0.05))
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStats:
+    """A consistent copy of one backend's state and counters, free of any lock."""
+
+    id: int
+    url: str
+    weight: int
+    effective_weight: float
+    state: str  # "up", "down", "drain" or "maint"
+    available: bool
+    healthy: bool
+    admin_state: str
+    since: float  # wall-clock time of the last state change
+    last_check: str
+    last_check_latency: float | None
+    health_checks: dict[str, int]
+    traffic: TrafficCounters
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStats:
+    """A consistent copy of the whole cluster, taken in one step under its lock."""
+
+    policy: str
+    backends: list[BackendStats]
+    unrouted: dict[int, int]  # answers given without a backend, by status
 
 
 class Attempt:
@@ -136,7 +135,7 @@ class Attempt:
     failure, maybe retried elsewhere), or leaving the ``with`` block, which
     releases an attempt that is still open without counting a response.  A
     second release is a no-op, so in-flight counts can never go below zero.
-    ``released`` is guarded by ``ServerCluster.lock``.
+    ``released`` is guarded by ``ServerCluster._lock``.
     """
 
     __slots__ = ("cluster", "backend", "released")
@@ -167,12 +166,13 @@ class Attempt:
 
 
 class ServerCluster:
-    """The backends behind the balancer and the policy that picks among them."""
+    """A named pool of backends and the policy that picks among them."""
 
     def __init__(self, specs: Iterable[BackendSpec], policy: Policy | None = None, *,
-                 connect_timeout: float = 3.0, read_timeout: float = 60.0,
+                 name: str = "default", connect_timeout: float = 3.0, read_timeout: float = 60.0,
                  max_fails: int = 1, fail_timeout: float = 10.0, slow_start: float = 0.0) -> None:
-        self.lock = threading.Lock()
+        self.name = name
+        self._lock = threading.Lock()
         self.policy: Policy = policy or RoundRobin()
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -185,15 +185,31 @@ class ServerCluster:
         for spec in specs:
             self.add(spec)
 
+    @classmethod
+    def from_settings(cls, pool: PoolSettings) -> ServerCluster:
+        return cls(pool.backends, make_policy(pool.algorithm), name=pool.name,
+                   connect_timeout=pool.connect_timeout, read_timeout=pool.read_timeout,
+                   max_fails=pool.max_fails, fail_timeout=pool.fail_timeout,
+                   slow_start=pool.slow_start)
+
+    def apply_settings(self, old: PoolSettings, new: PoolSettings) -> tuple[list[str], list[str]]:
+        """A reload: adopt ``new`` (members, policy, timeouts); returns (added, removed) URLs."""
+        added, removed = self.reconcile(new.backends)
+        self.configure(
+            make_policy(new.algorithm) if new.algorithm != old.algorithm else None,
+            connect_timeout=new.connect_timeout, read_timeout=new.read_timeout,
+            max_fails=new.max_fails, fail_timeout=new.fail_timeout, slow_start=new.slow_start)
+        return added, removed
+
     # --- membership -------------------------------------------------------
 
     def add(self, spec: BackendSpec) -> Backend | None:
         """Add a backend; None if one with the same URL is already there."""
-        with self.lock:
+        with self._lock:
             return self._add_locked(spec)
 
     def _add_locked(self, spec: BackendSpec) -> Backend | None:
-        # caller holds self.lock
+        # caller holds self._lock
         if any(backend.url == spec.url for backend in self.backends):
             return None
         pool = ConnectionPool(spec.host, spec.port, self.connect_timeout, self.read_timeout)
@@ -205,10 +221,10 @@ class ServerCluster:
 
     def remove(self, backend: Backend) -> None:
         """Take a backend out; requests in flight on it finish normally."""
-        with self.lock:
+        with self._lock:
             if backend in self.backends:
                 self.backends.remove(backend)
-        backend.pool.close_all()
+        backend.pool.retire()
 
     def reconcile(self, specs: Iterable[BackendSpec]) -> tuple[list[str], list[str]]:
         """Make the backend list match ``specs`` (a reload); returns (added, removed) URLs.
@@ -218,7 +234,7 @@ class ServerCluster:
         under the lock, so concurrent changes cannot interleave.
         """
         wanted = {spec.url: spec for spec in specs}
-        with self.lock:
+        with self._lock:
             removed = [b for b in self.backends if b.url not in wanted]
             for backend in self.backends:
                 if backend.url in wanted:
@@ -226,12 +242,12 @@ class ServerCluster:
             self.backends = [b for b in self.backends if b.url in wanted]
             added = [b.url for spec in wanted.values() if (b := self._add_locked(spec))]
         for backend in removed:
-            backend.pool.close_all()
+            backend.pool.retire()
         return added, [backend.url for backend in removed]
 
     def configure(self, policy: Policy | None = None, **params: float) -> None:
         """Change the policy or the timeouts/thresholds (a reload)."""
-        with self.lock:
+        with self._lock:
             if policy is not None:
                 self.policy = policy
             for name, value in params.items():
@@ -242,12 +258,33 @@ class ServerCluster:
                 backend.pool.read_timeout = self.read_timeout
 
     def find(self, backend_id: int) -> Backend | None:
-        with self.lock:
+        with self._lock:
             return next((b for b in self.backends if b.id == backend_id), None)
 
     def snapshot(self) -> list[Backend]:
-        with self.lock:
+        with self._lock:
             return list(self.backends)
+
+    # --- consistent copies for the admin API, metrics and workers ----------
+
+    def stats(self) -> ClusterStats:
+        """Every backend's state and counters, copied in one step."""
+        with self._lock:
+            return ClusterStats(self.policy.name, [b.stats() for b in self.backends],
+                                dict(self.unrouted))
+
+    def backend_stats(self, backend: Backend) -> BackendStats:
+        with self._lock:
+            return backend.stats()
+
+    def adopt_traffic(self, per_url: dict[str, TrafficCounters], unrouted: dict[int, int]) -> None:
+        """Show counters added up elsewhere (--workers: the supervisor sums its workers')."""
+        with self._lock:
+            self.unrouted = dict(unrouted)
+            for backend in self.backends:
+                traffic = per_url.get(backend.url)
+                if traffic is not None:
+                    backend.adopt_traffic(traffic)
 
     # --- the request path -------------------------------------------------
 
@@ -257,7 +294,7 @@ class ServerCluster:
         The returned ``Attempt`` owns that in-flight count until it is released
         (exactly once, see ``Attempt``).
         """
-        with self.lock:
+        with self._lock:
             candidates = [b for b in self.backends if b.available and b not in exclude]
             if not candidates:
                 return None
@@ -269,7 +306,7 @@ class ServerCluster:
                  retried: bool) -> bool:
         """End ``attempt``: with ``status``, or failed (None).  False if it had ended already."""
         backend = attempt.backend
-        with self.lock:
+        with self._lock:
             if attempt.released:
                 return False
             attempt.released = True
@@ -286,7 +323,7 @@ class ServerCluster:
 
     def count_unrouted(self, status: int) -> None:
         """A request answered by cclb itself because no backend could take it."""
-        with self.lock:
+        with self._lock:
             self.unrouted[status] = self.unrouted.get(status, 0) + 1
 
     def report_failure(self, backend: Backend, reason: str) -> None:
@@ -298,7 +335,7 @@ class ServerCluster:
         one is never emptied by passive failures alone.
         """
         now = time.monotonic()
-        with self.lock:
+        with self._lock:
             backend.failures += 1
             recent = [t for t in backend.passive_failures if now - t < self.fail_timeout]
             recent.append(now)
@@ -316,7 +353,7 @@ class ServerCluster:
                      rise: int = 1, fall: int = 1) -> None:
         """Active check result; flips health after ``rise``/``fall`` in a row."""
         revived = quiet = False
-        with self.lock:
+        with self._lock:
             backend.last_check = detail
             backend.last_check_latency = latency
             result = "pass" if ok else "fail"
@@ -348,21 +385,21 @@ class ServerCluster:
 
     def apply_published_health(self, backend: Backend, healthy: bool) -> None:
         """A worker adopts the supervisor's verdict (see workers.py); no log."""
-        with self.lock:
+        with self._lock:
             # Only a change of the verdict counts: an "up" repeated every round
             # must not cut short this worker's own passive fail_timeout.
             if backend.healthy != healthy:
                 self._set_health(backend, healthy)
 
     def set_admin_state(self, backend: Backend, state: str, quiet: bool = False) -> None:
-        with self.lock:
+        with self._lock:
             backend.admin_state = state
             backend.since = time.time()
         if not quiet:
             log.warning("backend %s set to %s", backend.url, state)
 
     def _set_health(self, backend: Backend, healthy: bool) -> None:
-        # caller holds self.lock
+        # caller holds self._lock
         backend.healthy = healthy
         backend.since = time.time()
         if healthy:
@@ -372,4 +409,4 @@ class ServerCluster:
 
     def close(self) -> None:
         for backend in self.snapshot():
-            backend.pool.close_all()
+            backend.pool.retire()

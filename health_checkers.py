@@ -15,16 +15,19 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from cluster import Backend, ServerCluster
 from loops import LoopGuard
 from upstream import describe_error
 
+if TYPE_CHECKING:
+    from settings import PoolSettings
+
 log = logging.getLogger("cclb")
 
 
-@dataclass
+@dataclass(frozen=True)
 class HealthSettings:
     interval: float = 10.0
     path: str = "/"
@@ -32,6 +35,11 @@ class HealthSettings:
     expected: tuple[int, int] = (200, 399)
     rise: int = 1
     fall: int = 1
+
+    @classmethod
+    def of(cls, pool: PoolSettings) -> HealthSettings:
+        return cls(pool.health_interval, pool.health_path, pool.health_timeout,
+                   pool.health_status, pool.rise, pool.fall)
 
 
 class Probe:

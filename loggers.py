@@ -16,9 +16,11 @@ import logging
 import re
 import sys
 import threading
-from collections import deque
 import time
+from collections import deque
 from typing import TextIO
+
+from loops import LoopGuard
 
 APP_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f-\xff"\\]')
@@ -46,40 +48,58 @@ class AccessLog:
 
     ``record`` is thread-safe and cheap: it formats one line and appends it
     to ``pending`` (``collections.deque.append`` is atomic, so request
-    threads share no lock of ours).  The writer thread owns the output
-    stream and wakes every ``flush_interval`` seconds to write whatever
-    accumulated in one call; waking it per line would cost a thread switch
-    per request.
+    threads share no lock of ours).  The writer thread wakes every
+    ``flush_interval`` seconds to write whatever accumulated in one call;
+    waking it per line would cost a thread switch per request.
+
+    ``lock`` guards ``stream``: the writer thread writes under it, and
+    ``reopen`` (SIGHUP, log rotation) swaps the file under it, so a line
+    queued at any moment lands in the old file or the new one, never
+    nowhere.
     """
 
     def __init__(self, destination: str, log_format: str = "text",
                  flush_interval: float = 0.2) -> None:
-        self.json = log_format == "json"
         self.flush_interval = flush_interval
-        self.stream: TextIO | None
-        if destination == "off":
-            self.stream = None
-        elif destination == "-":
-            self.stream = sys.stderr
-        else:
-            self.stream = open(destination, "a", encoding="utf-8", buffering=1 << 16)
+        self.lock = threading.Lock()
+        self.stream: TextIO | None = self._open(destination)
+        self.json = log_format == "json"
         self.pending: deque[str] = deque()
         self.stopped = threading.Event()
         self.stamp_second = -1
         self.stamp = ""
+        self.guard = LoopGuard("access log writer")
         self.writer = threading.Thread(target=self._run, name="access-log", daemon=True)
-        if self.stream is not None:
-            self.writer.start()
+        self.writer.start()
 
-    @property
-    def enabled(self) -> bool:
-        return self.stream is not None
+    @staticmethod
+    def _open(destination: str) -> TextIO | None:
+        """The stream for ``destination``; OSError if a file cannot be opened."""
+        if destination == "off":
+            return None
+        if destination == "-":
+            return sys.stderr
+        return open(destination, "a", encoding="utf-8", buffering=1 << 16)
+
+    def reopen(self, destination: str, log_format: str) -> None:
+        """Switch to ``destination`` (the same path reopens it, for log rotation).
+
+        OSError if it cannot be opened; the current stream is then kept.
+        Lines queued before the switch are written to the old stream first.
+        """
+        fresh = self._open(destination)
+        with self.lock:
+            self._write_pending()
+            old, self.stream = self.stream, fresh
+            self.json = log_format == "json"
+        if old is not None and old is not sys.stderr:
+            old.close()
 
     def record(self, client: str, method: str, target: str, status: int, sent: int,
                backend: str, duration: float, request_id: str = "") -> None:
         """Log one finished request (``duration`` in seconds)."""
         if self.stream is None:
-            return
+            return  # "off" (a stale read during a reopen costs at most one line)
         now = time.time()
         if self.json:
             line = json.dumps({
@@ -100,17 +120,22 @@ class AccessLog:
 
     def _run(self) -> None:
         while not self.stopped.wait(self.flush_interval):
-            self.flush()
+            with self.guard:
+                self.flush()
         self.flush()
 
     def flush(self) -> None:
-        """Write every pending line (writer thread, or after it stopped)."""
-        assert self.stream is not None
+        """Write every pending line to the current stream."""
+        with self.lock:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        # caller holds self.lock
         lines = []
         pending = self.pending
         while pending:
             lines.append(pending.popleft())
-        if lines:
+        if lines and self.stream is not None:
             try:
                 self.stream.write("\n".join(lines) + "\n")
                 self.stream.flush()
@@ -119,9 +144,10 @@ class AccessLog:
 
     def close(self) -> None:
         """Flush every queued line and stop the writer."""
-        if self.stream is None:
-            return
         self.stopped.set()
         self.writer.join(timeout=5)
-        if self.stream is not sys.stderr:
-            self.stream.close()
+        with self.lock:
+            self._write_pending()
+            stream, self.stream = self.stream, None
+        if stream is not None and stream is not sys.stderr:
+            stream.close()

@@ -1,19 +1,22 @@
-"""Metrics: a latency histogram and the Prometheus text exposition format.
+"""Metrics: the traffic counters' layout, a latency histogram, Prometheus text.
 
 The numbers themselves live on the objects they describe (``Backend``
-counters, guarded by ``ServerCluster.lock``); this module only provides the
-histogram type and renders a consistent snapshot as Prometheus text
-(format version 0.0.4: ``# HELP``/``# TYPE`` lines, then samples).
+counters, guarded by ``ServerCluster``'s lock).  This module defines, once,
+the layout of a backend's traffic counters (``TrafficCounters``: what a
+worker reports, what the supervisor adds up, what /status and /metrics
+show) and renders a consistent copy (``cluster.ClusterStats``) as
+Prometheus text (format version 0.0.4: ``# HELP``/``# TYPE`` lines, then
+samples).
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
-    from cluster import Backend, ServerCluster
+    from cluster import ClusterStats
 
 # Seconds; what a load balancer's users care about: sub-ms to a few seconds.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -36,6 +39,48 @@ class Histogram:
         return Histogram(list(self.counts), self.total, self.count)
 
 
+@dataclass
+class TrafficCounters:
+    """One backend's traffic counters; plain data, owned by whoever holds the copy."""
+
+    responses: dict[int, int] = field(default_factory=dict)  # status code -> count
+    in_flight: int = 0
+    failures: int = 0  # attempts failed at the transport level
+    retries: int = 0  # of those, how many were retried elsewhere
+    latency: Histogram = field(default_factory=Histogram)
+
+    def add(self, other: TrafficCounters, in_flight: bool = True) -> None:
+        """Add ``other`` into these counters (``in_flight=False``: a dead worker's)."""
+        for code, count in other.responses.items():
+            self.responses[code] = self.responses.get(code, 0) + count
+        self.failures += other.failures
+        self.retries += other.retries
+        if in_flight:
+            self.in_flight += other.in_flight
+        self.latency = Histogram([a + b for a, b in zip(self.latency.counts, other.latency.counts)],
+                                 self.latency.total + other.latency.total,
+                                 self.latency.count + other.latency.count)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"responses": {str(code): n for code, n in self.responses.items()},
+                "in_flight": self.in_flight, "failures": self.failures, "retries": self.retries,
+                "latency": list(self.latency.counts), "latency_sum": self.latency.total,
+                "latency_count": self.latency.count}
+
+    @classmethod
+    def from_json(cls, data: Any) -> TrafficCounters:
+        """The inverse of ``to_json``; ValueError for anything of another shape."""
+        try:
+            counts = [int(n) for n in data["latency"]]
+            if len(counts) != len(BUCKETS) + 1:
+                raise ValueError("wrong number of latency buckets")
+            return cls({int(code): int(n) for code, n in data["responses"].items()},
+                       int(data["in_flight"]), int(data["failures"]), int(data["retries"]),
+                       Histogram(counts, float(data["latency_sum"]), int(data["latency_count"])))
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"malformed traffic counters: {error!r}") from None
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -44,11 +89,10 @@ def _labels(**labels: str) -> str:
     return "{" + ",".join(f'{key}="{_escape(value)}"' for key, value in labels.items()) + "}"
 
 
-def render(cluster: ServerCluster) -> str:
-    """The /metrics page for ``cluster`` (consistent: taken under its lock)."""
-    with cluster.lock:
-        backends = [_BackendView.of(backend) for backend in cluster.backends]
-        unrouted = dict(cluster.unrouted)
+def render(stats: ClusterStats) -> str:
+    """The /metrics page for a consistent copy of the cluster (``ServerCluster.stats``)."""
+    backends = stats.backends
+    unrouted = stats.unrouted
     lines: list[str] = []
 
     def family(name: str, kind: str, help_text: str, samples: Iterable[str]) -> None:
@@ -58,50 +102,32 @@ def render(cluster: ServerCluster) -> str:
 
     family("cclb_requests_total", "counter", "Responses relayed, by backend and status code.",
            [f"cclb_requests_total{_labels(backend=b.url, code=str(code))} {n}"
-            for b in backends for code, n in sorted(b.responses.items())]
+            for b in backends for code, n in sorted(b.traffic.responses.items())]
            + [f"cclb_requests_total{_labels(backend='none', code=str(code))} {n}"
               for code, n in sorted(unrouted.items())])
     family("cclb_backend_up", "gauge", "1 if the backend may receive new requests, else 0.",
            [f"cclb_backend_up{_labels(backend=b.url)} {int(b.available)}" for b in backends])
     family("cclb_in_flight", "gauge", "Requests currently being served by the backend.",
-           [f"cclb_in_flight{_labels(backend=b.url)} {b.in_flight}" for b in backends])
+           [f"cclb_in_flight{_labels(backend=b.url)} {b.traffic.in_flight}" for b in backends])
     family("cclb_backend_failures_total", "counter",
            "Attempts that failed at the transport level (refused, reset, closed).",
-           [f"cclb_backend_failures_total{_labels(backend=b.url)} {b.failures}" for b in backends])
+           [f"cclb_backend_failures_total{_labels(backend=b.url)} {b.traffic.failures}"
+            for b in backends])
     family("cclb_retries_total", "counter", "Attempts retried on another backend after failing on this one.",
-           [f"cclb_retries_total{_labels(backend=b.url)} {b.retries}" for b in backends])
+           [f"cclb_retries_total{_labels(backend=b.url)} {b.traffic.retries}" for b in backends])
     family("cclb_health_checks_total", "counter", "Active health checks, by result.",
            [f"cclb_health_checks_total{_labels(backend=b.url, result=result)} {n}"
             for b in backends for result, n in sorted(b.health_checks.items())])
     samples = []
     for b in backends:
+        latency = b.traffic.latency
         cumulative = 0
-        for bound, count in zip(BUCKETS + (float("inf"),), b.latency.counts):
+        for bound, count in zip(BUCKETS + (float("inf"),), latency.counts):
             cumulative += count
             le = "+Inf" if bound == float("inf") else repr(bound)
             samples.append(f"cclb_request_duration_seconds_bucket{_labels(backend=b.url, le=le)} {cumulative}")
-        samples.append(f"cclb_request_duration_seconds_sum{_labels(backend=b.url)} {b.latency.total:.6f}")
-        samples.append(f"cclb_request_duration_seconds_count{_labels(backend=b.url)} {b.latency.count}")
+        samples.append(f"cclb_request_duration_seconds_sum{_labels(backend=b.url)} {latency.total:.6f}")
+        samples.append(f"cclb_request_duration_seconds_count{_labels(backend=b.url)} {latency.count}")
     family("cclb_request_duration_seconds", "histogram",
            "Time from the request head to the end of the response, by backend.", samples)
     return "\n".join(lines) + "\n"
-
-
-@dataclass
-class _BackendView:
-    """A copy of one backend's numbers, taken under the cluster lock."""
-
-    url: str
-    available: bool
-    in_flight: int
-    failures: int
-    retries: int
-    responses: dict[int, int]
-    health_checks: dict[str, int]
-    latency: Histogram
-
-    @classmethod
-    def of(cls, backend: Backend) -> _BackendView:
-        return cls(backend.url, backend.available, backend.in_flight, backend.failures,
-                   backend.retries, dict(backend.responses), dict(backend.health_checks),
-                   backend.latency.copy())

@@ -9,14 +9,15 @@ checks that the README holds it).  The command line overrides the file.
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 import sys
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
 from balancing import POLICIES
-from cluster import BackendSpec, parse_backend
+from backend_urls import BackendSpec, parse_backend
 
 DEFAULT_BACKENDS = ["http://127.0.0.1:7000", "http://127.0.0.1:7001", "http://127.0.0.1:7002"]
 
@@ -121,6 +122,35 @@ def _backends(value: Any) -> list[BackendSpec]:
 
 
 @dataclass(frozen=True)
+class Listener:
+    """Where clients connect.  Plain HTTP today; the TLS settings will join here."""
+
+    host: str
+    port: int
+    scheme: str = "http"
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """One named pool of backends: its members, policy, timeouts and health checks."""
+
+    name: str
+    backends: list[BackendSpec]
+    algorithm: str
+    connect_timeout: float
+    read_timeout: float
+    max_fails: int
+    fail_timeout: float
+    slow_start: float
+    health_interval: float
+    health_path: str
+    health_timeout: float
+    health_status: tuple[int, int]
+    rise: int
+    fall: int
+
+
+@dataclass(frozen=True)
 class Setting:
     name: str  # attribute and config-file key
     flags: tuple[str, ...]
@@ -134,102 +164,169 @@ class Setting:
     flag_only: bool = False  # boolean switch without a value
 
 
-SETTINGS: list[Setting] = [
-    Setting("port", ("-p", "--port"), 8080, _number(int, 0, 65535),
-            "port to listen on (0: any free port)", "PORT", "listener"),
-    Setting("host", ("--host",), "0.0.0.0", _text,
-            "address to listen on (0.0.0.0: all interfaces)", "HOST", "listener"),
-    Setting("workers", ("--workers",), 1, _number(int, 1, 64),
-            "worker processes sharing the port", "N", "listener"),
-    Setting("backends", ("-b", "--backend"), DEFAULT_BACKENDS, _backends,
-            "backend as http://host:port or host:port, optionally ',weight=N'; "
-            "repeat for each backend",
-            "URL", "backends", repeat=True),
-    Setting("algorithm", ("--algorithm",), "round-robin", _choice(*POLICIES),
-            f"balancing policy: {', '.join(POLICIES)}", "NAME", "backends"),
-    Setting("health_interval", ("--health-interval",), 10.0, _number(float, 0, 86400),
-            "seconds between active health checks of each backend (0: no active checks)",
-            "SECONDS", "health"),
-    Setting("health_path", ("--health-path",), "/", _path,
-            "path requested by active health checks", "PATH", "health"),
-    Setting("health_timeout", ("--health-timeout",), 2.0, _number(float, 0.01, 3600),
-            "seconds a health check may take", "SECONDS", "health"),
-    Setting("health_status", ("--health-status",), "200-399", _status_range,
-            "status (range) that makes a health check pass", "RANGE", "health"),
-    Setting("rise", ("--rise",), 1, _number(int, 1, 100),
-            "consecutive passing checks that bring a backend UP", "N", "health"),
-    Setting("fall", ("--fall",), 1, _number(int, 1, 100),
-            "consecutive failing checks that take a backend DOWN", "N", "health"),
-    Setting("max_fails", ("--max-fails",), 1, _number(int, 0, 1000),
-            "failed requests within --fail-timeout that take a backend DOWN (0: never)",
-            "N", "health"),
-    Setting("fail_timeout", ("--fail-timeout",), 10.0, _number(float, 0.1, 86400),
-            "window for --max-fails, in seconds", "SECONDS", "health"),
-    Setting("slow_start", ("--slow-start",), 0.0, _number(float, 0, 3600),
-            "seconds over which a recovered backend's weight ramps up (0: off)",
-            "SECONDS", "health"),
-    Setting("connect_timeout", ("--connect-timeout",), 3.0, _number(float, 0.01, 3600),
-            "seconds to connect to a backend before trying the next one", "SECONDS", "timeouts"),
-    Setting("read_timeout", ("--read-timeout",), 60.0, _number(float, 0.01, 86400),
-            "seconds to wait for a backend's response (504 after)", "SECONDS", "timeouts"),
-    Setting("header_timeout", ("--header-timeout",), 10.0, _number(float, 0.01, 3600),
-            "seconds a client has to send a whole request head (408 after)", "SECONDS", "timeouts"),
-    Setting("keepalive_timeout", ("--keepalive-timeout",), 30.0, _number(float, 0.01, 86400),
-            "seconds an idle client keep-alive connection stays open", "SECONDS", "timeouts"),
-    Setting("body_timeout", ("--body-timeout",), 30.0, _number(float, 0.01, 86400),
-            "seconds a client may stay silent while sending a body (408 after)",
-            "SECONDS", "timeouts"),
-    Setting("max_body_size", ("--max-body-size",), 10 * 1024 ** 2, parse_size,
-            "largest request body accepted (413 beyond), e.g. 10M", "SIZE", "limits"),
-    Setting("max_header_size", ("--max-header-size",), 32 * 1024, parse_size,
-            "largest request header section (431 beyond)", "SIZE", "limits"),
-    Setting("max_request_line", ("--max-request-line",), 8 * 1024, parse_size,
-            "longest request line (414 beyond)", "SIZE", "limits"),
-    Setting("max_headers", ("--max-headers",), 100, _number(int, 1, 10000),
-            "most header fields in a request (431 beyond)", "N", "limits"),
-    Setting("max_connections", ("--max-connections",), 1024, _number(int, 1, 100000),
-            "most client connections at once; beyond it new ones get a fast 503", "N", "limits"),
-    Setting("gzip_level", ("--gzip-level",), 5, _number(int, 0, 9),
-            "gzip compression level for clients that accept it (0: no compression)", "N", "gzip"),
-    Setting("gzip_min_size", ("--gzip-min-size",), 256, parse_size,
-            "smallest response body worth compressing", "SIZE", "gzip"),
-    Setting("log_level", ("--log-level",), "INFO",
-            lambda v: _choice("debug", "info", "warning", "error", "critical")(v).upper(),
-            "application log level", "LEVEL", "logging"),
-    Setting("access_log", ("--access-log",), "-", _text,
-            "access log file, '-' for stderr, 'off' for none", "PATH", "logging"),
-    Setting("log_format", ("--log-format",), "text", _choice("text", "json"),
-            "access log format", "FORMAT", "logging"),
-    Setting("admin_port", ("--admin-port",), None, _number(int, 0, 65535),
-            "port of the admin API and dashboard (default: off)", "PORT", "admin"),
-    Setting("admin_host", ("--admin-host",), "127.0.0.1", _text,
-            "address of the admin API (a non-loopback one needs --admin-token)", "HOST", "admin"),
-    Setting("admin_token", ("--admin-token",), None, _text,
-            "bearer token required for admin API writes", "TOKEN", "admin"),
-    Setting("config", ("--config",), None, _text,
-            "TOML configuration file (options on the command line override it)",
-            "FILE", "general", cli_only=True),
-    Setting("demo", ("--demo",), False, bool,
-            "also start the three demo backends (server.py on 7000-7002) as child processes",
-            None, "general", cli_only=True, flag_only=True),
-]
+_SETTING = "cclb.setting"  # the key of a Setting in a Config field's metadata
+
+
+def option(flags: tuple[str, ...], default: Any, check: Callable[[Any], Any], help: str,
+           metavar: str | None = None, section: str = "general", *, cli_only: bool = False,
+           repeat: bool = False, flag_only: bool = False) -> Any:
+    """A Config field for one option; the field's name becomes the setting's name."""
+    setting = Setting("", flags, default, check, help, metavar, section, cli_only, repeat, flag_only)
+    value = default if default is None or flag_only or cli_only else check(default)
+    if isinstance(value, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(value), metadata={_SETTING: setting})
+    return field(default=value, metadata={_SETTING: setting})
+
+
+@dataclass(frozen=True)
+class Config:
+    """The settings in force, one typed attribute per option (gunicorn style).
+
+    Each option is defined once, here: its field's ``option(...)`` holds the
+    flags, default, check and help; ``SETTINGS`` (the command line, the
+    config file, the README table) is read off these fields.  Frozen: a
+    reload builds a new Config and swaps it in whole.
+    """
+
+    port: int = option(
+        ("-p", "--port"), 8080, _number(int, 0, 65535),
+        "port to listen on (0: any free port)", "PORT", "listener")
+    host: str = option(
+        ("--host",), "0.0.0.0", _text,
+        "address to listen on (0.0.0.0: all interfaces)", "HOST", "listener")
+    workers: int = option(
+        ("--workers",), 1, _number(int, 1, 64),
+        "worker processes sharing the port", "N", "listener")
+    backends: list[BackendSpec] = option(
+        ("-b", "--backend"), DEFAULT_BACKENDS, _backends,
+        "backend as http://host:port or host:port, optionally ',weight=N'; "
+        "repeat for each backend",
+        "URL", "backends", repeat=True)
+    algorithm: str = option(
+        ("--algorithm",), "round-robin", _choice(*POLICIES),
+        f"balancing policy: {', '.join(POLICIES)}", "NAME", "backends")
+    health_interval: float = option(
+        ("--health-interval",), 10.0, _number(float, 0, 86400),
+        "seconds between active health checks of each backend (0: no active checks)",
+        "SECONDS", "health")
+    health_path: str = option(
+        ("--health-path",), "/", _path,
+        "path requested by active health checks", "PATH", "health")
+    health_timeout: float = option(
+        ("--health-timeout",), 2.0, _number(float, 0.01, 3600),
+        "seconds a health check may take", "SECONDS", "health")
+    health_status: tuple[int, int] = option(
+        ("--health-status",), "200-399", _status_range,
+        "status (range) that makes a health check pass", "RANGE", "health")
+    rise: int = option(
+        ("--rise",), 1, _number(int, 1, 100),
+        "consecutive passing checks that bring a backend UP", "N", "health")
+    fall: int = option(
+        ("--fall",), 1, _number(int, 1, 100),
+        "consecutive failing checks that take a backend DOWN", "N", "health")
+    max_fails: int = option(
+        ("--max-fails",), 1, _number(int, 0, 1000),
+        "failed requests within --fail-timeout that take a backend DOWN (0: never)",
+        "N", "health")
+    fail_timeout: float = option(
+        ("--fail-timeout",), 10.0, _number(float, 0.1, 86400),
+        "window for --max-fails, in seconds", "SECONDS", "health")
+    slow_start: float = option(
+        ("--slow-start",), 0.0, _number(float, 0, 3600),
+        "seconds over which a recovered backend's weight ramps up (0: off)",
+        "SECONDS", "health")
+    connect_timeout: float = option(
+        ("--connect-timeout",), 3.0, _number(float, 0.01, 3600),
+        "seconds to connect to a backend before trying the next one", "SECONDS", "timeouts")
+    read_timeout: float = option(
+        ("--read-timeout",), 60.0, _number(float, 0.01, 86400),
+        "seconds to wait for a backend's response (504 after)", "SECONDS", "timeouts")
+    header_timeout: float = option(
+        ("--header-timeout",), 10.0, _number(float, 0.01, 3600),
+        "seconds a client has to send a whole request head (408 after)", "SECONDS", "timeouts")
+    keepalive_timeout: float = option(
+        ("--keepalive-timeout",), 30.0, _number(float, 0.01, 86400),
+        "seconds an idle client keep-alive connection stays open", "SECONDS", "timeouts")
+    body_timeout: float = option(
+        ("--body-timeout",), 30.0, _number(float, 0.01, 86400),
+        "seconds a client may stay silent while sending a body (408 after)",
+        "SECONDS", "timeouts")
+    max_body_size: int = option(
+        ("--max-body-size",), 10 * 1024 ** 2, parse_size,
+        "largest request body accepted (413 beyond), e.g. 10M", "SIZE", "limits")
+    max_header_size: int = option(
+        ("--max-header-size",), 32 * 1024, parse_size,
+        "largest request header section (431 beyond)", "SIZE", "limits")
+    max_request_line: int = option(
+        ("--max-request-line",), 8 * 1024, parse_size,
+        "longest request line (414 beyond)", "SIZE", "limits")
+    max_headers: int = option(
+        ("--max-headers",), 100, _number(int, 1, 10000),
+        "most header fields in a request (431 beyond)", "N", "limits")
+    max_connections: int = option(
+        ("--max-connections",), 1024, _number(int, 1, 100000),
+        "most client connections at once; beyond it new ones get a fast 503", "N", "limits")
+    gzip_level: int = option(
+        ("--gzip-level",), 5, _number(int, 0, 9),
+        "gzip compression level for clients that accept it (0: no compression)", "N", "gzip")
+    gzip_min_size: int = option(
+        ("--gzip-min-size",), 256, parse_size,
+        "smallest response body worth compressing", "SIZE", "gzip")
+    log_level: str = option(
+        ("--log-level",), "INFO",
+        lambda v: _choice("debug", "info", "warning", "error", "critical")(v).upper(),
+        "application log level", "LEVEL", "logging")
+    access_log: str = option(
+        ("--access-log",), "-", _text,
+        "access log file, '-' for stderr, 'off' for none", "PATH", "logging")
+    log_format: str = option(
+        ("--log-format",), "text", _choice("text", "json"),
+        "access log format", "FORMAT", "logging")
+    admin_port: int | None = option(
+        ("--admin-port",), None, _number(int, 0, 65535),
+        "port of the admin API and dashboard (default: off)", "PORT", "admin")
+    admin_host: str = option(
+        ("--admin-host",), "127.0.0.1", _text,
+        "address of the admin API (a non-loopback one needs --admin-token)", "HOST", "admin")
+    admin_token: str | None = option(
+        ("--admin-token",), None, _text,
+        "bearer token required for admin API writes", "TOKEN", "admin")
+    config: str | None = option(
+        ("--config",), None, _text,
+        "TOML configuration file (options on the command line override it)",
+        "FILE", "general", cli_only=True)
+    demo: bool = option(
+        ("--demo",), False, bool,
+        "also start the three demo backends (server.py on 7000-7002) as child processes",
+        None, "general", cli_only=True, flag_only=True)
+
+    # Not options: where the settings came from.
+    source: str | None = field(default=None, compare=False)  # config file path, if any
+    cli: dict[str, Any] = field(default_factory=dict, compare=False)  # what the command line gave
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """Every option's value by name (for /status and reload comparisons)."""
+        return {setting.name: getattr(self, setting.name) for setting in SETTINGS}
+
+    @property
+    def listener(self) -> Listener:
+        return Listener(self.host, self.port)
+
+    @property
+    def pools(self) -> dict[str, PoolSettings]:
+        """The named backend pools; the command line and top-level keys fill ``default``."""
+        return {"default": PoolSettings(
+            "default", list(self.backends), self.algorithm, self.connect_timeout,
+            self.read_timeout, self.max_fails, self.fail_timeout, self.slow_start,
+            self.health_interval, self.health_path, self.health_timeout, self.health_status,
+            self.rise, self.fall)}
+
+
+SETTINGS: list[Setting] = [replace(f.metadata[_SETTING], name=f.name)
+                           for f in fields(Config) if _SETTING in f.metadata]
 
 BY_NAME = {setting.name: setting for setting in SETTINGS}
-
-
-@dataclass
-class Config:
-    """The settings in force; one attribute per entry of SETTINGS."""
-
-    values: dict[str, Any] = field(default_factory=dict)
-    source: str | None = None  # config file path, if any
-    cli: dict[str, Any] = field(default_factory=dict)  # what the command line gave
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.values[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,12 +404,7 @@ def load(argv: list[str] | None = None) -> Config:
 
 def resolve(cli: dict[str, Any]) -> Config:
     """Merge defaults, the file named by cli['config'] and the command line."""
-    values: dict[str, Any] = {}
-    for setting in SETTINGS:
-        if setting.default is None or setting.flag_only or setting.cli_only:
-            values[setting.name] = setting.default
-        else:
-            values[setting.name] = setting.check(setting.default)
+    values = Config().values
     path = cli.get("config")
     if path:
         values.update(read_config_file(path))
@@ -326,7 +418,7 @@ def resolve(cli: dict[str, Any]) -> Config:
         except ValueError as error:
             raise SettingsError(f"{'/'.join(setting.flags)}: {error}") from None
     validate(values)
-    return Config(values, path, dict(cli))
+    return Config(**values, source=path, cli=dict(cli))
 
 
 def validate(values: dict[str, Any]) -> None:

@@ -41,6 +41,7 @@ class UpstreamConnection(http.client.HTTPConnection):
     reader: SocketReader
     writer: SocketWriter
     idle_since: float = 0.0
+    generation: int = 0  # the pool's generation when this connection was opened
 
     def __init__(self, host: str, port: int, connect_timeout: float, read_timeout: float) -> None:
         super().__init__(host, port, timeout=connect_timeout)
@@ -90,8 +91,12 @@ class UpstreamConnection(http.client.HTTPConnection):
 class ConnectionPool:
     """Idle keep-alive connections to one backend, most recently used first.
 
-    ``lock`` guards ``idle``.  Connections are handed out exclusively: a
-    connection is either in ``idle`` or owned by exactly one request.
+    ``lock`` guards ``idle``, ``generation`` and ``retired``.  Connections are
+    handed out exclusively: a connection is either in ``idle`` or owned by
+    exactly one request.  ``close_all`` (the backend went down) starts a new
+    generation: a connection opened before it and released after it by a
+    request that was still in flight is closed, not pooled.  ``retire`` (the
+    backend was removed) does the same for good.
     """
 
     def __init__(self, host: str, port: int, connect_timeout: float,
@@ -104,6 +109,8 @@ class ConnectionPool:
         self.idle_timeout = idle_timeout
         self.lock = threading.Lock()
         self.idle: list[UpstreamConnection] = []
+        self.generation = 0
+        self.retired = False
 
     def acquire(self) -> tuple[UpstreamConnection, bool]:
         """A connection and whether it was reused from the pool.
@@ -123,6 +130,8 @@ class ConnectionPool:
                 return conn, True
             conn.close()
         conn = UpstreamConnection(self.host, self.port, self.connect_timeout, self.read_timeout)
+        with self.lock:
+            conn.generation = self.generation
         try:
             conn.connect()
         except BaseException:
@@ -134,14 +143,23 @@ class ConnectionPool:
         """Return a connection whose last response was read completely."""
         conn.idle_since = time.monotonic()
         with self.lock:
-            if len(self.idle) < self.max_idle:
+            if (len(self.idle) < self.max_idle and not self.retired
+                    and conn.generation == self.generation):
                 self.idle.append(conn)
                 return
         conn.close()
 
     def close_all(self) -> None:
+        """Close the idle connections, and those in use when they come back."""
         with self.lock:
             idle, self.idle = self.idle, []
+            self.generation += 1
         for conn in idle:
             conn.close()
+
+    def retire(self) -> None:
+        """The backend is gone: close everything now and never pool again."""
+        with self.lock:
+            self.retired = True
+        self.close_all()
 

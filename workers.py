@@ -31,11 +31,14 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster import DRAIN, MAINT, READY, ServerCluster, parse_backend
-from metrics import Histogram
+from backend_urls import parse_backend
+from cluster import DRAIN, MAINT, READY, ServerCluster
+from loops import LoopGuard
+from metrics import TrafficCounters
 
 log = logging.getLogger("cclb")
 
@@ -51,18 +54,61 @@ def is_worker() -> bool:
     return os.environ.get(WORKER_ENV) == "1"
 
 
-def state_lines(cluster: ServerCluster) -> bytes:
-    """The supervisor's view of every backend as one JSON line.
+# --- state snapshots, supervisor -> worker (the worker's stdin) ---------------
+#
+# One snapshot per line: b"<length> <json>\n", where <length> is the JSON's
+# size in bytes.  The pipe is non-blocking on the supervisor's side, so a
+# snapshot can be cut short by a full pipe; the supervisor then ends that
+# line with a bare b"\n" before the next snapshot, and the worker, finding
+# the length wrong, drops it.  A torn snapshot costs only itself.
+
+def encode_snapshot(rows: list[list[Any]]) -> bytes:
+    """One self-delimiting snapshot line for ``rows``."""
+    payload = json.dumps(rows, separators=(",", ":")).encode()
+    return b"%d %s\n" % (len(payload), payload)
+
+
+def state_rows(cluster: ServerCluster) -> list[list[Any]]:
+    """The supervisor's view of every backend.
 
     ``[[url, weight, "up"|"down", "ready"|"drain"|"maint"], ...]``: health,
     membership and admin state, so changes made through the admin API reach
-    every worker.  One line per snapshot: a snapshot cut short (see
-    ``Worker.publish``) spoils one line, which the worker skips.
+    every worker.
     """
-    with cluster.lock:
-        rows = [[b.url, b.weight, "up" if b.healthy else "down", b.admin_state]
-                for b in cluster.backends]
-    return (json.dumps(rows, separators=(",", ":")) + "\n").encode()
+    return [[b.url, b.weight, "up" if b.healthy else "down", b.admin_state]
+            for b in cluster.stats().backends]
+
+
+def decode_snapshot(line: bytes) -> list[list[Any]] | None:
+    """The rows of one snapshot line (without its b"\n"), or None if torn or malformed."""
+    length, _, payload = line.partition(b" ")
+    if not length.isdigit() or int(length) != len(payload):
+        return None
+    try:
+        return [[str(url), int(weight), str(health), str(admin)]
+                for url, weight, health, admin in json.loads(payload)]
+    except (ValueError, TypeError):
+        return None
+
+
+class SnapshotReader:
+    """Worker side: splits the bytes from the supervisor into whole snapshots."""
+
+    def __init__(self) -> None:
+        self.pending = b""  # an incomplete last line
+
+    def feed(self, data: bytes) -> list[list[list[Any]]]:
+        """Every whole, intact snapshot completed by ``data``, oldest first."""
+        self.pending += data
+        *lines, self.pending = self.pending.split(b"\n")
+        snapshots = []
+        for line in lines:
+            rows = decode_snapshot(line)
+            if rows is None:
+                log.debug("skipping a torn state snapshot from the supervisor")
+            else:
+                snapshots.append(rows)
+        return snapshots
 
 
 def follow_supervisor(cluster: ServerCluster, fd: int, on_exit: Any) -> None:
@@ -71,18 +117,18 @@ def follow_supervisor(cluster: ServerCluster, fd: int, on_exit: Any) -> None:
     Reads the raw descriptor with ``os.read``: a daemon thread blocked inside
     a buffered ``sys.stdin`` would hold its lock during interpreter shutdown.
     """
-    pending = b""
-    while data := os.read(fd, 65536):
-        pending += data
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            try:
-                rows = json.loads(line)
-                snapshot = [[str(url), int(weight), str(health), str(admin)]
-                            for url, weight, health, admin in rows]
-            except (ValueError, TypeError):
-                continue  # a cut-off snapshot: the next one is whole
-            apply_snapshot(cluster, snapshot)
+    reader = SnapshotReader()
+    guard = LoopGuard("supervisor link")
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            data = b""
+        if not data:
+            break
+        with guard:
+            for rows in reader.feed(data):
+                apply_snapshot(cluster, rows)
     on_exit()
 
 
@@ -104,46 +150,72 @@ def apply_snapshot(cluster: ServerCluster, snapshot: list[list[Any]]) -> None:
             cluster.set_admin_state(backend, admin, quiet=True)
 
 
-def counter_snapshot(cluster: ServerCluster) -> dict[str, Any]:
+# --- traffic counters, worker -> supervisor (the worker's stdout) -------------
+
+@dataclass
+class CounterReport:
     """A worker's traffic counters: per backend URL, and answers given without one."""
-    with cluster.lock:
-        backends = {b.url: {"responses": {str(code): n for code, n in b.responses.items()},
-                            "in_flight": b.in_flight, "failures": b.failures,
-                            "retries": b.retries, "latency": list(b.latency.counts),
-                            "latency_sum": b.latency.total, "latency_count": b.latency.count}
-                    for b in cluster.backends}
-        unrouted = {str(code): n for code, n in cluster.unrouted.items()}
-    return {"backends": backends, "unrouted": unrouted}
 
+    backends: dict[str, TrafficCounters] = field(default_factory=dict)
+    unrouted: dict[int, int] = field(default_factory=dict)
 
-def report_counters(cluster: ServerCluster) -> None:
-    """Worker side: write the counters to stdout (the supervisor) every second."""
-    while True:
-        time.sleep(COUNTERS_INTERVAL)
-        line = (json.dumps(counter_snapshot(cluster), separators=(",", ":")) + "\n").encode()
+    @classmethod
+    def of(cls, cluster: ServerCluster) -> CounterReport:
+        stats = cluster.stats()
+        return cls({b.url: b.traffic for b in stats.backends}, stats.unrouted)
+
+    def add(self, other: CounterReport, in_flight: bool = True) -> None:
+        """Add ``other`` into this report (``in_flight=False``: a dead worker's)."""
+        for url, traffic in other.backends.items():
+            self.backends.setdefault(url, TrafficCounters()).add(traffic, in_flight)
+        for code, count in other.unrouted.items():
+            self.unrouted[code] = self.unrouted.get(code, 0) + count
+
+    def encode(self) -> bytes:
+        document = {"backends": {url: t.to_json() for url, t in self.backends.items()},
+                    "unrouted": {str(code): n for code, n in self.unrouted.items()}}
+        return (json.dumps(document, separators=(",", ":")) + "\n").encode()
+
+    @classmethod
+    def decode(cls, line: bytes) -> CounterReport:
+        """The inverse of ``encode``; ValueError for a malformed line."""
         try:
-            os.write(1, line)
-        except OSError:
-            return
+            document = json.loads(line)
+            return cls({str(url): TrafficCounters.from_json(data)
+                        for url, data in document["backends"].items()},
+                       {int(code): int(n) for code, n in document["unrouted"].items()})
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"malformed counter report: {error!r}") from None
 
 
-def add_counters(total: dict[str, Any], part: dict[str, Any], in_flight: bool = True) -> None:
-    """Add one worker's snapshot into ``total`` (in place; same shape)."""
-    totals = total.setdefault("backends", {})
-    for url, counters in part.get("backends", {}).items():
-        into = totals.setdefault(url, {"responses": {}, "in_flight": 0, "failures": 0,
-                                       "retries": 0, "latency": [0] * len(counters["latency"]),
-                                       "latency_sum": 0.0, "latency_count": 0})
-        for code, n in counters["responses"].items():
-            into["responses"][code] = into["responses"].get(code, 0) + n
-        for key in ("failures", "retries", "latency_sum", "latency_count"):
-            into[key] += counters[key]
-        if in_flight:
-            into["in_flight"] += counters["in_flight"]
-        into["latency"] = [a + b for a, b in zip(into["latency"], counters["latency"])]
-    unrouted = total.setdefault("unrouted", {})
-    for code, n in part.get("unrouted", {}).items():
-        unrouted[code] = unrouted.get(code, 0) + n
+def report_counters(cluster: ServerCluster, stopped: threading.Event) -> None:
+    """Worker side: write the counters to stdout (the supervisor) every second."""
+    guard = LoopGuard("counter report")
+    while not stopped.wait(COUNTERS_INTERVAL):
+        with guard:
+            try:
+                os.write(1, CounterReport.of(cluster).encode())
+            except OSError:
+                return  # the supervisor is gone
+
+
+def write_snapshot(fd: int, snapshot: bytes, torn: bool) -> bool:
+    """Write ``snapshot`` to the non-blocking pipe ``fd``; True if the pipe now ends mid-line.
+
+    ``torn``: the pipe already ends with the unfinished start of a line,
+    which is ended (b"\n") first, so the worker drops it and reads the new
+    snapshot whole.  A full pipe may take part of the data, or none.
+    """
+    data = (b"\n" if torn else b"") + snapshot
+    written = 0
+    try:
+        while written < len(data):
+            written += os.write(fd, data[written:])
+    except BlockingIOError:
+        pass  # full pipe: the worker is busy; the next round sends the state again
+    if written == 0:
+        return torn
+    return data[written - 1:written] != b"\n"
 
 
 class Worker:
@@ -157,7 +229,8 @@ class Worker:
             env[FD_ENV] = str(listen_fd)
             pass_fds = (listen_fd,)
         self.started = time.monotonic()
-        self.counters: dict[str, Any] = {}  # latest report (replaced whole)
+        self.counters = CounterReport()  # the latest report (replaced whole)
+        self.torn = False  # the pipe holds the unfinished start of a snapshot line
         self.proc = subprocess.Popen([sys.executable, str(CCLB), *argv], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      pass_fds=pass_fds)
@@ -179,27 +252,27 @@ class Worker:
         return True
 
     def read_counters(self) -> None:
-        """Keep the latest counter snapshot the worker reported (one line each)."""
+        """Keep the latest counter report the worker sent (one line each)."""
         assert self.proc.stdout is not None
+        guard = LoopGuard(f"worker {self.number} counters")
         for line in self.proc.stdout:
-            try:
-                self.counters = json.loads(line)
-            except ValueError:
-                continue
+            with guard:
+                try:
+                    self.counters = CounterReport.decode(line)
+                except ValueError:
+                    log.debug("worker %d sent a malformed counter report", self.number)
 
-    def publish(self, data: bytes) -> None:
-        """Send a state snapshot; a worker that cannot take it whole gets the next one.
+    def publish(self, snapshot: bytes) -> None:
+        """Send a state snapshot line (``encode_snapshot``) without ever blocking.
 
         The pipe is non-blocking so a stuck worker cannot stall the supervisor.
-        A snapshot cut short by a full pipe is one spoilt line the worker skips.
+        If a full pipe cuts a snapshot short, the next publish first ends that
+        line (the worker drops it) and then sends its own whole: see
+        ``encode_snapshot``.  Called with ``Supervisor.publish_lock`` held.
         """
+        assert self.proc.stdin is not None
         try:
-            assert self.proc.stdin is not None
-            fd = self.proc.stdin.fileno()
-            while data:
-                data = data[os.write(fd, data):]
-        except BlockingIOError:
-            pass  # full pipe: the worker is busy; the next round resends everything
+            self.torn = write_snapshot(self.proc.stdin.fileno(), snapshot, self.torn)
         except (OSError, ValueError):
             pass  # the worker is gone (closed pipe): watch() restarts it
 
@@ -226,7 +299,9 @@ class Supervisor:
         self.workers: list[Worker] = []
         self.listener: socket.socket | None = None
         self.port = config.port
-        self.retired: dict[str, Any] = {}  # what dead workers had counted
+        self.retired = CounterReport()  # what dead workers had counted
+        # Keeps two snapshots from interleaving in a pipe, and guards each
+        # Worker's ``torn`` flag.
         self.publish_lock = threading.Lock()
 
     def bind(self) -> int:
@@ -251,7 +326,9 @@ class Supervisor:
     def start_worker(self, number: int) -> Worker:
         listen_fd = None if hasattr(socket, "SO_REUSEPORT") else self.listener.fileno()
         worker = Worker(number, self.argv, self.port, listen_fd)
-        worker.publish(state_lines(self.cluster))
+        snapshot = encode_snapshot(state_rows(self.cluster))
+        with self.publish_lock:
+            worker.publish(snapshot)
         return worker
 
     def start(self, timeout: float = 15.0) -> bool:
@@ -268,10 +345,10 @@ class Supervisor:
         Called from the health checker, admin and main threads: ``publish_lock``
         keeps two snapshots from interleaving in a pipe.
         """
-        data = state_lines(self.cluster)
+        snapshot = encode_snapshot(state_rows(self.cluster))
         with self.publish_lock:
             for worker in list(self.workers):
-                worker.publish(data)
+                worker.publish(snapshot)
 
     def watch(self) -> None:
         """Restart workers that died (at most one restart per second each).
@@ -286,7 +363,7 @@ class Supervisor:
                 continue
             log.error("worker %d (pid %d) exited with %s; restarting it",
                       worker.number, worker.proc.pid, code)
-            add_counters(self.retired, worker.counters, in_flight=False)
+            self.retired.add(worker.counters, in_flight=False)
             worker.close_pipes()
             self.workers[index] = replacement = self.start_worker(worker.number)
             threading.Thread(target=self.await_ready, args=(replacement,),
@@ -301,23 +378,11 @@ class Supervisor:
 
     def merge_counters(self) -> None:
         """Show the sum of all workers' counters on the supervisor's backends."""
-        total: dict[str, Any] = {}
-        add_counters(total, self.retired, in_flight=False)
+        total = CounterReport()
+        total.add(self.retired, in_flight=False)
         for worker in self.workers:
-            add_counters(total, worker.counters)
-        backends = total.get("backends", {})
-        with self.cluster.lock:
-            self.cluster.unrouted = {int(code): n for code, n in total.get("unrouted", {}).items()}
-            for backend in self.cluster.backends:
-                counters = backends.get(backend.url)
-                if counters is None:
-                    continue
-                backend.responses = {int(code): n for code, n in counters["responses"].items()}
-                backend.in_flight = counters["in_flight"]
-                backend.failures = counters["failures"]
-                backend.retries = counters["retries"]
-                backend.latency = Histogram(counters["latency"], counters["latency_sum"],
-                                            counters["latency_count"])
+            total.add(worker.counters)
+        self.cluster.adopt_traffic(total.backends, total.unrouted)
 
     def forward(self, signum: int) -> None:
         for worker in self.workers:
