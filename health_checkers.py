@@ -75,6 +75,9 @@ class Probe:
             response = self.conn.getresponse()
             response.read(65536)
             latency = time.monotonic() - started
+            with self.lock:
+                if self.cut:  # http.client may take the shut stream's end for a whole answer
+                    return False, self.timeout_detail(), None
             low, high = settings.expected
             return low <= response.status <= high, f"HTTP {response.status}", latency
         except (OSError, http.client.HTTPException) as error:

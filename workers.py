@@ -126,8 +126,8 @@ def follow_supervisor(cluster: ServerCluster, fd: int, on_exit: Any) -> None:
             data = b""
         if not data:
             break
-        with guard:
-            for rows in reader.feed(data):
+        for rows in reader.feed(data):
+            with guard:
                 apply_snapshot(cluster, rows)
     on_exit()
 

@@ -1,0 +1,187 @@
+"""The active health checker: probes, the overrun cut-off, and a loop that never dies.
+
+In-process: real ``ServerCluster`` objects and real backends on ephemeral
+ports (``RawBackend``); races are forced with injected objects and events.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import unittest
+
+from backend_urls import parse_backend
+from cluster import ServerCluster
+from health_checkers import HealthChecker, HealthSettings, Probe, probe
+from tests.support import RawBackend, wait_for
+
+
+def cluster_for(*ports: int) -> ServerCluster:
+    return ServerCluster([parse_backend(f"127.0.0.1:{port}") for port in ports])
+
+
+def closed_port() -> int:
+    """A port with nothing listening (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ProbeTests(unittest.TestCase):
+
+    def backend(self, respond=None) -> RawBackend:
+        backend = RawBackend(respond)
+        self.addCleanup(backend.stop)
+        return backend
+
+    def test_passing_failing_and_refused_checks(self) -> None:
+        """2xx/3xx pass (with latency), other statuses fail, a refused connect says so."""
+        def teapot(head: bytes, conn: socket.socket, reader) -> bool:
+            conn.sendall(b"HTTP/1.1 418 I'm a teapot\r\nContent-Length: 0\r\n\r\n")
+            return False
+        good, bad = self.backend(), self.backend(teapot)
+        cluster = cluster_for(good.port, bad.port, closed_port())
+        first, second, third = cluster.snapshot()
+        settings = HealthSettings(path="/health", timeout=3)
+        ok, detail, latency = probe(first, settings)
+        self.assertEqual((ok, detail), (True, "HTTP 200"))
+        self.assertIsNotNone(latency)
+        self.assertEqual(probe(second, settings)[:2], (False, "HTTP 418"))
+        self.assertEqual(probe(third, settings), (False, "connection refused", None))
+        self.assertIn(b"GET /health HTTP/1.1\r\n", good.received())
+        self.assertIn(b"User-Agent: cclb-health-check\r\n", good.received())
+
+    def test_silent_backend_is_reported_as_a_timeout(self) -> None:
+        def silent(head: bytes, conn: socket.socket, reader) -> bool:
+            reader.readline()  # blocks until the probe gives up and closes
+            return False
+        backend = self.backend(silent)
+        ok, detail, latency = probe(cluster_for(backend.port).snapshot()[0],
+                                    HealthSettings(timeout=0.2))
+        self.assertEqual((ok, detail, latency), (False, "no answer within 0.2s", None))
+
+
+class FlippingConnection:
+    """Stands in for ``http.client.HTTPConnection`` at the moment of the cut-off race.
+
+    Its ``sock`` is a live socket the first time it is read and None after:
+    exactly what a probe thread closing the connection between two reads of
+    ``conn.sock`` looks like.  The old cut-off code read it twice
+    (``if conn.sock is not None: conn.sock.shutdown(...)``) and raised
+    AttributeError out of ``check_all``.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock: socket.socket | None = sock
+        self.reads = 0
+
+    @property
+    def sock(self) -> socket.socket | None:
+        self.reads += 1
+        current, self._sock = self._sock, None
+        return current
+
+
+class CutOffTests(unittest.TestCase):
+
+    def test_cut_off_reads_the_socket_once_so_a_concurrent_close_cannot_break_it(self) -> None:
+        left, right = socket.socketpair()
+        self.addCleanup(left.close)
+        self.addCleanup(right.close)
+        check = Probe(cluster_for(closed_port()).snapshot()[0], HealthSettings())
+        check.conn = FlippingConnection(left)  # type: ignore[assignment]
+        check.cut_off()  # must not raise
+        self.assertEqual(check.conn.reads, 1)
+        self.assertEqual(right.recv(1), b"", "the live socket was shut down")
+        self.assertTrue(check.cut)
+
+    def test_cut_off_after_the_probe_closed_its_socket_is_harmless(self) -> None:
+        check = Probe(cluster_for(closed_port()).snapshot()[0], HealthSettings())
+        left, right = socket.socketpair()
+        self.addCleanup(right.close)
+        check.conn.sock = left
+        left.close()  # the probe thread closed it; the cutter still holds the object
+        check.cut_off()
+
+    def test_a_check_cut_off_before_it_connects_gives_up_with_a_timeout(self) -> None:
+        backend = RawBackend()
+        self.addCleanup(backend.stop)
+        check = Probe(cluster_for(backend.port).snapshot()[0], HealthSettings(timeout=5))
+        check.cut_off()
+        self.assertEqual(check.run(), (False, "no answer within 5s", None))
+        self.assertEqual(backend.heads, [], "no request after the cut-off")
+
+    def test_an_overrunning_check_is_cut_off_and_reported_as_a_timeout(self) -> None:
+        """A backend that dribbles its head (each byte within the read timeout) is cut
+        off at timeout + margin, and the check says "no answer", not "invalid answer"."""
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+
+        def dribble(head: bytes, conn: socket.socket, reader) -> bool:
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not stop.is_set():
+                try:
+                    conn.sendall(b"X")  # never a complete field line
+                except OSError:
+                    return False
+                stop.wait(0.05)  # the dribbling pace is the behaviour under test
+            return False
+        backend = RawBackend(dribble)
+        self.addCleanup(backend.stop)
+        cluster = cluster_for(backend.port)
+        checker = HealthChecker(cluster, HealthSettings(timeout=0.3))
+        checker.cut_off_margin = 0.1
+        with self.assertLogs("cclb", logging.WARNING) as logs:
+            checker.check_all()  # returns at the deadline, having cut the probe off
+            wait_for(lambda: cluster.stats().backends[0].last_check, 5,
+                     message="the cut-off check to report")
+        (row,) = cluster.stats().backends
+        self.assertEqual(row.state, "down")
+        self.assertEqual(row.last_check, "no answer within 0.3s")
+        self.assertIn("no answer within 0.3s", "\n".join(logs.output))
+        wait_for(lambda: not any(t.name.startswith("health-") for t in threading.enumerate()),
+                 5, message="the cut-off probe thread to end")
+
+
+class CheckerLoopTests(unittest.TestCase):
+
+    def test_the_loop_survives_an_exception_in_a_round_and_logs_it_once(self) -> None:
+        backend = RawBackend()
+        self.addCleanup(backend.stop)
+        cluster = cluster_for(backend.port)
+        rounds: list[int] = []
+        two_rounds = threading.Event()
+
+        def on_round() -> None:
+            rounds.append(1)
+            if len(rounds) >= 3:
+                two_rounds.set()
+            if len(rounds) <= 2:
+                raise RuntimeError("injected fault in the round's callback")
+        checker = HealthChecker(cluster, HealthSettings(interval=0.01, timeout=2), on_round)
+        original = checker.check_all
+        calls: list[int] = []
+
+        def failing_once() -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                raise AttributeError("injected: 'NoneType' object has no attribute 'shutdown'")
+            original()
+        checker.check_all = failing_once  # type: ignore[method-assign]
+        with self.assertLogs("cclb", logging.ERROR) as logs:
+            checker.start()
+            self.addCleanup(checker.join, 5)
+            self.addCleanup(checker.stop)
+            self.assertTrue(two_rounds.wait(10), "the checker stopped after the fault")
+        checker.stop()
+        self.assertGreaterEqual(cluster.stats().backends[0].health_checks.get("pass", 0), 1)
+        text = "\n".join(logs.output)
+        self.assertEqual(text.count("AttributeError: injected"), 1, text)
+        self.assertIn("Traceback", text)
+        # The same callback fault twice in a row is logged once, with its traceback.
+        self.assertEqual(text.count("RuntimeError: injected fault in the round's callback"), 1, text)
+
+
+if __name__ == "__main__":
+    unittest.main()
