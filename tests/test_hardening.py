@@ -8,9 +8,6 @@ checks both sides: what the client receives, and what a scripted
 
 from __future__ import annotations
 
-import io
-import itertools
-import json
 import os
 import select
 import socket
@@ -18,253 +15,15 @@ import threading
 import time
 import unittest
 import zlib
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
-from tests.support import (Balancer, RawBackend, Response, connect, free_port, http_exchange,
-                           process_fds, process_peak_rss_kib, process_rss_kib, process_threads,
-                           read_response, wait_for)
+from tests.support import (BASE_ARGS, Balancer, BalancerCase, Client, RawBackend, Route, Script, Seen,
+                           backend_mark, collect_until_close, connect, echo_of, free_port, get,
+                           http_exchange, parse_responses, post, process_fds, process_peak_rss_kib,
+                           process_rss_kib, process_threads, raw_answer, read_response,
+                           received_since, send_and_collect, wait_for)
 
 MiB = 1024 * 1024
-BASE_ARGS = ("--health-interval", "0", "--access-log", "off")
-
-
-# --- client side helpers -------------------------------------------------------
-
-def send_and_collect(port: int, data: bytes, timeout: float = 5.0) -> tuple[bytes, bool]:
-    """Send ``data`` on a new connection; everything received, and whether the peer closed.
-
-    ``closed`` is False when the connection was still open after ``timeout``.
-    """
-    with connect(port, timeout) as sock:
-        try:
-            sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        return collect_until_close(sock, timeout)
-
-
-def collect_until_close(sock: socket.socket, timeout: float = 5.0) -> tuple[bytes, bool]:
-    deadline = time.monotonic() + timeout
-    chunks = []
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return b"".join(chunks), False
-        sock.settimeout(remaining)
-        try:
-            data = sock.recv(65536)
-        except (socket.timeout, TimeoutError):
-            return b"".join(chunks), False
-        except ConnectionResetError:
-            return b"".join(chunks), True
-        if not data:
-            return b"".join(chunks), True
-        chunks.append(data)
-
-
-def parse_responses(data: bytes, method: str = "GET") -> list[Response]:
-    """Every response in ``data`` (a whole conversation's worth of bytes)."""
-    reader = io.BytesIO(data)
-    responses = []
-    while reader.tell() < len(data):
-        responses.append(read_response(reader, method))
-    return responses
-
-
-class Client:
-    """One client connection with a buffered reader, closed at cleanup."""
-
-    def __init__(self, test: unittest.TestCase, port: int, timeout: float = 5.0) -> None:
-        self.sock = connect(port, timeout)
-        self.reader = self.sock.makefile("rb")
-        test.addCleanup(self.close)
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def response(self, method: str = "GET") -> Response:
-        return read_response(self.reader, method)
-
-    def request(self, data: bytes, method: str = "GET") -> Response:
-        self.send(data)
-        return self.response(method)
-
-    def closed(self, timeout: float = 3.0) -> tuple[bytes, bool]:
-        """Wait for the server to close; (bytes that came instead, closed?)."""
-        self.sock.settimeout(timeout)
-        try:
-            rest = self.reader.read1(65536)
-        except (socket.timeout, TimeoutError):
-            return b"", False
-        except ConnectionResetError:
-            return b"", True
-        return rest, rest == b""
-
-    def close(self) -> None:
-        try:
-            self.reader.close()
-        finally:
-            self.sock.close()
-
-
-def get(path: str, *extra: str, method: str = "GET", version: str = "HTTP/1.1") -> bytes:
-    lines = [f"{method} {path} {version}", "Host: test.invalid", *extra, "", ""]
-    return "\r\n".join(lines).encode("latin-1")
-
-
-def post(path: str, body: bytes, *extra: str) -> bytes:
-    return get(path, f"Content-Length: {len(body)}", *extra, method="POST") + body
-
-
-def echo_of(response: Response) -> dict:
-    return json.loads(response.body)
-
-
-# --- backend side: the scripted responder ---------------------------------------
-
-@dataclass
-class Seen:
-    """A request the backend read completely."""
-
-    method: str
-    path: str
-    head: bytes
-    body: bytes  # first 64 KiB
-    length: int
-    crc: int
-    record_id: int  # id() of the RawBackend record (one per backend connection)
-
-
-def _head_fields(head: bytes) -> tuple[str, str, list[tuple[bytes, bytes]]]:
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    method = parts[0].decode("latin-1")
-    path = parts[1].decode("latin-1") if len(parts) > 1 else ""
-    fields = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if colon:
-            fields.append((name.strip().lower(), value.strip()))
-    return method, path, fields
-
-
-def _read_exact(source, n: int, keep: bytearray, limit: int, crc: int = 0) -> tuple[int, int, bool]:
-    """Read ``n`` bytes in pieces: (bytes read, running crc32, complete?)."""
-    got = 0
-    while got < n:
-        data = source.read(min(n - got, 256 * 1024))
-        if not data:
-            return got, crc, False
-        got += len(data)
-        crc = zlib.crc32(data, crc)
-        if len(keep) < limit:
-            keep.extend(data[:limit - len(keep)])
-    return got, crc, True
-
-
-def read_request_body(fields, reader, recorded: bool) -> tuple[bool, bytes, int, int]:
-    """Read a forwarded request body strictly: (complete?, first 64 KiB, length, crc).
-
-    Large (``recorded=False``) bodies bypass the RawBackend record so that a
-    200 MiB upload is counted, not kept in memory.
-    """
-    source = reader if recorded else getattr(reader, "reader", reader)
-    keep = bytearray()
-    limit = 64 * 1024
-    codings = [v.lower() for n, v in fields if n == b"transfer-encoding"]
-    lengths = [v for n, v in fields if n == b"content-length"]
-    total = crc = 0
-    if codings:
-        if codings != [b"chunked"]:
-            return False, b"", 0, 0
-        while True:
-            line = source.readline(1026)
-            if not line.endswith(b"\r\n"):
-                return False, bytes(keep), total, crc
-            try:
-                size = int(line[:-2].split(b";")[0], 16)
-            except ValueError:
-                return False, bytes(keep), total, crc
-            if size == 0:
-                while True:
-                    trailer = source.readline(8192)
-                    if trailer == b"\r\n":
-                        return True, bytes(keep), total, crc
-                    if not trailer.endswith(b"\r\n"):
-                        return False, bytes(keep), total, crc
-            got, crc, complete = _read_exact(source, size, keep, limit, crc)
-            total += got
-            if not complete or source.read(2) != b"\r\n":
-                return False, bytes(keep), total, crc
-    if lengths:
-        if len(set(lengths)) != 1:
-            return False, b"", 0, 0
-        got, crc, complete = _read_exact(source, int(lengths[0]), keep, limit)
-        return complete, bytes(keep), got, crc
-    return True, b"", 0, 0
-
-
-class Script:
-    """A RawBackend responder: echo by default, raw scripted answers by path.
-
-    Records every request read completely (``completed``, ``served``) and
-    every request whose body ended early or was malformed (``aborted``).
-    """
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.completed: dict[str, Seen] = {}
-        self.served: list[Seen] = []
-        self.aborted: list[str] = []
-        self.release = threading.Event()  # frees /resp/hang
-        self.routes: dict[str, Callable[[socket.socket, Seen], bool]] = {}
-        for name, (raw, keep) in RAW_RESPONSES.items():
-            self.routes[f"/resp/{name}"] = self._raw(raw, keep)
-        self.routes["/resp/hang"] = self._hang
-        self.routes["/stream/download"] = stream_download
-        self.routes["/stream/gzip"] = stream_gzip
-        self.routes["/stream/gzip-chunked"] = stream_gzip_chunked
-
-    @staticmethod
-    def _raw(raw: bytes, keep: bool) -> Callable[[socket.socket, Seen], bool]:
-        def answer(conn: socket.socket, seen: Seen) -> bool:
-            conn.sendall(raw)
-            return keep
-        return answer
-
-    def _hang(self, conn: socket.socket, seen: Seen) -> bool:
-        self.release.wait(10)
-        return False
-
-    def __call__(self, head: bytes, conn: socket.socket, reader) -> bool:
-        method, path, fields = _head_fields(head)
-        complete, body, length, crc = read_request_body(
-            fields, reader, recorded=not path.startswith("/stream/"))
-        seen = Seen(method, path, head, body, length, crc, id(getattr(reader, "record", reader)))
-        with self.lock:
-            if not complete:
-                self.aborted.append(path)
-                return False
-            self.completed[path] = seen
-            self.served.append(seen)
-        route = self.routes.get(path.split("?")[0])
-        if route is not None:
-            return route(conn, seen)
-        payload = json.dumps({"method": method, "path": path, "length": length, "crc": crc,
-                              "body": body[:4096].decode("latin-1")}).encode()
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
-        return True
-
-    def seen(self, path: str) -> Seen | None:
-        with self.lock:
-            return self.completed.get(path)
-
-    def was_aborted(self, path: str) -> bool:
-        with self.lock:
-            return path in self.aborted
-
 
 _SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled"
 
@@ -367,123 +126,20 @@ def stream_gzip(conn: socket.socket, seen: Seen) -> bool:
     return True
 
 
-# --- backend bookkeeping ---------------------------------------------------------
-
-def backend_mark(backend: RawBackend) -> tuple[int, list[int]]:
-    with backend.lock:
-        return len(backend.heads), [len(record) for record in backend.connections]
-
-
-def received_since(backend: RawBackend, mark: tuple[int, list[int]]) -> bytes:
-    with backend.lock:
-        records = list(backend.connections)
-    sizes = mark[1]
-    return b"".join(bytes(record[sizes[i] if i < len(sizes) else 0:])
-                    for i, record in enumerate(records))
+# Every scripted backend of this file: /resp/<name> answers RAW_RESPONSES[name],
+# /stream/... generate large bodies on the fly.
+SCRIPTED_ROUTES: dict[str, Route] = {
+    **{f"/resp/{name}": raw_answer(raw, keep) for name, (raw, keep) in RAW_RESPONSES.items()},
+    "/stream/download": stream_download,
+    "/stream/gzip": stream_gzip,
+    "/stream/gzip-chunked": stream_gzip_chunked,
+}
 
 
-def heads_since(backend: RawBackend, mark: tuple[int, list[int]]) -> list[bytes]:
-    with backend.lock:
-        return list(backend.heads[mark[0]:])
+class ScriptedCase(BalancerCase):
+    """``BalancerCase`` whose backend knows the routes of ``SCRIPTED_ROUTES``."""
 
-
-def backend_connection_index(backend: RawBackend, record_id: int) -> int:
-    with backend.lock:
-        for index, record in enumerate(backend.connections):
-            if id(record) == record_id:
-                return index
-    raise AssertionError("no such backend connection")
-
-
-_markers = itertools.count(1)
-
-
-class BalancerCase(unittest.TestCase):
-    """One RawBackend (``Script``) and one Balancer shared by the tests of a class."""
-
-    balancer_args: tuple[str, ...] = ()
-    script: Script
-    backend: RawBackend
-    balancer: Balancer
-    port: int
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.script = Script()
-        cls.backend = RawBackend(cls.script)
-        cls.addClassCleanup(cls.backend.stop)
-        cls.addClassCleanup(cls.script.release.set)  # runs first: frees hung responders
-        cls.balancer = Balancer([cls.backend.port], *BASE_ARGS, *cls.balancer_args)
-        cls.addClassCleanup(cls.balancer.stop)
-        cls.port = cls.balancer.port
-
-    def tearDown(self) -> None:
-        log = self.balancer.log_text()
-        self.assertNotIn("Traceback", log, f"balancer log has a traceback:\n{log[-3000:]}")
-
-    # --- assertions -------------------------------------------------------------
-
-    def assert_backend_untouched(self, mark: tuple[int, list[int]], context: object = "") -> None:
-        """Nothing reached the backend since ``mark`` (synchronised by a marker request)."""
-        marker = self.assert_backend_sync()
-        heads = heads_since(self.backend, mark)
-        others = [head for head in heads if marker.encode() not in head]
-        self.assertEqual(others, [], f"{context}: the backend received a request it must not")
-        self.assertEqual(received_since(self.backend, mark), b"".join(heads),
-                         f"{context}: the backend received stray bytes")
-
-    def assert_backend_sync(self) -> str:
-        """Send a marker request and wait until it reached the backend; its path.
-
-        The balancer handles a client's request synchronously, so once the
-        client has its answer, whatever the balancer sent the backend for it
-        is on the wire: the marker bounds the wait without a fixed sleep.
-        """
-        marker = f"/__marker/{next(_markers)}"
-        response = http_exchange(self.port, get(marker, "Connection: close"))
-        self.assertEqual(response.status, 200, f"marker request failed: {response.raw_head!r}")
-        wait_for(lambda: self.script.seen(marker), 5, message="marker at the backend")
-        return marker
-
-    def assert_never_complete(self, path: str, context: object = "") -> None:
-        """The (streamed) request ``path`` never arrived complete at the backend.
-
-        A streamed body may have reached the backend in part; what matters is
-        that the backend never got its end (e.g. the last chunk).
-        """
-        self.assert_backend_sync()
-        if any(f" {path} ".encode() in head for head in self.backend.heads):
-            wait_for(lambda: self.script.was_aborted(path) or self.script.seen(path), 5,
-                     message=f"the backend to see the end of {path}")
-        self.assertIsNone(self.script.seen(path),
-                          f"{context}: the backend received the complete request {path}")
-
-    def assert_rejected(self, data: bytes, statuses: tuple[int, ...], context: object = "") -> Response:
-        """``data`` gets exactly one error response in ``statuses``, then the connection closes."""
-        mark = backend_mark(self.backend)
-        raw, closed = send_and_collect(self.port, data)
-        self.assertTrue(raw, f"{context}: no response at all")
-        responses = parse_responses(raw)
-        self.assertEqual(len(responses), 1, f"{context}: expected one response, got {raw!r}")
-        self.assertIn(responses[0].status, statuses, f"{context}: {raw!r}")
-        self.assertTrue(closed, f"{context}: the connection must close after {raw!r}")
-        self.assert_backend_untouched(mark, context)
-        return responses[0]
-
-    def assert_echo(self, response: Response, path: str, method: str = "GET") -> dict:
-        self.assertEqual(response.status, 200, response.raw_head + response.body)
-        echo = echo_of(response)
-        self.assertEqual((echo["method"], echo["path"]), (method, path))
-        return echo
-
-    def assert_backend_connection_closed(self, path: str) -> None:
-        """The balancer closed the backend connection that served ``path``."""
-        seen = self.script.seen(path)
-        self.assertIsNotNone(seen, f"{path} never reached the backend")
-        index = backend_connection_index(self.backend, seen.record_id)
-        wait_for(lambda: len(self.backend.threads) > index
-                 and not self.backend.threads[index].is_alive(), 5,
-                 message=f"the balancer to close the backend connection of {path}")
+    routes = SCRIPTED_ROUTES
 
 
 # --- requests from clients -------------------------------------------------------
@@ -585,7 +241,7 @@ def chunked_request(path: str, body: bytes) -> bytes:
             f"Transfer-Encoding: chunked\r\n\r\n").encode() + body
 
 
-class RequestFramingTest(BalancerCase):
+class RequestFramingTest(ScriptedCase):
     """Requests from clients: RFC 9112 framing, smuggling, field syntax, Expect, pipelining."""
 
     def test_cl_and_te_is_rejected_and_leftover_never_becomes_a_request(self) -> None:
@@ -738,12 +394,12 @@ class RequestFramingTest(BalancerCase):
         self.assertNotIn(b"/close/2", received_since(self.backend, mark))
 
 
-class ExpectWithoutBackendTest(BalancerCase):
+class ExpectWithoutBackendTest(ScriptedCase):
     """Expect: 100-continue when no backend can take the request: a 503 and no 100."""
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls.script = Script()
+        cls.script = Script(SCRIPTED_ROUTES)
         cls.backend = RawBackend(cls.script)  # unused: only for the shared assertions
         cls.addClassCleanup(cls.backend.stop)
         cls.balancer = Balancer([free_port()], *BASE_ARGS)  # nothing listens there
@@ -765,7 +421,7 @@ class ExpectWithoutBackendTest(BalancerCase):
 
 # --- responses from backends -------------------------------------------------------
 
-class BackendResponseTest(BalancerCase):
+class BackendResponseTest(ScriptedCase):
     """Responses from (untrusted) backends."""
 
     def bad_response_gives_502(self, name: str) -> None:
@@ -937,7 +593,7 @@ class BackendResponseTest(BalancerCase):
 
 # --- limits and timeouts ---------------------------------------------------------------
 
-class LimitsTest(BalancerCase):
+class LimitsTest(ScriptedCase):
     balancer_args = ("--max-header-size", "4k", "--max-request-line", "1k",
                      "--max-headers", "20", "--max-body-size", "64k")
 
@@ -984,7 +640,7 @@ class LimitsTest(BalancerCase):
         self.assert_never_complete(path, "oversized chunked body")
 
 
-class TimeoutsTest(BalancerCase):
+class TimeoutsTest(ScriptedCase):
     balancer_args = ("--header-timeout", "1", "--keepalive-timeout", "0.5",
                      "--read-timeout", "0.5", "--body-timeout", "0.5")
 
@@ -1102,7 +758,7 @@ class ConnectTimeoutTest(unittest.TestCase):
         self.addCleanup(blackhole.close)
         if not blackhole.works:
             self.skipTest("cannot make a connect() time out on this machine")
-        script = Script()
+        script = Script(SCRIPTED_ROUTES)
         backend = RawBackend(script)
         self.addCleanup(backend.stop)
         balancer = Balancer([f"http://127.0.0.1:{blackhole.port}", backend.port], *BASE_ARGS,
@@ -1133,7 +789,7 @@ def settled_threads(pid: int) -> int:
     return counts[-1]
 
 
-class MaxConnectionsTest(BalancerCase):
+class MaxConnectionsTest(ScriptedCase):
     balancer_args = ("--max-connections", "20", "--keepalive-timeout", "30",
                      "--header-timeout", "30")
 
@@ -1227,7 +883,7 @@ def bad_inputs() -> list[tuple[str, bytes]]:
     return cases
 
 
-class RobustnessTest(BalancerCase):
+class RobustnessTest(ScriptedCase):
     balancer_args = ("--access-log", "-")
 
     def test_burst_of_bad_requests_leaves_no_trace(self) -> None:
@@ -1306,7 +962,8 @@ def iter_chunked(reader) -> Iterator[bytes]:
             raise AssertionError("chunk not followed by CRLF")
 
 
-def read_head(reader) -> tuple[int, dict[str, str]]:
+def read_status_and_fields(reader) -> tuple[int, dict[str, str]]:
+    """(status, {lower-case name: value}) of a response head; the body stays in ``reader``."""
     status = int(reader.readline().split(b" ")[1])
     headers = {}
     while (line := reader.readline()) not in (b"\r\n", b""):
@@ -1322,7 +979,7 @@ class StreamingTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls.script = Script()
+        cls.script = Script(SCRIPTED_ROUTES)
         cls.backend = RawBackend(cls.script)
         cls.addClassCleanup(cls.backend.stop)
 
@@ -1346,7 +1003,7 @@ class StreamingTest(unittest.TestCase):
     def test_download_200_mib(self) -> None:
         client = Client(self, self.balancer.port, timeout=30)
         client.send(get("/stream/download"))
-        status, headers = read_head(client.reader)
+        status, headers = read_status_and_fields(client.reader)
         self.assertEqual(status, 200)
         self.assertEqual(headers.get("content-length"), str(DOWNLOAD_SIZE))
         crc = got = 0
@@ -1391,7 +1048,7 @@ class StreamingTest(unittest.TestCase):
             with self.subTest(path):
                 client = Client(self, self.balancer.port, timeout=30)
                 client.send(get(path, "Accept-Encoding: gzip"))
-                status, headers = read_head(client.reader)
+                status, headers = read_status_and_fields(client.reader)
                 self.assertEqual(status, 200)
                 self.assertEqual(headers.get("content-encoding"), "gzip")
                 self.assertEqual(headers.get("transfer-encoding"), "chunked")

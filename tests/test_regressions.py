@@ -42,12 +42,10 @@ if str(ROOT) not in sys.path:
 
 import http11  # noqa: E402
 from http11 import NO_BODY, ProtocolError  # noqa: E402
-from tests import test_hardening as hardening  # noqa: E402
-from tests.support import (Balancer, RawBackend, connect, http_exchange, read_head,  # noqa: E402
-                           wait_admin_port, wait_for)
-from tests.test_hardening import (BASE_ARGS, Client, Script, Seen, _head_fields,  # noqa: E402
-                                  backend_mark, collect_until_close, get, heads_since,
-                                  parse_responses, post, send_and_collect)
+from tests.support import (BASE_ARGS, Balancer, BalancerCase, Client, RawBackend, Script,  # noqa: E402
+                           Seen, backend_mark, collect_until_close, connect, get, heads_since,
+                           http_exchange, parse_responses, post, read_head, request_head_fields,
+                           send_and_collect, wait_admin_port, wait_for)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -62,7 +60,7 @@ assert len(BIG_TEXT) == 300 * KiB
 
 def head_values(head: bytes, name: bytes) -> list[bytes]:
     """Values of field ``name`` (lower-case bytes) in a request head the backend got."""
-    return [value for field, value in _head_fields(head)[2] if field == name]
+    return [value for field, value in request_head_fields(head)[2] if field == name]
 
 
 def split_head(raw: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
@@ -222,7 +220,7 @@ SSE_BODY = b"".join(b"id: %d\ndata: event number %d\n\n" % (i, i) for i in range
 SET_COOKIES = [f"c{i:03d}=value-{i}; Path=/; HttpOnly" for i in range(150)]
 
 
-class ScriptedCase(hardening.BalancerCase):
+class ScriptedCase(BalancerCase):
     """The shared-balancer tests; routes added to the ``Script`` of test_hardening."""
 
     # filled by the /slow-chunks and /sse-slow routes: when the backend sent what
@@ -517,7 +515,7 @@ class ScriptedCase(hardening.BalancerCase):
 EVIL = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL"
 
 
-class HeadLeftoverTest(hardening.BalancerCase):
+class HeadLeftoverTest(BalancerCase):
     @classmethod
     def setUpClass(cls) -> None:
         super().setUpClass()
@@ -561,7 +559,7 @@ class HeadLeftoverTest(hardening.BalancerCase):
 # Two backends: a passive failure would take one DOWN (and log it)
 # =====================================================================================
 
-class TwoBackendCase(hardening.BalancerCase):
+class TwoBackendCase(BalancerCase):
     """Two RawBackends sharing one ``Script``, a fresh balancer per test.
 
     Per test, so that a backend wrongly taken DOWN (for ``--fail-timeout``
