@@ -41,7 +41,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import http11  # noqa: E402
-from http11 import NO_BODY, ProtocolError  # noqa: E402
 from tests.support import (BASE_ARGS, Balancer, BalancerCase, Client, RawBackend, Script,  # noqa: E402
                            Seen, backend_mark, collect_until_close, connect, get, heads_since,
                            http_exchange, parse_responses, post, read_head, request_head_fields,
@@ -107,107 +106,6 @@ def raw_answer(raw: bytes, keep: bool = True):
         conn.sendall(raw)
         return keep
     return answer
-
-
-# =====================================================================================
-# Pure functions (http11.py)
-# =====================================================================================
-
-class SplitAbsoluteFormTest(unittest.TestCase):
-    def test_valid_targets(self) -> None:
-        cases = {
-            "http://example.com:8080/p?q=1": ("example.com:8080", "/p?q=1"),
-            "http://example.com": ("example.com", "/"),
-            "http://example.com?x=1": ("example.com", "/?x=1"),
-            "http://127.0.0.1/a/b": ("127.0.0.1", "/a/b"),
-            "http://[::1]:80/": ("[::1]:80", "/"),
-        }
-        for target, expected in cases.items():
-            with self.subTest(target):
-                self.assertEqual(http11.split_absolute_form(target), expected)
-
-    def test_malformed_targets_are_400(self) -> None:
-        for target in ("http://[x/", "http://user:pw@evil/", "http://user@evil/", "http:///x",
-                       "http://", "http://example.com:99999/", "http://example.com:abc/",
-                       "http://exa mple.com/"):
-            with self.subTest(target):
-                with self.assertRaises(ProtocolError) as ctx:
-                    http11.split_absolute_form(target)
-                self.assertEqual(ctx.exception.status, 400)
-
-
-class GzipHeadersTest(unittest.TestCase):
-    def test_encoded_false_gives_304_fields_without_content_encoding(self) -> None:
-        headers = [("ETag", '"abc"'), ("Content-Type", "application/json")]
-        result = http11.gzip_headers(list(headers), encoded=False)
-        names = [name.lower() for name, _ in result]
-        self.assertNotIn("content-encoding", names)
-        self.assertEqual(http11.get_field(result, "etag"), 'W/"abc"')
-        self.assertEqual(http11.get_field(result, "vary"), "Accept-Encoding")
-
-    def test_encoded_false_extends_an_existing_vary(self) -> None:
-        result = http11.gzip_headers([("Vary", "Origin"), ("ETag", 'W/"x"')], encoded=False)
-        self.assertEqual([v for n, v in result if n.lower() == "vary"], ["Origin, Accept-Encoding"])
-        self.assertEqual(http11.get_field(result, "etag"), 'W/"x"')  # already weak: unchanged
-        self.assertIsNone(http11.get_field(result, "content-encoding"))
-
-    def test_default_still_adds_content_encoding(self) -> None:
-        result = http11.gzip_headers([("ETag", '"abc"')])
-        self.assertEqual(http11.get_field(result, "content-encoding"), "gzip")
-        self.assertEqual(http11.get_field(result, "etag"), 'W/"abc"')
-
-
-class CompressibleTypeTest(unittest.TestCase):
-    def test_event_stream_is_not_compressible(self) -> None:
-        for value in ("text/event-stream", "text/event-stream; charset=utf-8",
-                      "TEXT/Event-Stream", " text/event-stream ;x=1"):
-            with self.subTest(value):
-                self.assertFalse(http11.is_compressible_type(value))
-        self.assertFalse(http11.should_gzip("GET", 200, [("Content-Type", "text/event-stream")],
-                                            "gzip", None, 256))
-
-    def test_other_text_types_still_are(self) -> None:
-        for value in ("text/plain", "text/html; charset=utf-8", "application/json"):
-            with self.subTest(value):
-                self.assertTrue(http11.is_compressible_type(value))
-
-
-class BodilessResponseFramingTest(unittest.TestCase):
-    BAD = {
-        "two different": [("Content-Length", "5"), ("Content-Length", "7")],
-        "letters": [("Content-Length", "abc")],
-        "list": [("Content-Length", "5, 7")],
-        "negative": [("Content-Length", "-1")],
-        "empty": [("Content-Length", "")],
-    }
-
-    def test_invalid_content_length_on_head_or_304_is_rejected(self) -> None:
-        for status, method in ((200, "HEAD"), (304, "GET"), (304, "HEAD")):
-            for name, headers in self.BAD.items():
-                with self.subTest(status=status, method=method, case=name):
-                    with self.assertRaises(ValueError):
-                        http11.response_framing(status, method, headers)
-
-    def test_valid_content_length_on_head_or_304_means_no_body(self) -> None:
-        for status, method in ((200, "HEAD"), (304, "GET")):
-            for headers in ([("Content-Length", "5")], [("Content-Length", "5"), ("Content-Length", "5")],
-                            []):
-                with self.subTest(status=status, method=method, headers=headers):
-                    self.assertEqual(http11.response_framing(status, method, headers), NO_BODY)
-
-
-class ChunkSizeTest(unittest.TestCase):
-    def test_whitespace_before_an_extension_is_allowed(self) -> None:
-        for line, size in ((b"5 ;ext\r\n", 5), (b"5\t;ext=1\r\n", 5), (b"a  ; name=\"v\"\r\n", 10),
-                           (b"5;ext\r\n", 5), (b"5\r\n", 5)):
-            with self.subTest(line):
-                self.assertEqual(http11.parse_chunk_size(line), size)
-
-    def test_whitespace_without_an_extension_or_before_the_size_is_rejected(self) -> None:
-        for line in (b"5 \r\n", b" 5;ext\r\n", b" ;ext\r\n", b"5 6;ext\r\n"):
-            with self.subTest(line):
-                with self.assertRaises(ValueError):
-                    http11.parse_chunk_size(line)
 
 
 # =====================================================================================
