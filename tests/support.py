@@ -774,6 +774,12 @@ class BalancerCase(unittest.TestCase):
         log = self.balancer.log_text()
         self.assertNotIn("Traceback", log, f"balancer log has a traceback:\n{log[-3000:]}")
 
+    def backend_heads_for(self, path: str) -> list[bytes]:
+        """The request heads the backend got for target ``path`` (exactly)."""
+        needle = f" {path} ".encode()
+        with self.backend.lock:
+            return [head for head in self.backend.heads if needle in head.split(b"\r\n", 1)[0]]
+
     # --- assertions -------------------------------------------------------------
 
     def assert_backend_untouched(self, mark: tuple[int, list[int]], context: object = "") -> None:
