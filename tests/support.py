@@ -478,6 +478,32 @@ def wait_admin_port(balancer: ChildProcess, timeout: float = 5.0) -> int:
     return int(balancer.wait_line(r"cclb admin on http://[^\s/]+:(\d+)/", timeout)[1])
 
 
+def admin_call(test: unittest.TestCase, balancer: ChildProcess, port: int, method: str, path: str,
+               body: bytes | None = None, headers: dict[str, str] | None = None):
+    """An admin API request: (status, headers, body); no answer at all fails ``test``."""
+    headers = dict(headers or {})
+    if body is None and method in ("POST", "DELETE"):
+        headers.setdefault("Content-Length", "0")
+    try:
+        return http_request(port, method, path, body=body, headers=headers, timeout=5)
+    except (OSError, http.client.HTTPException) as error:
+        test.fail(f"{method} {path[:60]}: no answer ({error!r}); "
+                  f"log: {balancer.log_text()[-1500:]}")
+
+
+def admin_status(test: unittest.TestCase, balancer: ChildProcess, port: int) -> dict:
+    """The admin API's ``/status`` document (asserting a 200)."""
+    code, _, body = admin_call(test, balancer, port, "GET", "/status")
+    test.assertEqual(code, 200)
+    return json.loads(body)
+
+
+def cluster_view(cluster) -> list[tuple[str, int, bool, str]]:
+    """(url, weight, healthy, admin state) of every backend of a ``ServerCluster``, in order."""
+    with cluster.lock:
+        return [(b.url, b.weight, b.healthy, b.admin_state) for b in cluster.backends]
+
+
 # --- one scripted backend behind a balancer, spoken to over raw sockets --------------
 
 BASE_ARGS = ("--health-interval", "0", "--access-log", "off")

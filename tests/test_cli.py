@@ -75,6 +75,22 @@ def demo_server_processes() -> list[tuple[int, list[str]]]:
     return found
 
 
+def blocked_opening_a_fifo(pid: int) -> bool:
+    """Whether a thread of ``pid`` waits in open() for the other end of a FIFO."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/wchan") as handle:
+                if handle.read().strip() in ("wait_for_partner", "fifo_open"):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def port_free(port: int) -> bool:
     """Whether ``port`` can be bound on 127.0.0.1 (and nothing accepts on it)."""
     if accepts(port):
@@ -164,6 +180,20 @@ class ArgumentTests(unittest.TestCase):
         self.assertIn("in use", result.stderr.lower())
         self.assertNotIn("listening on", result.stdout)
 
+    def test_duplicate_or_invalid_backends_on_the_command_line_exit_2(self):
+        """A backend given twice (in any spelling), or a host with a space or '-': exit 2 (a review fix)."""
+        runs = {
+            "duplicate": (["-b", "127.0.0.1:7000", "-b", "http://127.0.0.1:7000/"],
+                          ["http://127.0.0.1:7000", "twice"]),
+            "space": (["-b", "a b:1"], ["a b"]),
+            "dash": (["--backend=-:1"], ["'-'"]),  # "-b -:1" would be an argparse error
+        }
+        results = run_many([("-p", "0", "--host", "127.0.0.1", "--health-interval", "0",
+                             "--access-log", "off", *args) for args, _ in runs.values()])
+        for (args, words), result in zip(runs.values(), results):
+            with self.subTest(backends=args):
+                self.assert_usage_error(result, *words)
+
 
 class LifecycleTests(unittest.TestCase):
 
@@ -243,6 +273,58 @@ class LifecycleTests(unittest.TestCase):
         balancer.kill()
         self.assertNotIn("Traceback", balancer.log_text())
         self.assertFalse(accepts(balancer.port))
+
+    def test_sighup_before_the_handlers_are_installed_does_not_kill(self):
+        """A SIGHUP during start-up is ignored (a review fix).
+
+        The access log is a FIFO: opening it blocks cclb mid-startup (after its
+        listener is bound, before its signal handlers exist) until a reader comes.
+        That is where the SIGHUP is sent.  (Right after spawning would be too early:
+        no Python program can ignore a signal before the interpreter runs it.)
+        """
+        backend = RawBackend()
+        self.addCleanup(backend.stop)
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        fifo = os.path.join(directory.name, "access.fifo")
+        os.mkfifo(fifo)
+        port = free_port()
+        child = ChildProcess([PYTHON, CCLB, "-p", str(port), "--host", "127.0.0.1",
+                              "-b", f"127.0.0.1:{backend.port}", "--health-interval", "0",
+                              "--access-log", fifo])
+        self.addCleanup(child.kill)
+        wait_for(lambda: blocked_opening_a_fifo(child.pid) or child.proc.poll() is not None, 10,
+                 message="cclb to block opening the access-log FIFO")
+        self.assertIsNone(child.proc.poll(), child.log_text())
+        self.assertTrue(accepts(port), "the listener is not bound yet")
+        self.assertEqual(child.stdout, [], "started before the access log was opened?")
+
+        # A fatal signal takes effect when it is sent: no wait is needed before
+        # letting cclb's open() return.
+        child.signal(signal.SIGHUP)
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # lets cclb's open() go on
+        stop_draining = threading.Event()
+        self.addCleanup(os.close, reader)
+        self.addCleanup(stop_draining.set)
+
+        def drain() -> None:
+            while not stop_draining.is_set():
+                try:
+                    if not os.read(reader, 65536):
+                        stop_draining.wait(0.05)  # polling interval of a non-blocking read
+                except BlockingIOError:
+                    stop_draining.wait(0.05)
+                except OSError:
+                    return
+        drainer = threading.Thread(target=drain, daemon=True)
+        drainer.start()
+        self.addCleanup(drainer.join, 2)
+
+        match = child.wait_line(r"listening on http://[^:]+:(\d+)", 10)
+        self.assertEqual(int(match[1]), port)
+        code, _, body = http_request(port, path="/after-sighup")
+        self.assertEqual(code, 200, body[:200])
+        self.assertEqual(child.stop(), 0, child.log_text()[-1500:])
 
 
 class DemoTests(unittest.TestCase):

@@ -10,13 +10,20 @@ import json
 import os
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
 import unittest
 
-from tests.support import (Balancer, RawBackend, accepts, child_pids, http_request, process_gone,
+from tests.support import (ROOT, Balancer, DemoServer, RawBackend, accepts, admin_call, admin_status,
+                           child_pids, cluster_view, free_port, http_request, process_gone,
                            read_body, served_by, wait_admin_port, wait_for)
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+import workers  # noqa: E402
+from cluster import MAINT, READY, ServerCluster, parse_backend  # noqa: E402
 
 
 def cmdline(pid: int) -> str:
@@ -357,6 +364,154 @@ class WorkersLifecycleTests(WorkersCase):
         self.assertEqual(set(names), {"b", "c"})
         self.assertEqual(a.count(), before, "a worker still uses the removed backend")
         self.assertEqual(len(child_pids(balancer.pid)), 2)
+
+
+class WorkersCountersTests(WorkersCase):
+    """The supervisor's admin API adds up the traffic counted by every worker."""
+
+    def test_status_and_metrics_count_all_workers_even_after_one_dies(self) -> None:
+        backend = DemoServer()
+        self.addCleanup(backend.stop)
+        balancer = self.start([backend.port], "--health-interval", "0", "--access-log", "off",
+                              "--admin-port", "0")
+        admin = wait_admin_port(balancer)
+
+        def fetch(port: int, path: str) -> tuple[int, bytes]:
+            status, _, body = http_request(port, path=path)
+            return status, body
+        for _ in range(40):  # new connections: the kernel spreads them over both workers
+            self.assertEqual(fetch(balancer.port, "/")[0], 200)
+
+        def requests_counted() -> int:
+            status = json.loads(fetch(admin, "/status")[1])
+            return sum(b["requests"] for b in status["backends"])
+        wait_for(lambda: requests_counted() == 40, 10, message="40 requests in /status")
+        metrics = fetch(admin, "/metrics")[1].decode()
+        self.assertIn(f'cclb_requests_total{{backend="http://127.0.0.1:{backend.port}",code="200"}} 40',
+                      metrics)
+        # A worker that dies takes nothing with it: its counts stay in the totals.
+        pids = sorted(child_pids(balancer.pid))
+        self.assertEqual(len(pids), 2)
+        os.kill(pids[0], signal.SIGKILL)
+        wait_for(lambda: len(child_pids(balancer.pid) - {pids[0]}) == 2, 10,
+                 message="the worker to be replaced")
+        self.assertEqual(fetch(balancer.port, "/")[0], 200)
+        wait_for(lambda: requests_counted() == 41, 10, message="41 requests in /status")
+
+    def test_supervisor_metrics_count_503s_of_all_workers(self):
+        """Answers without a backend (503) are counted by the supervisor too (a review fix)."""
+        dead = free_port()  # nothing listens there
+        balancer = self.start([dead], "--admin-port", "0", "--health-interval", "0.2",
+                              "--access-log", "off")
+        admin = wait_admin_port(balancer)
+        wait_for(lambda: admin_status(self, balancer, admin)["backends"][0]["state"] == "down", 5,
+                 message="the backend DOWN in the supervisor")
+        # Every worker has the supervisor's "down" verdict once ten requests in a row (each
+        # on a new connection, spread by the kernel) are answered 503 without a backend.
+        answers: list[int] = []
+
+        def ten_503s_in_a_row() -> bool:
+            answers.append(http_request(balancer.port, path=f"/r{len(answers)}")[0])
+            return answers[-10:] == [503] * 10
+        wait_for(ten_503s_in_a_row, 10, interval=0.05, message="ten 503s in a row")
+        unrouted = answers.count(503)
+        line = f'cclb_requests_total{{backend="none",code="503"}} {unrouted}'
+
+        def metrics() -> str:
+            return admin_call(self, balancer, admin, "GET", "/metrics")[2].decode()
+        try:
+            wait_for(lambda: line in metrics(), 6, message="the unrouted 503s in /metrics")
+        except AssertionError:
+            shown = [l for l in metrics().splitlines() if l.startswith("cclb_requests_total")]
+            self.fail(f"{line!r} not in the supervisor's /metrics; got {shown} (answers {answers})")
+        self.assertEqual(admin_status(self, balancer, admin)["unrouted"], {"503": unrouted})
+
+
+class SnapshotTests(unittest.TestCase):
+    """The supervisor's state snapshots (one JSON line each) and how a worker applies them,
+    in-process."""
+
+    def cluster(self, *texts: str, **params) -> ServerCluster:
+        cluster = ServerCluster([parse_backend(text) for text in texts], **params)
+        self.addCleanup(cluster.close)
+        return cluster
+
+    @staticmethod
+    def rows(*entries: tuple[str, str]) -> list[list]:
+        return [[url, 1, health, READY] for url, health in entries]
+
+    # Review: a repeated "up" from the supervisor once cleared a worker's passive down.
+    def test_passive_down_is_kept_until_the_supervisor_says_down_then_up(self):
+        cluster = self.cluster("127.0.0.1:9001", "127.0.0.1:9002", max_fails=1, fail_timeout=10)
+        a, b = cluster.snapshot()
+        with self.assertLogs("cclb", "WARNING"):
+            cluster.report_failure(a, "connection refused")
+        self.assertFalse(a.available)
+
+        for _ in range(3):  # the supervisor repeats "up" every health round
+            workers.apply_snapshot(cluster, self.rows((a.url, "up"), (b.url, "up")))
+        self.assertFalse(a.available, "a repeated 'up' cleared the worker's passive down")
+        self.assertEqual(a.state, "down")
+        self.assertIsNone(cluster.acquire("10.0.0.1", exclude=(b,)))
+        cluster.apply_published_health(a, True)  # directly, too
+        self.assertFalse(a.available)
+
+        workers.apply_snapshot(cluster, self.rows((a.url, "down"), (b.url, "up")))
+        self.assertFalse(a.available)
+        workers.apply_snapshot(cluster, self.rows((a.url, "up"), (b.url, "up")))
+        self.assertTrue(a.available, "down then up from the supervisor did not bring it back")
+        picked = cluster.acquire("10.0.0.1", exclude=(b,))
+        self.assertIs(picked, a)
+        cluster.release(picked, 200)
+
+    def test_state_line_round_trip_and_a_cut_off_snapshot_is_skipped(self):
+        supervisor = self.cluster("127.0.0.1:9001,weight=2", "[::1]:9002", "127.0.0.1:9003")
+        a, b, c = supervisor.snapshot()
+        with self.assertLogs("cclb", "WARNING"):
+            supervisor.report_check(b, False, "HTTP 500", 0.001)
+        supervisor.set_admin_state(c, MAINT, quiet=True)
+        line = workers.state_lines(supervisor)
+        self.assertTrue(line.endswith(b"\n"))
+        self.assertEqual(line.count(b"\n"), 1, "a snapshot must be one line")
+        rows = json.loads(line)
+        self.assertEqual(rows, [["http://127.0.0.1:9001", 2, "up", "ready"],
+                                ["http://[::1]:9002", 1, "down", "ready"],
+                                ["http://127.0.0.1:9003", 1, "up", "maint"]])
+
+        worker = self.cluster("127.0.0.1:9001", "127.0.0.1:9099")
+        read_fd, write_fd = os.pipe()
+        self.addCleanup(os.close, read_fd)
+        write_open = [True]
+
+        def close_write() -> None:
+            if write_open[0]:
+                write_open[0] = False
+                os.close(write_fd)
+        self.addCleanup(close_write)
+        exited = threading.Event()
+        follower = threading.Thread(target=workers.follow_supervisor,
+                                    args=(worker, read_fd, exited.set), daemon=True)
+        follower.start()
+
+        os.write(write_fd, line)
+        expected = cluster_view(supervisor)
+        wait_for(lambda: cluster_view(worker) == expected, 5, message="the worker to adopt the snapshot")
+
+        supervisor.remove(c)
+        supervisor.add(parse_backend("127.0.0.1:9004,weight=5"))
+        second = workers.state_lines(supervisor)
+        os.write(write_fd, second[:len(second) // 2])  # the supervisor's write was cut short
+        time.sleep(0.2)  # an observation window, not synchronisation: nothing may change
+        self.assertEqual(cluster_view(worker), expected, "half a snapshot was applied")
+        os.write(write_fd, second + second)  # the next rounds send it whole
+        expected = cluster_view(supervisor)
+        wait_for(lambda: cluster_view(worker) == expected, 5,
+                 message=f"the worker to adopt the next whole snapshot: {cluster_view(worker)}")
+        self.assertTrue(follower.is_alive() and not exited.is_set(),
+                        "a cut-off line ended the supervisor link")
+        close_write()
+        self.assertTrue(exited.wait(5), "end of input: on_exit was not called")
+        follower.join(5)
 
 
 if __name__ == "__main__":
