@@ -1,7 +1,7 @@
 """Operations features end to end, with real processes and sockets: balancing
-policies, health thresholds, the admin API (status, Prometheus metrics, the
-dashboard, backend changes, tokens), the config file, SIGHUP reload, the JSON
-access log and request ids.
+policies, health thresholds and probes, the admin API (status, Prometheus
+metrics, the dashboard, backend changes, tokens, its own request handling),
+the config file, SIGHUP reload, the access log (JSON, request ids, rotation).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import unittest
 from collections import Counter
 
 from tests.support import (PYTHON, ROOT, Balancer, DemoServer, RawBackend, admin_call, admin_status,
-                           connect, free_port, http_request, read_body, read_response,
-                           read_until_close, served_by, wait_admin_port, wait_for)
+                           connect, free_port, get, http_exchange, http_request, read_body,
+                           read_response, read_until_close, served_by, wait_admin_port, wait_for)
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -1305,6 +1305,34 @@ class AccessLogTests(OperationsCase):
             self.assertIsInstance(entry["duration_ms"], (int, float))
             self.assertGreaterEqual(entry["duration_ms"], 0)
             self.assertLess(entry["duration_ms"], 5000)
+
+    def test_sighup_reopens_a_moved_access_log(self) -> None:
+        """SIGHUP reopens the access log file (logrotate's move-then-HUP)."""
+        backend = DemoServer()
+        self.addCleanup(backend.stop)
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        path = os.path.join(folder.name, "access.log")
+        balancer = Balancer([backend.port], "--health-interval", "0", "--access-log", path)
+        self.addCleanup(balancer.stop)
+
+        def logged(file: str, target: str) -> bool:
+            try:
+                with open(file, encoding="utf-8") as handle:
+                    return f'"GET {target}"' in handle.read()
+            except FileNotFoundError:
+                return False
+
+        self.assertEqual(http_exchange(balancer.port, get("/?when=before", "Connection: close")).status, 200)
+        wait_for(lambda: logged(path, "/?when=before"), 5, message="the first line in the log")
+        os.rename(path, path + ".1")  # what logrotate does before signalling
+        balancer.signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in balancer.log_text(), 5,
+                 message="the reload")
+        self.assertEqual(http_exchange(balancer.port, get("/?when=after", "Connection: close")).status, 200)
+        wait_for(lambda: logged(path, "/?when=after"), 5, message="a new file with the next line")
+        self.assertFalse(logged(path + ".1", "/?when=after"), "the rotated file kept growing")
+        self.assertNotIn("Traceback", balancer.log_text())
 
 
 if __name__ == "__main__":
