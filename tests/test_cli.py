@@ -22,7 +22,6 @@ import settings  # noqa: E402
 
 CCLB = str(ROOT / "cclb.py")
 SERVER = str(ROOT / "server.py")
-DEMO_PORTS = (7000, 7001, 7002)
 READY = re.compile(r"^cclb listening on http://(?P<host>[^\s:]+):(?P<port>\d+) -> (?P<n>\d+) backends?$")
 
 
@@ -59,8 +58,8 @@ def alive(pid: int) -> bool:
         return False
 
 
-def demo_server_processes() -> list[tuple[int, list[str]]]:
-    """Running ``server.py 700x`` processes of this checkout."""
+def demo_server_processes(ports) -> list[tuple[int, list[str]]]:
+    """Running ``server.py PORT`` processes of this checkout, for any PORT of ``ports``."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -70,9 +69,19 @@ def demo_server_processes() -> list[tuple[int, list[str]]]:
                 argv = [a.decode(errors="replace") for a in handle.read().split(b"\0") if a]
         except OSError:
             continue
-        if SERVER in argv and any(str(port) in argv for port in DEMO_PORTS) and alive(int(entry)):
+        if SERVER in argv and any(str(port) in argv for port in ports) and alive(int(entry)):
             found.append((int(entry), argv))
     return found
+
+
+def distinct_free_ports(count: int) -> list[int]:
+    """``count`` different ports that were free a moment ago."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def blocked_opening_a_fifo(pid: int) -> bool:
@@ -91,19 +100,6 @@ def blocked_opening_a_fifo(pid: int) -> bool:
     return False
 
 
-def port_free(port: int) -> bool:
-    """Whether ``port`` can be bound on 127.0.0.1 (and nothing accepts on it)."""
-    if accepts(port):
-        return False
-    try:
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-
-
 def kill_pids(pids) -> None:
     for pid in pids:
         try:
@@ -112,10 +108,10 @@ def kill_pids(pids) -> None:
             pass
 
 
-def kill_demo_leftovers() -> None:
-    """Cleanup: SIGKILL demo servers of this checkout that survived, and wait until they are gone."""
-    kill_pids(pid for pid, _ in demo_server_processes())
-    wait_for(lambda: not demo_server_processes(), 5, message="leftover demo servers to die")
+def kill_demo_leftovers(ports) -> None:
+    """Cleanup: SIGKILL demo servers of this checkout on ``ports`` that survived; wait until gone."""
+    kill_pids(pid for pid, _ in demo_server_processes(ports))
+    wait_for(lambda: not demo_server_processes(ports), 5, message="leftover demo servers to die")
 
 
 class ArgumentTests(unittest.TestCase):
@@ -328,18 +324,55 @@ class LifecycleTests(unittest.TestCase):
 
 
 class DemoTests(unittest.TestCase):
+    """--demo on free ports: $CCLB_DEMO_PORTS moves the three server.py children, and
+    matching -b options point the balancer at them (so these tests never skip)."""
 
     def setUp(self) -> None:
-        busy = [port for port in DEMO_PORTS if not port_free(port)]
-        if busy:
-            self.skipTest(f"demo ports in use: {busy}")
+        self.ports = distinct_free_ports(3)
+        # Cleanups run last-in first-out: this one runs after the test's own.
+        self.addCleanup(kill_demo_leftovers, self.ports)
+
+    def demo_args(self, *extra: str) -> list[str]:
+        """The cclb.py command line for --demo on ``self.ports``."""
+        args = [PYTHON, CCLB, "--demo", *extra, "--host", "127.0.0.1", "--health-interval", "0"]
+        for port in self.ports:
+            args += ["-b", f"127.0.0.1:{port}"]
+        return args
+
+    def demo_env(self) -> dict[str, str]:
+        return {**os.environ, "CCLB_DEMO_PORTS": ",".join(map(str, self.ports))}
+
+    def run_failing_demo(self, *extra: str, deadline: float = 20.0
+                         ) -> tuple[subprocess.Popen[str], set[int], str]:
+        """Run a --demo start that must fail: (process, every child seen, stderr)."""
+        # Output goes to files, not pipes: a surviving child would keep a pipe open.
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.addCleanup(out.close)
+        self.addCleanup(err.close)
+        proc = subprocess.Popen(self.demo_args(*extra), cwd=ROOT, env=self.demo_env(),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True)
+        self.addCleanup(lambda: proc.poll() is None and (proc.terminate(), proc.wait(10)))
+        seen: set[int] = set()
+
+        def record_children_until_exit() -> bool:
+            seen.update(child_pids(proc.pid))
+            return proc.poll() is not None
+        try:
+            wait_for(record_children_until_exit, deadline, interval=0.01,
+                     message="cclb --demo to exit after a failed start")
+        except AssertionError:
+            pass  # asserted below, with the output
+        err.seek(0)
+        return proc, seen, err.read()
+
+    def assert_no_demo_left(self, children: set[int] | list[int]) -> None:
+        self.assertEqual([pid for pid in children if alive(pid)], [], "demo children left running")
+        self.assertEqual(demo_server_processes(self.ports), [])
 
     def test_demo_starts_three_backends_and_stops_them_on_sigterm(self):
-        """--demo: server-7000/1/2 answer through the balancer; after SIGTERM: exit 0, no child, ports free."""
-        balancer = ChildProcess([PYTHON, CCLB, "--demo", "-p", "0", "--host", "127.0.0.1",
-                                 "--health-interval", "0"])
+        """--demo: server-P1/2/3 answer through the balancer; after SIGTERM: exit 0, no child, ports free."""
+        balancer = ChildProcess(self.demo_args("-p", "0"), env=self.demo_env())
         # SIGTERM, not SIGKILL: a killed balancer could not stop its children.
-        self.addCleanup(kill_demo_leftovers)
         self.addCleanup(balancer.stop)
         match = balancer.wait_line(r"listening on http://[^:]+:(\d+) -> 3 backends", 15)
         port = int(match[1])
@@ -351,45 +384,48 @@ class DemoTests(unittest.TestCase):
             status, headers, _ = http_request(port)
             self.assertEqual(status, 200)
             names.add(headers["X-Backend-Server"])
-        self.assertEqual(names, {"server-7000", "server-7001", "server-7002"})
+        self.assertEqual(names, {f"server-{demo_port}" for demo_port in self.ports})
 
         balancer.signal(signal.SIGTERM)
         self.assertEqual(balancer.proc.wait(15), 0, balancer.log_text())
         balancer.kill()
         self.assertNotIn("Traceback", balancer.log_text())
-        self.assertEqual([pid for pid in children if alive(pid)], [], "demo children left running")
-        self.assertEqual(demo_server_processes(), [])
-        self.assertEqual([p for p in DEMO_PORTS if accepts(p)], [], "demo ports still answer")
+        self.assert_no_demo_left(children)
+        self.assertEqual([p for p in self.ports if accepts(p)], [], "demo ports still answer")
 
     def test_demo_with_own_port_taken_exits_1_and_leaves_no_children(self):
         """--demo when the balancer's port is in use: exit 1, message, and no demo backend survives."""
-        # Output goes to files, not pipes: a surviving child would keep a pipe open.
-        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        self.addCleanup(out.close)
-        self.addCleanup(err.close)
         with socket.create_server(("127.0.0.1", 0)) as taken:
             port = taken.getsockname()[1]
-            proc = subprocess.Popen([PYTHON, CCLB, "--demo", "-p", str(port), "--host", "127.0.0.1",
-                                     "--health-interval", "0"], cwd=ROOT, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, text=True)
-            seen: set[int] = set()
-            self.addCleanup(kill_demo_leftovers)
-            self.addCleanup(lambda: proc.poll() is None and (proc.terminate(), proc.wait(10)))
-            deadline = time.monotonic() + 20
-            while proc.poll() is None and time.monotonic() < deadline:  # record every child
-                seen |= child_pids(proc.pid)
-                time.sleep(0.01)  # polling interval only
+            proc, seen, stderr = self.run_failing_demo("-p", str(port))
         self.assertIsNotNone(proc.poll(), "cclb --demo still running 20 s after a failed start")
-        err.seek(0)
-        stderr = err.read()
         self.assertEqual(proc.returncode, 1, stderr)
         self.assertNotIn("Traceback", stderr)
         self.assertIn(str(port), stderr)
         self.assertIn("in use", stderr.lower())
-        self.assertEqual([pid for pid in seen if alive(pid)], [], "demo children left running")
-        self.assertEqual(demo_server_processes(), [])
-        self.assertEqual([p for p in DEMO_PORTS if accepts(p)], [], "demo ports still answer")
+        self.assert_no_demo_left(seen)
+        self.assertEqual([p for p in self.ports if accepts(p)], [], "demo ports still answer")
 
+    # PRODUCT DEFECT (cclb.start_demo_backends): a demo port counts as started as soon
+    # as it accepts a connection, and this test's own listener accepts, so the exit of
+    # the server.py child ("Address already in use") goes unnoticed and cclb runs on
+    # with a dead demo backend.  Remove expectedFailure once the product checks that
+    # its children are still alive (an unexpected success fails the run as a reminder).
+    @unittest.expectedFailure
+    def test_demo_with_a_backend_port_taken_exits_1_and_leaves_no_children(self):
+        """--demo when one demo port is in use (this test listens on it): exit 1, a message
+        naming the port, no traceback, and the other demo backends do not survive."""
+        with socket.create_server(("127.0.0.1", self.ports[1])):
+            proc, seen, stderr = self.run_failing_demo("-p", "0", deadline=10)
+            self.assertIsNotNone(proc.poll(), "cclb --demo still running 10 s after a failed start: "
+                                              f"{stderr[-1000:]}")
+        self.assertEqual(proc.returncode, 1, stderr)
+        self.assertNotIn("Traceback", stderr)
+        self.assertIn(str(self.ports[1]), stderr)
+        self.assertIn("in use", stderr.lower())
+        self.assert_no_demo_left(seen)
+        others = [self.ports[0], self.ports[2]]
+        self.assertEqual([p for p in others if accepts(p)], [], "demo ports still answer")
 
 if __name__ == "__main__":
     unittest.main()
