@@ -104,9 +104,11 @@ class ChildProcess:
             try:
                 line = self.stdout_lines.get(timeout=min(remaining, 0.1))
             except queue.Empty:
-                if self.proc.poll() is not None and self.stdout_lines.empty():
-                    time.sleep(0.05)
-                    if self.stdout_lines.empty():
+                if self.proc.poll() is not None:
+                    # Exited: once the stdout reader has met the end of the pipe, every
+                    # line is in the queue.
+                    self.readers[0].join(max(0.0, deadline - time.monotonic()))
+                    if self.stdout_lines.empty() and not self.readers[0].is_alive():
                         raise AssertionError(f"{self.args} exited with {self.proc.returncode}; "
                                              f"stderr: {''.join(self.stderr)[-2000:]}")
                 continue

@@ -220,7 +220,8 @@ class LifecycleTests(unittest.TestCase):
             read_body(head, reader)
             arrived.set()
             release.wait(10)
-            time.sleep(0.5)  # the backend's own slowness, well into the balancer's drain
+            # The behaviour under test: a backend still busy well into the balancer's drain.
+            time.sleep(0.5)
             result["alive_before_answer"] = balancer.proc.poll() is None
             body = b"slow but complete"
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"

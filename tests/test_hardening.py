@@ -1322,7 +1322,9 @@ class TimeoutsTest(ScriptedCase):
         self.addCleanup(sock.close)
         started = time.monotonic()
         answered = False
-        for byte in payload:  # one byte every 0.3 s: no single gap reaches the 1 s timeout
+        # The behaviour under test: a client dribbling one byte every 0.3 s, so that no
+        # single gap reaches the 1 s header timeout (only a whole-head deadline stops it).
+        for byte in payload:
             try:
                 sock.sendall(bytes([byte]))
             except OSError:
