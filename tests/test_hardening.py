@@ -1,9 +1,14 @@
-"""Hardening tests (issue 3): strict framing, smuggling defence, limits, timeouts, streaming.
+"""The proxy over sockets, against hostile or broken peers: strict request framing and
+smuggling defence, untrusted backend answers, the gzip relay (HTTP/1.0, slow streams,
+event streams, HEAD/304 fields), stray bytes after HEAD answers, client and backend
+failures that must not take a backend DOWN, limits, timeouts, --max-connections,
+robustness under a burst of bad input, and 200 MiB streams with bounded memory.
 
 Every test talks to a real ``cclb.py`` child process over raw sockets and
 checks both sides: what the client receives, and what a scripted
 ``RawBackend`` received (the exact bytes).  Backends answer through
-``Script``: an echo by default, scripted raw bytes for ``/resp/<name>``.
+``tests.support.Script``: an echo by default, ``SCRIPTED_ROUTES`` otherwise
+(scripted raw bytes for ``/resp/<name>``, generated streams, paced answers).
 """
 
 from __future__ import annotations
