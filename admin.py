@@ -25,11 +25,12 @@ import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import TCPServer
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import metrics
 from dashboard import PAGE
 from loops import LoopGuard
+from settings import Config
 from backend_urls import parse_backend
 from cluster import DRAIN, MAINT, READY, Backend, BackendStats, ClusterStats, ServerCluster
 
@@ -64,7 +65,7 @@ def backend_json(backend: BackendStats, now: float) -> dict[str, Any]:
     }
 
 
-def status_document(stats: ClusterStats, config: Any) -> dict[str, Any]:
+def status_document(stats: ClusterStats, config: Config) -> dict[str, Any]:
     """The /status JSON, built from a copy: the cluster lock is not held meanwhile."""
     now = time.time()
     settings = {key: value for key, value in config.values.items()
@@ -199,12 +200,12 @@ class AdminHandler(BaseHTTPRequestHandler):
                         [("WWW-Authenticate", 'Bearer realm="cclb admin"')])
         return False
 
-    def reply_json(self, status: int, document: Any, extra: list[tuple[str, str]] = ()) -> None:
+    def reply_json(self, status: int, document: Any, extra: Sequence[tuple[str, str]] = ()) -> None:
         self.reply(status, (json.dumps(document, indent=1) + "\n").encode(),
                    "application/json", extra)
 
     def reply(self, status: int, body: bytes, content_type: str,
-              extra: list[tuple[str, str]] = ()) -> None:
+              extra: Sequence[tuple[str, str]] = ()) -> None:
         self.replied = True
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -227,7 +228,7 @@ class AdminServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], cluster: ServerCluster,
-                 get_config: Callable[[], Any],
+                 get_config: Callable[[], Config],
                  on_change: Callable[[], None] | None = None) -> None:
         self.cluster = cluster
         self.get_config = get_config
@@ -244,4 +245,4 @@ class AdminServer(ThreadingHTTPServer):
     def server_bind(self) -> None:
         # Skip HTTPServer's getfqdn() DNS lookup.
         TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]

@@ -135,8 +135,8 @@ class Process:
 
     def announce(self) -> None:
         if self.admin is not None:
-            host, port = self.admin.server_address[:2]
-            print(f"cclb admin on http://{host}:{port}/", flush=True)
+            print(f"cclb admin on http://{self.admin.server_name}:{self.admin.server_port}/",
+                  flush=True)
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration; apply it, or keep the old one if invalid."""
@@ -228,8 +228,8 @@ class Balancer(Process):
             sys.stdout.buffer.write(workers.READY_LINE)
             sys.stdout.flush()
         else:
-            host, port = self.server.server_address[:2]
-            print(ready_line(host, port, len(self.config.backends)), flush=True)
+            print(ready_line(self.server.server_name, self.server.server_port,
+                             len(self.config.backends)), flush=True)
             super().announce()
         log.info("cclb %s (pid %d, %s, backends: %s)",
                  "worker started" if self.role is Role.WORKER else "started", os.getpid(),
@@ -410,6 +410,11 @@ def start_demo_backends(ports: tuple[int, ...]) -> list[subprocess.Popen[bytes]]
 
     Raises RuntimeError (after stopping any started child) if one fails.
     """
+    for port in ports:
+        if not port_free("127.0.0.1", port):
+            # Checked first: another program answering on the port would look
+            # like a demo backend that started.
+            raise RuntimeError(f"demo port {port} is already in use")
     children: list[subprocess.Popen[bytes]] = []
     try:
         for port in ports:
@@ -425,10 +430,24 @@ def start_demo_backends(ports: tuple[int, ...]) -> list[subprocess.Popen[bytes]]
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"demo backend on port {port} did not start in time")
                 time.sleep(0.05)
+            if child.poll() is not None:  # something else took the port meanwhile
+                raise RuntimeError(f"demo backend on port {port} exited "
+                                   f"(code {child.returncode}); is the port in use?")
     except BaseException:
         stop_children(children)
         raise
     return children
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether ``port`` can be bound now (TIME_WAIT leftovers do not count)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def accepts(host: str, port: int) -> bool:

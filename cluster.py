@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
-from backend_urls import BackendSpec, parse_backend  # noqa: F401 - re-exported
+from backend_urls import BackendSpec
 from balancing import Policy, RoundRobin, make_policy
 from metrics import Histogram, TrafficCounters
 from upstream import ConnectionPool

@@ -33,12 +33,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from backend_urls import parse_backend
 from cluster import DRAIN, MAINT, READY, ServerCluster
 from loops import LoopGuard
 from metrics import TrafficCounters
+from settings import Config
 
 log = logging.getLogger("cclb")
 
@@ -111,7 +112,7 @@ class SnapshotReader:
         return snapshots
 
 
-def follow_supervisor(cluster: ServerCluster, fd: int, on_exit: Any) -> None:
+def follow_supervisor(cluster: ServerCluster, fd: int, on_exit: Callable[[], None]) -> None:
     """Worker side: adopt each published snapshot until the supervisor goes away.
 
     Reads the raw descriptor with ``os.read``: a daemon thread blocked inside
@@ -239,10 +240,10 @@ class Worker:
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait for the worker's ready line (it is listening), then follow its reports."""
-        assert self.proc.stdout is not None
+        stdout = self.proc.stdout
+        assert stdout is not None
         result: list[bytes] = []
-        reader = threading.Thread(target=lambda: result.append(self.proc.stdout.readline()),
-                                  daemon=True)
+        reader = threading.Thread(target=lambda: result.append(stdout.readline()), daemon=True)
         reader.start()
         reader.join(timeout)
         if result != [READY_LINE]:
@@ -292,7 +293,7 @@ class Worker:
 class Supervisor:
     """Starts, watches and stops the worker processes."""
 
-    def __init__(self, config: Any, argv: list[str], cluster: ServerCluster) -> None:
+    def __init__(self, config: Config, argv: list[str], cluster: ServerCluster) -> None:
         self.config = config
         self.argv = argv
         self.cluster = cluster
@@ -324,7 +325,10 @@ class Supervisor:
         return self.port
 
     def start_worker(self, number: int) -> Worker:
-        listen_fd = None if hasattr(socket, "SO_REUSEPORT") else self.listener.fileno()
+        listen_fd = None
+        if not hasattr(socket, "SO_REUSEPORT"):
+            assert self.listener is not None  # bind() came first
+            listen_fd = self.listener.fileno()
         worker = Worker(number, self.argv, self.port, listen_fd)
         snapshot = encode_snapshot(state_rows(self.cluster))
         with self.publish_lock:

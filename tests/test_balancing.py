@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 import unittest
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,9 @@ import balancing  # noqa: E402
 import cluster  # noqa: E402
 from balancing import (IPHash, LeastConnections, RandomTwo, RoundRobin,  # noqa: E402
                        WeightedRoundRobin, make_policy)
-from cluster import DRAIN, MAINT, READY, Attempt, ServerCluster, parse_backend  # noqa: E402
+from backend_urls import parse_backend  # noqa: E402
+from cluster import DRAIN, MAINT, READY, Attempt, ServerCluster  # noqa: E402
+from tests.support import cluster_view  # noqa: E402
 
 _null_handler = logging.NullHandler()
 
@@ -70,6 +72,13 @@ def release(backend: cluster.Backend, status: int | None, duration: float = 0.0,
         attempt.failed(None, retried=retried)
     else:
         attempt.done(status, duration)
+
+
+def cluster_of(test: unittest.TestCase, *texts: str, **params) -> ServerCluster:
+    """A cluster of ``parse_backend`` specs, its pools closed at the end of ``test``."""
+    servers = ServerCluster([parse_backend(text) for text in texts], **params)
+    test.addCleanup(servers.close)
+    return servers
 
 
 def picks(servers: ServerCluster, names: dict, count: int, client: str = "10.0.0.1") -> str:
@@ -426,6 +435,30 @@ class AcquireTest(unittest.TestCase):
         self.assertEqual((a.state, a.available), ("maint", False))
 
 
+class MembershipTest(unittest.TestCase):
+    """Adding backends: a URL is in the cluster at most once."""
+
+    def test_cluster_add_refuses_a_url_already_there_even_from_racing_threads(self):
+        cluster = cluster_of(self, "127.0.0.1:9001")
+        self.assertIsNone(cluster.add(parse_backend("http://127.0.0.1:9001/,weight=4")))
+        self.assertEqual(cluster_view(cluster), [("http://127.0.0.1:9001", 1, True, READY)])
+        spec = parse_backend("127.0.0.1:9002")
+        barrier = threading.Barrier(16)
+        results = []
+
+        def add() -> None:
+            barrier.wait(5)
+            results.append(cluster.add(spec))
+        threads = [threading.Thread(target=add) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(5)
+        self.assertEqual(len([r for r in results if r is not None]), 1, results)
+        self.assertEqual([b.url for b in cluster.snapshot()],
+                         ["http://127.0.0.1:9001", "http://127.0.0.1:9002"])
+
+
 class PassiveFailureTest(unittest.TestCase):
     def setUp(self):
         self.clock = FakeClock()
@@ -513,6 +546,54 @@ class PassiveFailureTest(unittest.TestCase):
         servers.report_failure(b, "x")
         self.assertTrue(b.available, "earlier failures were forgotten when it came back")
 
+    # Review: the passive rule once emptied the pool of its last available backend.
+    def test_last_available_backend_is_not_taken_out_passively(self):
+        cluster = cluster_of(self, "127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003",
+                               max_fails=1, fail_timeout=10)
+        down, maint, last = cluster.snapshot()
+        with self.assertLogs("cclb", "WARNING"):
+            cluster.report_check(down, False, "connection refused", None, rise=1, fall=1)
+        cluster.set_admin_state(maint, MAINT, quiet=True)
+        self.assertEqual([b.available for b in cluster.snapshot()], [False, False, True])
+
+        with self.assertNoLogs("cclb", "WARNING"):
+            cluster.report_failure(last, "connection refused")
+        self.assertTrue(last.available, "the only backend left was taken out by one failure")
+        picked = acquire(cluster, "10.0.0.1")
+        self.assertIs(picked, last)
+        release(picked, 200)
+
+        # Control: with a second backend available the same rule does take it out.
+        cluster.set_admin_state(maint, READY, quiet=True)
+        with self.assertLogs("cclb", "WARNING") as logs:
+            cluster.report_failure(last, "connection refused")
+        self.assertIn("is DOWN", logs.output[0])
+        self.assertFalse(last.available)
+        self.assertIs(acquire(cluster, "10.0.0.1"), maint)
+
+
+class _RecordingLock:
+    """A lock that records what the cluster looks like each time it is taken."""
+
+    def __init__(self, cluster: ServerCluster) -> None:
+        self.lock = threading.Lock()
+        self.cluster = cluster
+        self.seen: list[list[tuple[str, int]]] = []
+
+    def __enter__(self):
+        self.lock.acquire()
+        self.seen.append([(b.url, b.weight) for b in self.cluster.backends])
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+    def acquire(self, *args) -> bool:
+        return self.lock.acquire(*args)
+
+    def release(self) -> None:
+        self.lock.release()
+
 
 class SlowStartAndReloadTest(unittest.TestCase):
     def setUp(self):
@@ -557,6 +638,26 @@ class SlowStartAndReloadTest(unittest.TestCase):
         self.assertFalse(b.healthy)
         self.assertNotIn(c, servers.backends)
         self.assertEqual(len({x.id for x in servers.backends}), 3)
+
+    def test_reconcile_adds_removes_and_reweights_in_one_step(self):
+        cluster = cluster_of(self, "127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003")
+        a, b, c = cluster.snapshot()
+        before = [(x.url, x.weight) for x in cluster.backends]
+        recorder = _RecordingLock(cluster)
+        cluster._lock = recorder  # the test looks inside: is reconcile one locked step?
+        wanted = [parse_backend(text) for text in ("127.0.0.1:9002,weight=3", "127.0.0.1:9003",
+                                                   "[::1]:9004,weight=2")]
+        added, removed = cluster.reconcile(wanted)
+        self.assertEqual((added, removed), (["http://[::1]:9004"], ["http://127.0.0.1:9001"]))
+        after = [(x.url, x.weight) for x in cluster.backends]
+        self.assertEqual(after, [("http://127.0.0.1:9002", 3), ("http://127.0.0.1:9003", 1),
+                                 ("http://[::1]:9004", 2)])
+        self.assertIs(cluster.backends[0], b)  # a backend that stays keeps its state
+        self.assertIs(cluster.backends[1], c)
+        self.assertEqual(cluster.backends[2].id, 4)
+        # Every time another thread could have looked, it saw the old list: no half-done step.
+        self.assertEqual(recorder.seen, [before], "reconcile took the lock more than once")
+        self.assertEqual(cluster.reconcile(wanted), ([], []))
 
 
 class ActiveCheckTest(unittest.TestCase):

@@ -22,7 +22,6 @@ import settings  # noqa: E402
 
 CCLB = str(ROOT / "cclb.py")
 SERVER = str(ROOT / "server.py")
-DEMO_PORTS = (7000, 7001, 7002)
 READY = re.compile(r"^cclb listening on http://(?P<host>[^\s:]+):(?P<port>\d+) -> (?P<n>\d+) backends?$")
 
 
@@ -59,8 +58,8 @@ def alive(pid: int) -> bool:
         return False
 
 
-def demo_server_processes() -> list[tuple[int, list[str]]]:
-    """Running ``server.py 700x`` processes of this checkout."""
+def demo_server_processes(ports) -> list[tuple[int, list[str]]]:
+    """Running ``server.py PORT`` processes of this checkout, for any PORT of ``ports``."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -70,22 +69,35 @@ def demo_server_processes() -> list[tuple[int, list[str]]]:
                 argv = [a.decode(errors="replace") for a in handle.read().split(b"\0") if a]
         except OSError:
             continue
-        if SERVER in argv and any(str(port) in argv for port in DEMO_PORTS) and alive(int(entry)):
+        if SERVER in argv and any(str(port) in argv for port in ports) and alive(int(entry)):
             found.append((int(entry), argv))
     return found
 
 
-def port_free(port: int) -> bool:
-    """Whether ``port`` can be bound on 127.0.0.1 (and nothing accepts on it)."""
-    if accepts(port):
-        return False
+def distinct_free_ports(count: int) -> list[int]:
+    """``count`` different ports that were free a moment ago."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def blocked_opening_a_fifo(pid: int) -> bool:
+    """Whether a thread of ``pid`` waits in open() for the other end of a FIFO."""
     try:
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", port))
-        return True
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/wchan") as handle:
+                if handle.read().strip() in ("wait_for_partner", "fifo_open"):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def kill_pids(pids) -> None:
@@ -96,10 +108,10 @@ def kill_pids(pids) -> None:
             pass
 
 
-def kill_demo_leftovers() -> None:
-    """Cleanup: SIGKILL demo servers of this checkout that survived, and wait until they are gone."""
-    kill_pids(pid for pid, _ in demo_server_processes())
-    wait_for(lambda: not demo_server_processes(), 5, message="leftover demo servers to die")
+def kill_demo_leftovers(ports) -> None:
+    """Cleanup: SIGKILL demo servers of this checkout on ``ports`` that survived; wait until gone."""
+    kill_pids(pid for pid, _ in demo_server_processes(ports))
+    wait_for(lambda: not demo_server_processes(ports), 5, message="leftover demo servers to die")
 
 
 class ArgumentTests(unittest.TestCase):
@@ -164,6 +176,20 @@ class ArgumentTests(unittest.TestCase):
         self.assertIn("in use", result.stderr.lower())
         self.assertNotIn("listening on", result.stdout)
 
+    def test_duplicate_or_invalid_backends_on_the_command_line_exit_2(self):
+        """A backend given twice (in any spelling), or a host with a space or '-': exit 2 (a review fix)."""
+        runs = {
+            "duplicate": (["-b", "127.0.0.1:7000", "-b", "http://127.0.0.1:7000/"],
+                          ["http://127.0.0.1:7000", "twice"]),
+            "space": (["-b", "a b:1"], ["a b"]),
+            "dash": (["--backend=-:1"], ["'-'"]),  # "-b -:1" would be an argparse error
+        }
+        results = run_many([("-p", "0", "--host", "127.0.0.1", "--health-interval", "0",
+                             "--access-log", "off", *args) for args, _ in runs.values()])
+        for (args, words), result in zip(runs.values(), results):
+            with self.subTest(backends=args):
+                self.assert_usage_error(result, *words)
+
 
 class LifecycleTests(unittest.TestCase):
 
@@ -194,7 +220,8 @@ class LifecycleTests(unittest.TestCase):
             read_body(head, reader)
             arrived.set()
             release.wait(10)
-            time.sleep(0.5)  # the backend's own slowness, well into the balancer's drain
+            # The behaviour under test: a backend still busy well into the balancer's drain.
+            time.sleep(0.5)
             result["alive_before_answer"] = balancer.proc.poll() is None
             body = b"slow but complete"
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
@@ -244,20 +271,109 @@ class LifecycleTests(unittest.TestCase):
         self.assertNotIn("Traceback", balancer.log_text())
         self.assertFalse(accepts(balancer.port))
 
+    def test_sighup_before_the_handlers_are_installed_does_not_kill(self):
+        """A SIGHUP during start-up is ignored (a review fix).
+
+        The access log is a FIFO: opening it blocks cclb mid-startup (after its
+        listener is bound, before its signal handlers exist) until a reader comes.
+        That is where the SIGHUP is sent.  (Right after spawning would be too early:
+        no Python program can ignore a signal before the interpreter runs it.)
+        """
+        backend = RawBackend()
+        self.addCleanup(backend.stop)
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        fifo = os.path.join(directory.name, "access.fifo")
+        os.mkfifo(fifo)
+        port = free_port()
+        child = ChildProcess([PYTHON, CCLB, "-p", str(port), "--host", "127.0.0.1",
+                              "-b", f"127.0.0.1:{backend.port}", "--health-interval", "0",
+                              "--access-log", fifo])
+        self.addCleanup(child.kill)
+        wait_for(lambda: blocked_opening_a_fifo(child.pid) or child.proc.poll() is not None, 10,
+                 message="cclb to block opening the access-log FIFO")
+        self.assertIsNone(child.proc.poll(), child.log_text())
+        self.assertTrue(accepts(port), "the listener is not bound yet")
+        self.assertEqual(child.stdout, [], "started before the access log was opened?")
+
+        # A fatal signal takes effect when it is sent: no wait is needed before
+        # letting cclb's open() return.
+        child.signal(signal.SIGHUP)
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # lets cclb's open() go on
+        stop_draining = threading.Event()
+        self.addCleanup(os.close, reader)
+        self.addCleanup(stop_draining.set)
+
+        def drain() -> None:
+            while not stop_draining.is_set():
+                try:
+                    if not os.read(reader, 65536):
+                        stop_draining.wait(0.05)  # polling interval of a non-blocking read
+                except BlockingIOError:
+                    stop_draining.wait(0.05)
+                except OSError:
+                    return
+        drainer = threading.Thread(target=drain, daemon=True)
+        drainer.start()
+        self.addCleanup(drainer.join, 2)
+
+        match = child.wait_line(r"listening on http://[^:]+:(\d+)", 10)
+        self.assertEqual(int(match[1]), port)
+        code, _, body = http_request(port, path="/after-sighup")
+        self.assertEqual(code, 200, body[:200])
+        self.assertEqual(child.stop(), 0, child.log_text()[-1500:])
+
 
 class DemoTests(unittest.TestCase):
+    """--demo on free ports: $CCLB_DEMO_PORTS moves the three server.py children, and
+    matching -b options point the balancer at them (so these tests never skip)."""
 
     def setUp(self) -> None:
-        busy = [port for port in DEMO_PORTS if not port_free(port)]
-        if busy:
-            self.skipTest(f"demo ports in use: {busy}")
+        self.ports = distinct_free_ports(3)
+        # Cleanups run last-in first-out: this one runs after the test's own.
+        self.addCleanup(kill_demo_leftovers, self.ports)
+
+    def demo_args(self, *extra: str) -> list[str]:
+        """The cclb.py command line for --demo on ``self.ports``."""
+        args = [PYTHON, CCLB, "--demo", *extra, "--host", "127.0.0.1", "--health-interval", "0"]
+        for port in self.ports:
+            args += ["-b", f"127.0.0.1:{port}"]
+        return args
+
+    def demo_env(self) -> dict[str, str]:
+        return {**os.environ, "CCLB_DEMO_PORTS": ",".join(map(str, self.ports))}
+
+    def run_failing_demo(self, *extra: str, deadline: float = 20.0
+                         ) -> tuple[subprocess.Popen[str], set[int], str]:
+        """Run a --demo start that must fail: (process, every child seen, stderr)."""
+        # Output goes to files, not pipes: a surviving child would keep a pipe open.
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.addCleanup(out.close)
+        self.addCleanup(err.close)
+        proc = subprocess.Popen(self.demo_args(*extra), cwd=ROOT, env=self.demo_env(),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True)
+        self.addCleanup(lambda: proc.poll() is None and (proc.terminate(), proc.wait(10)))
+        seen: set[int] = set()
+
+        def record_children_until_exit() -> bool:
+            seen.update(child_pids(proc.pid))
+            return proc.poll() is not None
+        try:
+            wait_for(record_children_until_exit, deadline, interval=0.01,
+                     message="cclb --demo to exit after a failed start")
+        except AssertionError:
+            pass  # asserted below, with the output
+        err.seek(0)
+        return proc, seen, err.read()
+
+    def assert_no_demo_left(self, children: set[int] | list[int]) -> None:
+        self.assertEqual([pid for pid in children if alive(pid)], [], "demo children left running")
+        self.assertEqual(demo_server_processes(self.ports), [])
 
     def test_demo_starts_three_backends_and_stops_them_on_sigterm(self):
-        """--demo: server-7000/1/2 answer through the balancer; after SIGTERM: exit 0, no child, ports free."""
-        balancer = ChildProcess([PYTHON, CCLB, "--demo", "-p", "0", "--host", "127.0.0.1",
-                                 "--health-interval", "0"])
+        """--demo: server-P1/2/3 answer through the balancer; after SIGTERM: exit 0, no child, ports free."""
+        balancer = ChildProcess(self.demo_args("-p", "0"), env=self.demo_env())
         # SIGTERM, not SIGKILL: a killed balancer could not stop its children.
-        self.addCleanup(kill_demo_leftovers)
         self.addCleanup(balancer.stop)
         match = balancer.wait_line(r"listening on http://[^:]+:(\d+) -> 3 backends", 15)
         port = int(match[1])
@@ -269,45 +385,42 @@ class DemoTests(unittest.TestCase):
             status, headers, _ = http_request(port)
             self.assertEqual(status, 200)
             names.add(headers["X-Backend-Server"])
-        self.assertEqual(names, {"server-7000", "server-7001", "server-7002"})
+        self.assertEqual(names, {f"server-{demo_port}" for demo_port in self.ports})
 
         balancer.signal(signal.SIGTERM)
         self.assertEqual(balancer.proc.wait(15), 0, balancer.log_text())
         balancer.kill()
         self.assertNotIn("Traceback", balancer.log_text())
-        self.assertEqual([pid for pid in children if alive(pid)], [], "demo children left running")
-        self.assertEqual(demo_server_processes(), [])
-        self.assertEqual([p for p in DEMO_PORTS if accepts(p)], [], "demo ports still answer")
+        self.assert_no_demo_left(children)
+        self.assertEqual([p for p in self.ports if accepts(p)], [], "demo ports still answer")
 
     def test_demo_with_own_port_taken_exits_1_and_leaves_no_children(self):
         """--demo when the balancer's port is in use: exit 1, message, and no demo backend survives."""
-        # Output goes to files, not pipes: a surviving child would keep a pipe open.
-        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        self.addCleanup(out.close)
-        self.addCleanup(err.close)
         with socket.create_server(("127.0.0.1", 0)) as taken:
             port = taken.getsockname()[1]
-            proc = subprocess.Popen([PYTHON, CCLB, "--demo", "-p", str(port), "--host", "127.0.0.1",
-                                     "--health-interval", "0"], cwd=ROOT, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, text=True)
-            seen: set[int] = set()
-            self.addCleanup(kill_demo_leftovers)
-            self.addCleanup(lambda: proc.poll() is None and (proc.terminate(), proc.wait(10)))
-            deadline = time.monotonic() + 20
-            while proc.poll() is None and time.monotonic() < deadline:  # record every child
-                seen |= child_pids(proc.pid)
-                time.sleep(0.01)  # polling interval only
+            proc, seen, stderr = self.run_failing_demo("-p", str(port))
         self.assertIsNotNone(proc.poll(), "cclb --demo still running 20 s after a failed start")
-        err.seek(0)
-        stderr = err.read()
         self.assertEqual(proc.returncode, 1, stderr)
         self.assertNotIn("Traceback", stderr)
         self.assertIn(str(port), stderr)
         self.assertIn("in use", stderr.lower())
-        self.assertEqual([pid for pid in seen if alive(pid)], [], "demo children left running")
-        self.assertEqual(demo_server_processes(), [])
-        self.assertEqual([p for p in DEMO_PORTS if accepts(p)], [], "demo ports still answer")
+        self.assert_no_demo_left(seen)
+        self.assertEqual([p for p in self.ports if accepts(p)], [], "demo ports still answer")
 
+    def test_demo_with_a_backend_port_taken_exits_1_and_leaves_no_children(self):
+        """--demo when one demo port is in use (this test listens on it): exit 1, a message
+        naming the port, no traceback, and the other demo backends do not survive."""
+        with socket.create_server(("127.0.0.1", self.ports[1])):
+            proc, seen, stderr = self.run_failing_demo("-p", "0", deadline=10)
+            self.assertIsNotNone(proc.poll(), "cclb --demo still running 10 s after a failed start: "
+                                              f"{stderr[-1000:]}")
+        self.assertEqual(proc.returncode, 1, stderr)
+        self.assertNotIn("Traceback", stderr)
+        self.assertIn(str(self.ports[1]), stderr)
+        self.assertIn("in use", stderr.lower())
+        self.assert_no_demo_left(seen)
+        others = [self.ports[0], self.ports[2]]
+        self.assertEqual([p for p in others if accepts(p)], [], "demo ports still answer")
 
 if __name__ == "__main__":
     unittest.main()

@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import http11  # noqa: E402
-from http11 import BodyFraming, ProtocolError  # noqa: E402
+from http11 import NO_BODY, BodyFraming, ProtocolError  # noqa: E402
 
 MAX_TARGET = 8192
 
@@ -116,6 +116,31 @@ class ParseRequestLineTest(ProtocolErrorAssertions):
                                          b"GET " + target + b" HTTP/1.1\r\n", limit)
         self.assertProtocolError(414, http11.parse_request_line,
                                  b"GET http://example.com/" + b"a" * limit + b" HTTP/1.1\r\n", limit)
+
+
+class SplitAbsoluteFormTest(unittest.TestCase):
+    """Absolute-form targets (RFC 9112 3.2.2) are checked, and split into Host and origin-form."""
+
+    def test_valid_targets(self) -> None:
+        cases = {
+            "http://example.com:8080/p?q=1": ("example.com:8080", "/p?q=1"),
+            "http://example.com": ("example.com", "/"),
+            "http://example.com?x=1": ("example.com", "/?x=1"),
+            "http://127.0.0.1/a/b": ("127.0.0.1", "/a/b"),
+            "http://[::1]:80/": ("[::1]:80", "/"),
+        }
+        for target, expected in cases.items():
+            with self.subTest(target):
+                self.assertEqual(http11.split_absolute_form(target), expected)
+
+    def test_malformed_targets_are_400(self) -> None:
+        for target in ("http://[x/", "http://user:pw@evil/", "http://user@evil/", "http:///x",
+                       "http://", "http://example.com:99999/", "http://example.com:abc/",
+                       "http://exa mple.com/"):
+            with self.subTest(target):
+                with self.assertRaises(ProtocolError) as ctx:
+                    http11.split_absolute_form(target)
+                self.assertEqual(ctx.exception.status, 400)
 
 
 # --- header fields ---------------------------------------------------------------
@@ -326,6 +351,30 @@ class ResponseFramingTest(unittest.TestCase):
                 with self.assertRaises(ValueError):
                     http11.response_framing(200, "GET", fields(*lines))
 
+    # An invalid Content-Length on a HEAD or 304 answer (no body either way) is
+    # still a broken answer: a 502, not a silently accepted one.
+    BAD_BODILESS_LENGTHS = {
+        "two different": [("Content-Length", "5"), ("Content-Length", "7")],
+        "letters": [("Content-Length", "abc")],
+        "list": [("Content-Length", "5, 7")],
+        "negative": [("Content-Length", "-1")],
+        "empty": [("Content-Length", "")],
+    }
+
+    def test_invalid_content_length_on_head_or_304_is_rejected(self) -> None:
+        for status, method in ((200, "HEAD"), (304, "GET"), (304, "HEAD")):
+            for name, headers in self.BAD_BODILESS_LENGTHS.items():
+                with self.subTest(status=status, method=method, case=name):
+                    with self.assertRaises(ValueError):
+                        http11.response_framing(status, method, headers)
+
+    def test_valid_content_length_on_head_or_304_means_no_body(self) -> None:
+        for status, method in ((200, "HEAD"), (304, "GET")):
+            for headers in ([("Content-Length", "5")], [("Content-Length", "5"), ("Content-Length", "5")],
+                            []):
+                with self.subTest(status=status, method=method, headers=headers):
+                    self.assertEqual(http11.response_framing(status, method, headers), NO_BODY)
+
 
 # --- status line -----------------------------------------------------------------
 
@@ -382,6 +431,18 @@ class ParseChunkSizeTest(unittest.TestCase):
         ]
         for line in cases:
             with self.subTest(line=line):
+                with self.assertRaises(ValueError):
+                    http11.parse_chunk_size(line)
+
+    def test_whitespace_before_an_extension_is_allowed(self) -> None:
+        for line, size in ((b"5 ;ext\r\n", 5), (b"5\t;ext=1\r\n", 5), (b"a  ; name=\"v\"\r\n", 10),
+                           (b"5;ext\r\n", 5), (b"5\r\n", 5)):
+            with self.subTest(line):
+                self.assertEqual(http11.parse_chunk_size(line), size)
+
+    def test_whitespace_without_an_extension_or_before_the_size_is_rejected(self) -> None:
+        for line in (b"5 \r\n", b" 5;ext\r\n", b" ;ext\r\n", b"5 6;ext\r\n"):
+            with self.subTest(line):
                 with self.assertRaises(ValueError):
                     http11.parse_chunk_size(line)
 
@@ -592,6 +653,20 @@ class ShouldGzipTest(unittest.TestCase):
             with self.subTest(why=why):
                 self.check(expected, **changes)
 
+    def test_event_stream_is_not_compressible(self) -> None:
+        """Server-sent events must reach the client as they come: never gzipped."""
+        for value in ("text/event-stream", "text/event-stream; charset=utf-8",
+                      "TEXT/Event-Stream", " text/event-stream ;x=1"):
+            with self.subTest(value):
+                self.assertFalse(http11.is_compressible_type(value))
+        self.assertFalse(http11.should_gzip("GET", 200, [("Content-Type", "text/event-stream")],
+                                            "gzip", None, 256))
+
+    def test_other_text_types_still_are(self) -> None:
+        for value in ("text/plain", "text/html; charset=utf-8", "application/json"):
+            with self.subTest(value):
+                self.assertTrue(http11.is_compressible_type(value))
+
 
 class GzipHeadersTest(unittest.TestCase):
     def test_vary_added_when_absent(self):
@@ -632,6 +707,26 @@ class GzipHeadersTest(unittest.TestCase):
         stream = http11.gzip_stream(6)
         data = b"".join(stream.compress(body[i:i + 100]) for i in range(0, len(body), 100))
         self.assertEqual(gzip.decompress(data + stream.flush()), body)
+
+    def test_encoded_false_gives_304_fields_without_content_encoding(self) -> None:
+        """A 304 or HEAD answer to a gzip client carries the gzipped 200's Vary and weak ETag."""
+        headers = [("ETag", '"abc"'), ("Content-Type", "application/json")]
+        result = http11.gzip_headers(list(headers), encoded=False)
+        names = [name.lower() for name, _ in result]
+        self.assertNotIn("content-encoding", names)
+        self.assertEqual(http11.get_field(result, "etag"), 'W/"abc"')
+        self.assertEqual(http11.get_field(result, "vary"), "Accept-Encoding")
+
+    def test_encoded_false_extends_an_existing_vary(self) -> None:
+        result = http11.gzip_headers([("Vary", "Origin"), ("ETag", 'W/"x"')], encoded=False)
+        self.assertEqual([v for n, v in result if n.lower() == "vary"], ["Origin, Accept-Encoding"])
+        self.assertEqual(http11.get_field(result, "etag"), 'W/"x"')  # already weak: unchanged
+        self.assertIsNone(http11.get_field(result, "content-encoding"))
+
+    def test_default_still_adds_content_encoding(self) -> None:
+        result = http11.gzip_headers([("ETag", '"abc"')])
+        self.assertEqual(http11.get_field(result, "content-encoding"), "gzip")
+        self.assertEqual(http11.get_field(result, "etag"), 'W/"abc"')
 
 
 # --- Host and serialisation ----------------------------------------------------------

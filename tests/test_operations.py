@@ -1,7 +1,7 @@
 """Operations features end to end, with real processes and sockets: balancing
-policies, health thresholds, the admin API (status, Prometheus metrics, the
-dashboard, backend changes, tokens), the config file, SIGHUP reload, the JSON
-access log and request ids.
+policies, health thresholds and probes, the admin API (status, Prometheus
+metrics, the dashboard, backend changes, tokens, its own request handling),
+the config file, SIGHUP reload, the access log (JSON, request ids, rotation).
 """
 
 from __future__ import annotations
@@ -25,13 +25,16 @@ import time
 import unittest
 from collections import Counter
 
-from tests.support import (PYTHON, ROOT, Balancer, DemoServer, RawBackend, connect, free_port,
-                           http_request, read_body, read_response, served_by, wait_admin_port,
-                           wait_for)
+from tests.support import (PYTHON, ROOT, Balancer, DemoServer, RawBackend, admin_call, admin_status,
+                           connect, free_port, get, http_exchange, http_request, read_body,
+                           read_response, read_until_close, served_by, wait_admin_port, wait_for)
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 import settings  # noqa: E402
+from backend_urls import parse_backend  # noqa: E402
+from cluster import ServerCluster  # noqa: E402
+from health_checkers import HealthChecker, HealthSettings, probe  # noqa: E402
 
 CCLB = str(ROOT / "cclb.py")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -198,6 +201,19 @@ def write_file(path: str, text: str) -> None:
     os.replace(temporary, path)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time used so far by ``pid`` (all its threads)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def health_count(backend: RawBackend, path: str) -> int:
+    """How many ``GET path`` requests (health checks) ``backend`` has read."""
+    with backend.lock:
+        return sum(1 for head in backend.heads if head.startswith(f"GET {path} ".encode()))
+
+
 def toml_backends(*backends: Backend | str, weights: dict | None = None) -> str:
     urls = [b.url if isinstance(b, Backend) else b for b in backends]
     return "".join(f'[[backends]]\nurl = "{url}"\nweight = {(weights or {}).get(url, 1)}\n'
@@ -211,6 +227,18 @@ class OperationsCase(unittest.TestCase):
         backend = Backend(name, health_path)
         self.addCleanup(backend.stop)
         return backend
+
+    def raw_backend(self) -> RawBackend:
+        """A ``RawBackend`` answering 200 to everything."""
+        backend = RawBackend()
+        self.addCleanup(backend.stop)
+        return backend
+
+    def cluster(self, *texts: str, **params) -> ServerCluster:
+        """An in-process cluster of ``parse_backend`` specs, closed at cleanup."""
+        cluster = ServerCluster([parse_backend(text) for text in texts], **params)
+        self.addCleanup(cluster.close)
+        return cluster
 
     def demos(self, *names: str) -> list[DemoServer]:
         """server.py processes, started in parallel."""
@@ -432,6 +460,91 @@ class HealthTests(OperationsCase):
         self.assertEqual(checked["state"], "up")
         self.assertEqual(http_request(lenient.port, path="/x")[0], 200)
         self.assertEqual(strict_admin.status()["settings"]["health_status"], "200-299")
+
+
+class HealthProbeTests(OperationsCase):
+    """One active check (``probe``, ``HealthChecker``) in-process against a scripted listener."""
+
+    def test_health_check_host_of_an_ipv6_backend_is_bracketed(self):
+        try:
+            listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        except OSError as error:
+            self.skipTest(f"no IPv6: {error}")
+        self.addCleanup(listener.close)
+        try:
+            listener.bind(("::1", 0))
+        except OSError as error:
+            self.skipTest(f"IPv6 loopback unavailable: {error}")
+        listener.listen(8)
+        listener.settimeout(5)
+        port = listener.getsockname()[1]
+        heads: list[bytes] = []
+
+        def serve() -> None:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    data = conn.recv(4096)
+                    if not data:
+                        break
+                    head += data
+                heads.append(head)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+
+        cluster = self.cluster(f"http://[::1]:{port}")
+        ok, detail, _ = probe(cluster.snapshot()[0], HealthSettings(path="/hc", timeout=3))
+        thread.join(5)
+        self.assertEqual(len(heads), 1)
+        hosts = re.findall(rb"(?im)^host:[ \t]*(.*?)[ \t]*\r$", heads[0])
+        self.assertEqual(hosts, [f"[::1]:{port}".encode()], heads[0])
+        self.assertTrue(ok, detail)
+
+    def test_health_check_host_of_an_ipv4_backend_is_unchanged(self):
+        backend = self.raw_backend()
+        cluster = self.cluster(f"127.0.0.1:{backend.port}")
+        ok, detail, _ = probe(cluster.snapshot()[0], HealthSettings(path="/hc", timeout=3))
+        self.assertTrue(ok, detail)
+        self.assertIn(f"\r\nHost: 127.0.0.1:{backend.port}\r\n".encode(), backend.heads[0])
+
+    def test_dribbling_backend_is_cut_off_at_the_deadline(self) -> None:
+        """A backend dribbling its answer cannot keep a health-check thread alive."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+
+        def dribble() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 200:
+                    # The behaviour under test: one byte every 0.2 s, so each read is
+                    # within the timeout and only an overall deadline can stop the check.
+                    if stop.wait(0.2):
+                        return
+                    try:
+                        conn.send(bytes([byte]))
+                    except OSError:
+                        return
+        server = threading.Thread(target=dribble, daemon=True)
+        server.start()
+        self.addCleanup(server.join, 5)
+        cluster = self.cluster(f"127.0.0.1:{listener.getsockname()[1]}")
+        checker = HealthChecker(cluster, HealthSettings(interval=60, timeout=0.5))
+        started = time.monotonic()
+        checker.check_all()
+        self.assertLess(time.monotonic() - started, 3.0)
+        wait_for(lambda: not any(t.name.startswith("health-") for t in threading.enumerate()),
+                 5, message="the health-check thread to end")
+        self.assertFalse(cluster.backends[0].available)
 
 
 # --- admin API --------------------------------------------------------------------
@@ -784,6 +897,93 @@ class AdminTests(OperationsCase):
         self.assertNotIn("Traceback", result.stderr)
         self.assertNotIn("listening", result.stdout)
 
+    def test_admin_add_of_an_existing_url_is_409_and_concurrent_adds_make_one(self):
+        backend = self.raw_backend()
+        balancer = self.balancer([backend.port], "--admin-port", "0", "--health-interval", "0",
+                                 "--access-log", "off")
+        admin = wait_admin_port(balancer)
+        for url in (f"http://127.0.0.1:{backend.port}", f"127.0.0.1:{backend.port}",
+                    f"http://127.0.0.1:{backend.port}/"):
+            with self.subTest(url=url):
+                self.assertEqual(admin_call(self, balancer, admin, "POST", "/backends",
+                                            json.dumps({"url": url}).encode(),
+                                            {"Content-Type": "application/json"})[0], 409)
+
+        threads_per_round = 8
+        for number in range(5):
+            url = f"http://127.0.0.1:{20001 + number}"
+            barrier = threading.Barrier(threads_per_round)
+            codes: list[int] = []
+
+            def add() -> None:
+                barrier.wait(5)
+                try:
+                    code = http_request(admin, "POST", "/backends", json.dumps({"url": url}).encode(),
+                                        {"Content-Type": "application/json"}, timeout=5)[0]
+                except OSError:
+                    code = 0
+                codes.append(code)
+            threads = [threading.Thread(target=add) for _ in range(threads_per_round)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+            with self.subTest(url=url):
+                self.assertEqual(sorted(codes), [201] + [409] * (threads_per_round - 1))
+        urls = [b["url"] for b in admin_status(self, balancer, admin)["backends"]]
+        self.assertEqual(len(urls), len(set(urls)), urls)
+        self.assertEqual(len(urls), 6)
+
+
+class AdminRequestHardeningTests(OperationsCase):
+    """The admin API's own HTTP handling: a write closes the connection (a body can
+    never hide a second request), ids and JSON are bounded."""
+
+    def setUp(self):
+        self.backend = self.raw_backend()
+        self.lb = self.balancer([self.backend.port], "--admin-port", "0", "--health-interval", "0",
+                                "--access-log", "off")
+        self.admin = wait_admin_port(self.lb)
+
+    def assert_no_traceback(self):
+        """No handler traceback: stop the balancer first, so that its stderr is read to the end."""
+        self.lb.stop()
+        self.assertNotIn("Traceback", self.lb.log_text())
+
+    def test_a_body_holding_another_request_is_never_run(self):
+        smuggled = b"DELETE /backends/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        request = (b"POST /backends/1/ready HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled))
+        with connect(self.admin, timeout=5) as sock:
+            sock.sendall(request)
+            raw = read_until_close(sock, timeout=3)
+        heads = re.findall(rb"(?m)^HTTP/1\.[01] (\d{3})", raw)
+        self.assertEqual(heads, [b"200"], f"answers: {raw[:600]!r}")
+        head = raw.split(b"\r\n\r\n", 1)[0].lower()
+        self.assertIn(b"\r\nconnection: close", head)
+        document = admin_status(self, self.lb, self.admin)
+        self.assertEqual([b["id"] for b in document["backends"]], [1],
+                         "the request hidden in the body removed the backend")
+        self.assertNotIn("removed by the admin API", self.lb.log_text())
+
+    def test_huge_backend_id_is_404(self):
+        huge = "1" * 5000
+        for method, path in (("DELETE", f"/backends/{huge}"), ("POST", f"/backends/{huge}/drain")):
+            with self.subTest(method=method):
+                code, headers, body = admin_call(self, self.lb, self.admin, method, path)
+                self.assertEqual(code, 404, body[:200])
+                self.assertEqual(headers.get("Connection", "").lower(), "close")
+        self.assertEqual(len(admin_status(self, self.lb, self.admin)["backends"]), 1)
+        self.assert_no_traceback()
+
+    def test_deeply_nested_json_is_400(self):
+        code, _, body = admin_call(self, self.lb, self.admin, "POST", "/backends", b"[" * 50000,
+                                   {"Content-Type": "application/json"})
+        self.assertEqual(code, 400, body[:200])
+        self.assertTrue(json.loads(body)["error"])
+        self.assertEqual(len(admin_status(self, self.lb, self.admin)["backends"]), 1)
+        self.assert_no_traceback()
+
 
 # --- the configuration file --------------------------------------------------------
 
@@ -992,6 +1192,58 @@ class ReloadTests(OperationsCase):
         self.assertIsNone(balancer.proc.poll())
         self.assertNotIn("Traceback", balancer.log_text())
 
+    # Review: a reload to health_interval = 0 once left the checker spinning.
+    def test_reload_to_interval_zero_stops_active_checks_without_a_busy_loop(self):
+        backend = self.raw_backend()
+        path = os.path.join(self.tempdir(), "cclb.toml")
+        body = f'health_path = "/hc"\nbackends = ["http://127.0.0.1:{backend.port}"]\n'
+        write_file(path, "health_interval = 0.2\n" + body)
+        balancer = self.balancer([], "--config", path, "--access-log", "off")
+        wait_for(lambda: health_count(backend, "/hc") >= 2, 5, message="two active checks at 0.2s")
+
+        write_file(path, "health_interval = 0\n" + body)
+        balancer.signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in balancer.log_text(), 5,
+                 message="the reload log line")
+        # Observation windows, not synchronisation: no event marks "no more checks".
+        # A round that was under way when the reload came may still finish...
+        time.sleep(0.3)
+        checks, cpu = health_count(backend, "/hc"), cpu_seconds(balancer.pid)
+        time.sleep(1.0)  # ...then five old intervals must pass with no check and no busy loop
+        self.assertEqual(health_count(backend, "/hc"), checks,
+                         "active checks go on after a reload to health_interval = 0")
+        used = cpu_seconds(balancer.pid) - cpu
+        self.assertLess(used, 0.3, f"{used:.2f}s of CPU in 1s while idle: a busy loop")
+        self.assertEqual(http_request(balancer.port, path="/x")[0], 200)
+        self.assertNotIn("reload failed", balancer.log_text())
+
+    # Review: a reload is validated like a start (the admin token rule).
+    def test_reload_cannot_drop_the_token_of_a_non_loopback_admin(self):
+        backend = self.raw_backend()
+        path = os.path.join(self.tempdir(), "cclb.toml")
+        backends = f'backends = ["http://127.0.0.1:{backend.port}"]\n'
+        write_file(path, 'admin_host = "0.0.0.0"\nadmin_token = "s3cret"\nadmin_port = 0\n'
+                         "health_interval = 0\n" + backends)
+        balancer = self.balancer([], "--config", path, "--access-log", "off")
+        admin = wait_admin_port(balancer)
+        self.assertEqual(admin_call(self, balancer, admin, "POST", "/backends/1/maint")[0], 401)
+
+        write_file(path, 'admin_host = "127.0.0.1"\nadmin_port = 0\nhealth_interval = 0\n'
+                         + backends)
+        balancer.signal(signal.SIGHUP)
+        wait_for(lambda: "reload failed" in balancer.log_text(), 5,
+                 message=f"'reload failed' in the log: {balancer.log_text()[-800:]}")
+        self.assertNotIn("configuration reloaded", balancer.log_text())
+
+        code, headers, _ = admin_call(self, balancer, admin, "POST", "/backends/1/maint")
+        self.assertEqual(code, 401, "an admin write without the token was accepted after the reload")
+        self.assertIn("Bearer", headers.get("WWW-Authenticate", ""))
+        self.assertEqual(admin_status(self, balancer, admin)["backends"][0]["state"], "up")
+        # The old token is still the one in force.
+        code, _, _ = admin_call(self, balancer, admin, "POST", "/backends/1/maint",
+                                headers={"Authorization": "Bearer s3cret"})
+        self.assertEqual(code, 200)
+
 
 # --- access log and request ids --------------------------------------------------------
 
@@ -1054,6 +1306,34 @@ class AccessLogTests(OperationsCase):
             self.assertIsInstance(entry["duration_ms"], (int, float))
             self.assertGreaterEqual(entry["duration_ms"], 0)
             self.assertLess(entry["duration_ms"], 5000)
+
+    def test_sighup_reopens_a_moved_access_log(self) -> None:
+        """SIGHUP reopens the access log file (logrotate's move-then-HUP)."""
+        backend = DemoServer()
+        self.addCleanup(backend.stop)
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        path = os.path.join(folder.name, "access.log")
+        balancer = Balancer([backend.port], "--health-interval", "0", "--access-log", path)
+        self.addCleanup(balancer.stop)
+
+        def logged(file: str, target: str) -> bool:
+            try:
+                with open(file, encoding="utf-8") as handle:
+                    return f'"GET {target}"' in handle.read()
+            except FileNotFoundError:
+                return False
+
+        self.assertEqual(http_exchange(balancer.port, get("/?when=before", "Connection: close")).status, 200)
+        wait_for(lambda: logged(path, "/?when=before"), 5, message="the first line in the log")
+        os.rename(path, path + ".1")  # what logrotate does before signalling
+        balancer.signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in balancer.log_text(), 5,
+                 message="the reload")
+        self.assertEqual(http_exchange(balancer.port, get("/?when=after", "Connection: close")).status, 200)
+        wait_for(lambda: logged(path, "/?when=after"), 5, message="a new file with the next line")
+        self.assertFalse(logged(path + ".1", "/?when=after"), "the rotated file kept growing")
+        self.assertNotIn("Traceback", balancer.log_text())
 
 
 if __name__ == "__main__":

@@ -8,21 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import unittest
-from pathlib import Path
 from typing import Any
 
-SERVER = Path(__file__).resolve().parent.parent / "server.py"
+from tests.support import ROOT, accepts, free_port, wait_for
+
+SERVER = ROOT / "server.py"
 NAME = "test-backend"
 STARTUP_TIMEOUT = 5.0
-
-
-def free_port() -> int:
-    """Ask the OS for a currently unused TCP port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_server(*args: str) -> subprocess.CompletedProcess[str]:
@@ -43,15 +36,16 @@ def start_server(name: str = NAME, attempts: int = 5) -> tuple[subprocess.Popen[
 
 
 def wait_until_listening(proc: subprocess.Popen[str], port: int) -> bool:
-    """Poll the port until it accepts a connection, the process dies, or the deadline passes."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return True
-        except OSError:
-            time.sleep(0.01)
-    return False
+    """Poll (with a deadline) until the port accepts a connection; False if the process
+    died first or the deadline passed."""
+    def state() -> str | None:
+        if proc.poll() is not None:
+            return "dead"
+        return "up" if accepts(port) else None
+    try:
+        return wait_for(state, STARTUP_TIMEOUT, interval=0.01, message=f"server.py on {port}") == "up"
+    except AssertionError:
+        return False
 
 
 def stop(proc: subprocess.Popen[str]) -> None:

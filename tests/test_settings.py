@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import settings  # noqa: E402
-from cluster import BackendSpec  # noqa: E402
+from backend_urls import BackendSpec  # noqa: E402
 from settings import SettingsError, parse_size  # noqa: E402
 
 MiB = 1024 ** 2

@@ -5,18 +5,29 @@ them on SIGTERM.  Real processes, real sockets.
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import os
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
 import unittest
 
-from tests.support import (Balancer, RawBackend, accepts, child_pids, http_request, process_gone,
+from tests.support import (ROOT, Balancer, DemoServer, RawBackend, accepts, admin_call, admin_status,
+                           child_pids, cluster_view, free_port, http_request, process_gone,
                            read_body, served_by, wait_admin_port, wait_for)
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+import workers  # noqa: E402
+from metrics import Histogram, TrafficCounters  # noqa: E402
+from workers import SnapshotReader, decode_snapshot, encode_snapshot, write_snapshot  # noqa: E402
+from backend_urls import parse_backend  # noqa: E402
+from cluster import MAINT, READY, ServerCluster  # noqa: E402
 
 
 def cmdline(pid: int) -> str:
@@ -205,7 +216,7 @@ class SharedWorkersTests(WorkersCase):
     def test_backend_failing_health_gets_no_traffic_from_any_worker(self):
         """A backend that starts failing its health check gets no new request from any worker
         one interval after the supervisor's verdict, and traffic comes back when it passes."""
-        a, b, balancer = self.a, self.b, self.balancer
+        b, balancer = self.b, self.balancer
         self.addCleanup(setattr, b, "health_status", 200)
         self.assertEqual(set(self.spread_requests(balancer.port, 10, "before")), {"a", "b"})
         with b.lock:
@@ -357,6 +368,274 @@ class WorkersLifecycleTests(WorkersCase):
         self.assertEqual(set(names), {"b", "c"})
         self.assertEqual(a.count(), before, "a worker still uses the removed backend")
         self.assertEqual(len(child_pids(balancer.pid)), 2)
+
+
+class WorkersCountersTests(WorkersCase):
+    """The supervisor's admin API adds up the traffic counted by every worker."""
+
+    def test_status_and_metrics_count_all_workers_even_after_one_dies(self) -> None:
+        backend = DemoServer()
+        self.addCleanup(backend.stop)
+        balancer = self.start([backend.port], "--health-interval", "0", "--access-log", "off",
+                              "--admin-port", "0")
+        admin = wait_admin_port(balancer)
+
+        def fetch(port: int, path: str) -> tuple[int, bytes]:
+            status, _, body = http_request(port, path=path)
+            return status, body
+        for _ in range(40):  # new connections: the kernel spreads them over both workers
+            self.assertEqual(fetch(balancer.port, "/")[0], 200)
+
+        def requests_counted() -> int:
+            status = json.loads(fetch(admin, "/status")[1])
+            return sum(b["requests"] for b in status["backends"])
+        wait_for(lambda: requests_counted() == 40, 10, message="40 requests in /status")
+        metrics = fetch(admin, "/metrics")[1].decode()
+        self.assertIn(f'cclb_requests_total{{backend="http://127.0.0.1:{backend.port}",code="200"}} 40',
+                      metrics)
+        # A worker that dies takes nothing with it: its counts stay in the totals.
+        pids = sorted(child_pids(balancer.pid))
+        self.assertEqual(len(pids), 2)
+        os.kill(pids[0], signal.SIGKILL)
+        wait_for(lambda: len(child_pids(balancer.pid) - {pids[0]}) == 2, 10,
+                 message="the worker to be replaced")
+        self.assertEqual(fetch(balancer.port, "/")[0], 200)
+        wait_for(lambda: requests_counted() == 41, 10, message="41 requests in /status")
+
+    def test_supervisor_metrics_count_503s_of_all_workers(self):
+        """Answers without a backend (503) are counted by the supervisor too (a review fix)."""
+        dead = free_port()  # nothing listens there
+        balancer = self.start([dead], "--admin-port", "0", "--health-interval", "0.2",
+                              "--access-log", "off")
+        admin = wait_admin_port(balancer)
+        wait_for(lambda: admin_status(self, balancer, admin)["backends"][0]["state"] == "down", 5,
+                 message="the backend DOWN in the supervisor")
+        # Every worker has the supervisor's "down" verdict once ten requests in a row (each
+        # on a new connection, spread by the kernel) are answered 503 without a backend.
+        answers: list[int] = []
+
+        def ten_503s_in_a_row() -> bool:
+            answers.append(http_request(balancer.port, path=f"/r{len(answers)}")[0])
+            return answers[-10:] == [503] * 10
+        wait_for(ten_503s_in_a_row, 10, interval=0.05, message="ten 503s in a row")
+        unrouted = answers.count(503)
+        line = f'cclb_requests_total{{backend="none",code="503"}} {unrouted}'
+
+        def metrics() -> str:
+            return admin_call(self, balancer, admin, "GET", "/metrics")[2].decode()
+        try:
+            wait_for(lambda: line in metrics(), 6, message="the unrouted 503s in /metrics")
+        except AssertionError:
+            shown = [l for l in metrics().splitlines() if l.startswith("cclb_requests_total")]
+            self.fail(f"{line!r} not in the supervisor's /metrics; got {shown} (answers {answers})")
+        self.assertEqual(admin_status(self, balancer, admin)["unrouted"], {"503": unrouted})
+
+
+class SnapshotTests(unittest.TestCase):
+    """The supervisor's state snapshots (one JSON line each) and how a worker applies them,
+    in-process."""
+
+    def cluster(self, *texts: str, **params) -> ServerCluster:
+        cluster = ServerCluster([parse_backend(text) for text in texts], **params)
+        self.addCleanup(cluster.close)
+        return cluster
+
+    @staticmethod
+    def rows(*entries: tuple[str, str]) -> list[list]:
+        return [[url, 1, health, READY] for url, health in entries]
+
+    # Review: a repeated "up" from the supervisor once cleared a worker's passive down.
+    def test_passive_down_is_kept_until_the_supervisor_says_down_then_up(self):
+        cluster = self.cluster("127.0.0.1:9001", "127.0.0.1:9002", max_fails=1, fail_timeout=10)
+        a, b = cluster.snapshot()
+        with self.assertLogs("cclb", "WARNING"):
+            cluster.report_failure(a, "connection refused")
+        self.assertFalse(a.available)
+
+        for _ in range(3):  # the supervisor repeats "up" every health round
+            workers.apply_snapshot(cluster, self.rows((a.url, "up"), (b.url, "up")))
+        self.assertFalse(a.available, "a repeated 'up' cleared the worker's passive down")
+        self.assertEqual(a.state, "down")
+        self.assertIsNone(cluster.acquire("10.0.0.1", exclude=(b,)))  # no Attempt: none left
+        cluster.apply_published_health(a, True)  # directly, too
+        self.assertFalse(a.available)
+
+        workers.apply_snapshot(cluster, self.rows((a.url, "down"), (b.url, "up")))
+        self.assertFalse(a.available)
+        workers.apply_snapshot(cluster, self.rows((a.url, "up"), (b.url, "up")))
+        self.assertTrue(a.available, "down then up from the supervisor did not bring it back")
+        with cluster.acquire("10.0.0.1", exclude=(b,)) as attempt:
+            self.assertIs(attempt.backend, a)
+            attempt.done(200, 0.001)
+
+    def test_state_line_round_trip_and_a_cut_off_snapshot_is_skipped(self):
+        supervisor = self.cluster("127.0.0.1:9001,weight=2", "[::1]:9002", "127.0.0.1:9003")
+        a, b, c = supervisor.snapshot()
+        with self.assertLogs("cclb", "WARNING"):
+            supervisor.report_check(b, False, "HTTP 500", 0.001)
+        supervisor.set_admin_state(c, MAINT, quiet=True)
+        line = workers.encode_snapshot(workers.state_rows(supervisor))
+        self.assertTrue(line.endswith(b"\n"))
+        self.assertEqual(line.count(b"\n"), 1, "a snapshot must be one line")
+        rows = workers.decode_snapshot(line[:-1])
+        self.assertEqual(rows, [["http://127.0.0.1:9001", 2, "up", "ready"],
+                                ["http://[::1]:9002", 1, "down", "ready"],
+                                ["http://127.0.0.1:9003", 1, "up", "maint"]])
+
+        worker = self.cluster("127.0.0.1:9001", "127.0.0.1:9099")
+        read_fd, write_fd = os.pipe()
+        self.addCleanup(os.close, read_fd)
+        write_open = [True]
+
+        def close_write() -> None:
+            if write_open[0]:
+                write_open[0] = False
+                os.close(write_fd)
+        self.addCleanup(close_write)
+        exited = threading.Event()
+        follower = threading.Thread(target=workers.follow_supervisor,
+                                    args=(worker, read_fd, exited.set), daemon=True)
+        follower.start()
+
+        os.write(write_fd, line)
+        expected = cluster_view(supervisor)
+        wait_for(lambda: cluster_view(worker) == expected, 5, message="the worker to adopt the snapshot")
+
+        supervisor.remove(c)
+        supervisor.add(parse_backend("127.0.0.1:9004,weight=5"))
+        second = workers.encode_snapshot(workers.state_rows(supervisor))
+        os.write(write_fd, second[:len(second) // 2])  # the supervisor's write was cut short
+        time.sleep(0.2)  # an observation window, not synchronisation: nothing may change
+        self.assertEqual(cluster_view(worker), expected, "half a snapshot was applied")
+        os.write(write_fd, second + second)  # the next rounds send it whole
+        expected = cluster_view(supervisor)
+        wait_for(lambda: cluster_view(worker) == expected, 5,
+                 message=f"the worker to adopt the next whole snapshot: {cluster_view(worker)}")
+        self.assertTrue(follower.is_alive() and not exited.is_set(),
+                        "a cut-off line ended the supervisor link")
+        close_write()
+        self.assertTrue(exited.wait(5), "end of input: on_exit was not called")
+        follower.join(5)
+
+
+
+def snapshot_rows(count: int, state: str = "up") -> list[list]:
+    return [[f"http://10.0.{i // 250}.{i % 250 + 1}:8080", 1 + i % 3, state, "ready"]
+            for i in range(count)]
+
+
+class PipeCase(unittest.TestCase):
+
+    def pipe(self) -> tuple[int, int]:
+        read_fd, write_fd = os.pipe()
+        self.addCleanup(os.close, read_fd)
+        self.addCleanup(os.close, write_fd)
+        os.set_blocking(write_fd, False)
+        os.set_blocking(read_fd, False)
+        return read_fd, write_fd
+
+    @staticmethod
+    def fill(write_fd: int) -> None:
+        """Fill the pipe with bytes a worker skips (empty lines)."""
+        while True:
+            try:
+                os.write(write_fd, b"\n" * 4096)
+            except BlockingIOError:
+                try:
+                    os.write(write_fd, b"\n")  # the last partial page
+                except BlockingIOError:
+                    return
+
+    @staticmethod
+    def drain(read_fd: int) -> bytes:
+        data = bytearray()
+        while True:
+            try:
+                piece = os.read(read_fd, 1 << 16)
+            except BlockingIOError:
+                return bytes(data)
+            if not piece:
+                return bytes(data)
+            data += piece
+
+
+class SnapshotFramingTests(PipeCase):
+    """Snapshots are self-delimiting lines: a torn one costs only itself."""
+
+    def test_round_trip(self) -> None:
+        snapshot = snapshot_rows(3)
+        line = encode_snapshot(snapshot)
+        self.assertTrue(line.endswith(b"\n"))
+        self.assertEqual(SnapshotReader().feed(line), [snapshot])
+        self.assertEqual(decode_snapshot(line[:-1]), snapshot)
+
+    def test_torn_or_malformed_lines_are_rejected(self) -> None:
+        line = encode_snapshot(snapshot_rows(2))[:-1]
+        for bad in (line[:-1], line[:5], b"", b"12", b"x " + line, b"2 []x", b"7 [1,2,3]",
+                    b'13 [["a",1,"up"]]'):
+            with self.subTest(bad=bad):
+                self.assertIsNone(decode_snapshot(bad))
+
+    def test_a_line_arriving_in_pieces_is_decoded_once_whole(self) -> None:
+        line = encode_snapshot(snapshot_rows(40))
+        reader = SnapshotReader()
+        got = []
+        for start in range(0, len(line), 7):
+            got += reader.feed(line[start:start + 7])
+        self.assertEqual(got, [snapshot_rows(40)])
+
+    def test_a_snapshot_torn_by_a_full_pipe_costs_only_itself(self) -> None:
+        """Regression: the torn start of one snapshot used to be glued to the next
+        one (no separator), so both were lost.  Now the next write ends the torn
+        line first: the worker drops the torn one and reads the next one whole."""
+        read_fd, write_fd = self.pipe()
+        first, second = snapshot_rows(400, "up"), snapshot_rows(400, "down")  # each well over PIPE_BUF
+        self.fill(write_fd)
+        os.read(read_fd, 4096 + 100)  # room for about a page: the snapshot is cut after it
+        torn = write_snapshot(write_fd, encode_snapshot(first), torn=False)
+        self.assertTrue(torn, "the snapshot was expected to be cut short")
+        received = self.drain(read_fd)  # the worker catches up
+        torn = write_snapshot(write_fd, encode_snapshot(second), torn)
+        self.assertFalse(torn)
+        received += self.drain(read_fd)
+        snapshots = SnapshotReader().feed(bytes(received))
+        self.assertEqual(snapshots, [second])
+
+    def test_a_pipe_with_no_room_takes_nothing_and_keeps_the_torn_state(self) -> None:
+        read_fd, write_fd = self.pipe()
+        self.fill(write_fd)
+        for torn in (False, True):
+            with self.subTest(torn=torn):
+                self.assertEqual(write_snapshot(write_fd, encode_snapshot(snapshot_rows(1)), torn), torn)
+
+    def test_a_closed_pipe_raises_for_the_caller_to_ignore(self) -> None:
+        read_fd, write_fd = os.pipe()
+        os.close(read_fd)
+        self.addCleanup(os.close, write_fd)
+        with self.assertRaises(OSError) as caught:
+            write_snapshot(write_fd, encode_snapshot(snapshot_rows(1)), False)
+        self.assertEqual(caught.exception.errno, errno.EPIPE)
+
+
+class CounterReportTests(unittest.TestCase):
+
+    def test_reports_add_up_and_round_trip(self) -> None:
+        one = workers.CounterReport({"http://a:1": TrafficCounters({200: 2}, 1, 1, 0, Histogram())},
+                                    {503: 1})
+        one.backends["http://a:1"].latency.observe(0.003)
+        two = workers.CounterReport.decode(one.encode())
+        self.assertEqual(two, one)
+        total = workers.CounterReport()
+        total.add(one)
+        total.add(two, in_flight=False)
+        traffic = total.backends["http://a:1"]
+        self.assertEqual((traffic.responses, traffic.in_flight, traffic.failures),
+                         ({200: 4}, 1, 2))
+        self.assertEqual(traffic.latency.count, 2)
+        self.assertEqual(total.unrouted, {503: 2})
+        for bad in (b"{}", b"[]", b'{"backends": {"x": {}}, "unrouted": {}}', b"nonsense"):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                workers.CounterReport.decode(bad)
 
 
 if __name__ == "__main__":
