@@ -392,9 +392,11 @@ class ServerCluster:
                 self._set_health(backend, healthy)
 
     def set_admin_state(self, backend: Backend, state: str, quiet: bool = False) -> None:
+        """Put ``backend`` in ``state`` (ready, drain, maint); ``since`` moves only on a change."""
         with self._lock:
-            backend.admin_state = state
-            backend.since = time.time()
+            if backend.admin_state != state:
+                backend.admin_state = state
+                backend.since = time.time()
         if not quiet:
             log.warning("backend %s set to %s", backend.url, state)
 

@@ -147,7 +147,7 @@ def apply_snapshot(cluster: ServerCluster, snapshot: list[list[Any]]) -> None:
             continue
         healthy, admin = states[backend.url]
         cluster.apply_published_health(backend, healthy)
-        if admin in (READY, DRAIN, MAINT) and admin != backend.admin_state:
+        if admin in (READY, DRAIN, MAINT):
             cluster.set_admin_state(backend, admin, quiet=True)
 
 
