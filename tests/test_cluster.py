@@ -328,63 +328,69 @@ class SettingsTests(unittest.TestCase):
 
 
 class ConcurrencyTests(unittest.TestCase):
+    @staticmethod
+    def backend_weight(cluster: ServerCluster, url: str) -> int:
+        return next(b.weight for b in cluster.snapshot() if b.url == url)
+
     def test_acquire_done_racing_with_reconcile(self) -> None:
         """Threads acquire/done while another reconciles: every response counted, in-flight 0."""
         cluster = make_cluster("127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003")
         self.addCleanup(cluster.close)
-        workers, per_worker = 6, 400
+        workers, rounds, per_round = 6, 40, 10
+        # A cyclic Barrier starts every round together: the workers' bursts
+        # and one reconcile (alternately dropping and re-adding 9003) overlap.
         start = threading.Barrier(workers + 1)
-        finished = threading.Event()
-        seen: list[set[Backend]] = [set() for _ in range(workers)]
+        members: set[Backend] = set(cluster.snapshot())  # every Backend that ever was a member
         errors: list[BaseException] = []
-        reconciles = [0]
         with_three = [parse_backend(t) for t in ("127.0.0.1:9001", "127.0.0.1:9002,weight=2",
                                                  "127.0.0.1:9003")]
         with_two = with_three[:2]
 
         def worker(index: int) -> None:
             try:
-                start.wait(timeout=10)
-                for n in range(per_worker):
-                    attempt = cluster.acquire(f"client-{n}")
-                    assert attempt is not None, "9001 and 9002 are always members"
-                    seen[index].add(attempt.backend)
-                    if n % 3 == 0:
-                        with attempt:
+                for r in range(rounds):
+                    start.wait(timeout=10)
+                    for n in range(per_round):
+                        attempt = cluster.acquire(f"client-{index}-{n}")
+                        assert attempt is not None, "9001 and 9002 are always members"
+                        if n % 3 == 0:
+                            with attempt:
+                                attempt.done(200, 0.001)
+                        else:
                             attempt.done(200, 0.001)
-                    else:
-                        attempt.done(200, 0.001)
-                    assert attempt.backend.in_flight >= 0
+                        assert attempt.backend.in_flight >= 0
             except BaseException as error:
                 errors.append(error)
+                start.abort()  # the others stop waiting for this thread
 
         def reloader() -> None:
             try:
-                start.wait(timeout=10)
-                while not finished.is_set():
-                    cluster.reconcile(with_two if reconciles[0] % 2 else with_three)
-                    reconciles[0] += 1
+                for r in range(rounds):
+                    start.wait(timeout=10)
+                    cluster.reconcile(with_two if r % 2 == 0 else with_three)
+                    members.update(cluster.snapshot())
             except BaseException as error:
                 errors.append(error)
+                start.abort()  # the others stop waiting for this thread
 
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
-        reload_thread = threading.Thread(target=reloader)
+        threads.append(threading.Thread(target=reloader))
         switch = sys.getswitchinterval()
         sys.setswitchinterval(1e-5)
         self.addCleanup(sys.setswitchinterval, switch)
-        for thread in threads + [reload_thread]:
+        for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(timeout=60)
-        finished.set()
-        reload_thread.join(timeout=10)
         self.assertEqual(errors, [])
-        self.assertGreater(reconciles[0], 2, "the reload thread ran meanwhile")
-        backends = set().union(*seen) | set(cluster.snapshot())
-        self.assertGreater(len(backends), 3, "9003 was removed and re-added during the run")
-        self.assertEqual(sum(b.responses.get(200, 0) for b in backends), workers * per_worker)
-        self.assertEqual(sum(b.latency.count for b in backends), workers * per_worker)
-        self.assertEqual([b.in_flight for b in backends], [0] * len(backends))
+        self.assertFalse(any(thread.is_alive() for thread in threads))
+        # 9001, 9002, the first 9003 and a new 9003 for each of the rounds // 2 re-adds.
+        self.assertEqual(len(members), 3 + rounds // 2)
+        total = workers * rounds * per_round
+        self.assertEqual(sum(b.responses.get(200, 0) for b in members), total)
+        self.assertEqual(sum(b.latency.count for b in members), total)
+        self.assertEqual([b.in_flight for b in members], [0] * len(members))
+        self.assertEqual(self.backend_weight(cluster, "http://127.0.0.1:9002"), 2)
         urls = [b.url for b in cluster.snapshot()]
         self.assertEqual(len(urls), len(set(urls)), "no URL is a member twice")
 

@@ -206,6 +206,7 @@ class ReopenTests(AccessLogTestCase):
                                           0.001)
             except BaseException as error:  # pragma: no cover - reported below
                 errors.append(error)
+                start.abort()  # the others stop waiting for this thread
 
         def reopener() -> None:
             try:
@@ -214,6 +215,7 @@ class ReopenTests(AccessLogTestCase):
                     access_log.reopen(paths[(r + 1) % 2], "text")
             except BaseException as error:  # pragma: no cover - reported below
                 errors.append(error)
+                start.abort()  # the others stop waiting for this thread
 
         threads = [threading.Thread(target=writer, args=(i,)) for i in range(threads_count)]
         threads.append(threading.Thread(target=reopener))
