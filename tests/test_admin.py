@@ -141,6 +141,23 @@ class ReadTests(AdminTestCase):
         self.assertRegex(text, r'cclb_requests_total\{backend="http://127\.0\.0\.1:900[12]",'
                                r'code="200"\} 1\n')
 
+    def test_reads_keep_the_connection_alive(self) -> None:
+        """Several GETs, a 404 among them, are answered on one HTTP/1.1 connection."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        self.addCleanup(connection.close)
+        statuses = []
+        sockets = set()
+        for path in ("/status", "/nope", "/metrics", "/status"):
+            connection.request("GET", path)
+            sockets.add(connection.sock)
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+            self.assertIsNone(response.getheader("Connection"))
+            self.assertIsNotNone(connection.sock, "the server did not close the connection")
+        self.assertEqual(statuses, [200, 404, 200, 200])
+        self.assertEqual(len(sockets), 1, "the same connection was used throughout")
+
     def test_dashboard(self) -> None:
         """/ answers the HTML dashboard."""
         reply = self.request("GET", "/")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 import unittest
 from pathlib import Path
 
@@ -180,6 +181,36 @@ class PassiveFailureTests(unittest.TestCase):
         attempt = cluster.acquire("c")
         attempt.failed(None)
         self.assertTrue(all(b.available for b in cluster.snapshot()))
+
+    def test_max_fails_counts_failures_within_fail_timeout_only(self) -> None:
+        """max_fails=2: an old failure (older than fail_timeout) does not count toward it."""
+        cluster = make_cluster("127.0.0.1:9001", "127.0.0.1:9002", max_fails=2, fail_timeout=10)
+        self.addCleanup(cluster.close)
+        one, _ = cluster.snapshot()
+        cluster.report_failure(one, "reset")
+        self.assertTrue(one.available)
+        one.passive_failures = [t - 60 for t in one.passive_failures]  # a minute ago
+        cluster.report_failure(one, "reset")
+        self.assertTrue(one.available, "the old failure had expired")
+        with self.assertLogs("cclb", logging.WARNING):
+            cluster.report_failure(one, "reset")  # two within the window
+        self.assertFalse(one.available)
+        self.assertEqual(one.failures, 3)
+
+    def test_served_after_its_time_out_clears_passive_down(self) -> None:
+        """Once fail_timeout has passed, a response from the backend clears its passive mark."""
+        cluster = make_cluster("127.0.0.1:9001", "127.0.0.1:9002", max_fails=1, fail_timeout=10)
+        self.addCleanup(cluster.close)
+        one, _ = cluster.snapshot()
+        cluster.report_failure(one, "reset")
+        self.assertFalse(one.available)
+        one.passive_down_until = time.monotonic() - 1  # its fail_timeout is over
+        self.assertTrue(one.available)
+        attempt = cluster.acquire("c", exclude=tuple(b for b in cluster.snapshot() if b is not one))
+        self.assertIs(attempt.backend, one)
+        attempt.done(200, 0.01)
+        self.assertEqual(one.passive_down_until, 0.0)
+        self.assertEqual(one.state, "up")
 
     def test_max_fails_zero_disables_passive_checks(self) -> None:
         """max_fails=0: failures are counted, nobody is taken out."""
