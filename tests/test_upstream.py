@@ -1,0 +1,331 @@
+"""Unit tests for ``upstream``: ConnectionPool and UpstreamConnection on real sockets.
+
+A small in-process TCP peer (a listening socket on 127.0.0.1, port 0) plays
+the backend: it hands each accepted server-side socket to the test, which
+can then close it or write unexpected bytes, exactly as a backend would.
+"""
+
+from __future__ import annotations
+
+import http.client
+import queue
+import selectors
+import socket
+import sys
+import threading
+import time
+import unittest
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.support import free_port, wait_for  # noqa: E402
+from upstream import ConnectionPool, UpstreamConnection, describe_error  # noqa: E402
+
+
+class TcpPeer:
+    """A listening socket whose accepted connections are queued for the test."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.listener.setblocking(False)
+        self.port: int = self.listener.getsockname()[1]
+        self.accepted: queue.Queue[socket.socket] = queue.Queue()
+        self.sockets: list[socket.socket] = []
+        self.stopped = threading.Event()
+        self.wake_reader, self.wake_writer = socket.socketpair()
+        self.thread = threading.Thread(target=self._run, name="tcp-peer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.listener, selectors.EVENT_READ)
+            selector.register(self.wake_reader, selectors.EVENT_READ)
+            while not self.stopped.is_set():
+                selector.select()
+                if self.stopped.is_set():
+                    break
+                try:
+                    conn, _ = self.listener.accept()
+                except (BlockingIOError, OSError):
+                    continue
+                conn.setblocking(True)
+                conn.settimeout(5)
+                self.sockets.append(conn)
+                self.accepted.put(conn)
+
+    def next_accepted(self) -> socket.socket:
+        """The server side of the next connection a client opened."""
+        return self.accepted.get(timeout=5)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.wake_writer.send(b"x")
+        self.thread.join(timeout=5)
+        self.listener.close()
+        self.wake_reader.close()
+        self.wake_writer.close()
+        for conn in self.sockets:
+            conn.close()
+
+
+def peer_sees_eof(server_side: socket.socket) -> bool:
+    """True if the client closed its end (the server reads end of stream)."""
+    server_side.settimeout(5)
+    try:
+        return server_side.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+class PoolTestCase(unittest.TestCase):
+    def setUp(self) -> None:
+        self.peer = TcpPeer()
+        self.addCleanup(self.peer.stop)
+
+    def make_pool(self, **options: float) -> ConnectionPool:
+        pool = ConnectionPool("127.0.0.1", self.peer.port, connect_timeout=2.0,
+                              read_timeout=2.0, **options)
+        self.addCleanup(pool.retire)
+        return pool
+
+    def acquire(self, pool: ConnectionPool) -> tuple[UpstreamConnection, bool]:
+        conn, reused = pool.acquire()
+        self.addCleanup(conn.close)
+        return conn, reused
+
+
+class AcquireReleaseTests(PoolTestCase):
+    def test_acquire_opens_a_new_connected_socket(self) -> None:
+        """The first acquire connects to the backend and reports reused=False."""
+        pool = self.make_pool()
+        conn, reused = self.acquire(pool)
+        self.assertFalse(reused)
+        self.assertIsNotNone(conn.sock)
+        server_side = self.peer.next_accepted()
+        conn.send_all(b"ping")
+        self.assertEqual(server_side.recv(4), b"ping")
+        self.assertEqual(conn.sock.getpeername()[1], self.peer.port)
+
+    def test_release_then_acquire_reuses_the_same_connection(self) -> None:
+        """A released connection comes back as the same object, reused=True, still usable."""
+        pool = self.make_pool()
+        conn, _ = self.acquire(pool)
+        server_side = self.peer.next_accepted()
+        pool.release(conn)
+        self.assertEqual(pool.idle, [conn])
+        again, reused = self.acquire(pool)
+        self.assertTrue(reused)
+        self.assertIs(again, conn)
+        self.assertEqual(pool.idle, [])
+        again.send_all(b"same")
+        self.assertEqual(server_side.recv(4), b"same")
+        self.assertTrue(self.peer.accepted.empty(), "no second connection was opened")
+
+    def test_most_recently_used_first(self) -> None:
+        """Released a then b: acquire hands out b, then a."""
+        pool = self.make_pool()
+        a, _ = self.acquire(pool)
+        b, _ = self.acquire(pool)
+        self.assertIsNot(a, b)
+        pool.release(a)
+        pool.release(b)
+        first, reused_first = self.acquire(pool)
+        second, reused_second = self.acquire(pool)
+        self.assertEqual((first, second), (b, a))
+        self.assertTrue(reused_first and reused_second)
+
+    def test_max_idle_caps_the_idle_list(self) -> None:
+        """With max_idle=2, a third released connection is closed (the backend sees EOF)."""
+        pool = self.make_pool(max_idle=2)
+        conns = [self.acquire(pool)[0] for _ in range(3)]
+        server_sides = [self.peer.next_accepted() for _ in range(3)]
+        for conn in conns:
+            pool.release(conn)
+        self.assertEqual(pool.idle, conns[:2])
+        self.assertIsNone(conns[2].sock)
+        self.assertIsNotNone(conns[0].sock)
+        self.assertIsNotNone(conns[1].sock)
+        # Which server-side socket is which: match by the client's local port.
+        by_port = {s.getpeername()[1]: s for s in server_sides}
+        closed_side = next(s for port, s in by_port.items()
+                           if port not in {c.sock.getsockname()[1] for c in conns[:2]})
+        self.assertTrue(peer_sees_eof(closed_side))
+
+    def test_max_idle_zero_never_pools(self) -> None:
+        """max_idle=0: every release closes the connection."""
+        pool = self.make_pool(max_idle=0)
+        conn, _ = self.acquire(pool)
+        pool.release(conn)
+        self.assertEqual(pool.idle, [])
+        self.assertIsNone(conn.sock)
+
+    def test_idle_timeout_expiry_replaces_the_connection(self) -> None:
+        """A connection idle longer than idle_timeout is closed and a new one opened."""
+        pool = self.make_pool(idle_timeout=0.5)
+        conn, _ = self.acquire(pool)
+        server_side = self.peer.next_accepted()
+        pool.release(conn)
+        conn.idle_since = time.monotonic() - 10  # idle for 10 s, well past 0.5 s
+        fresh, reused = self.acquire(pool)
+        self.assertFalse(reused)
+        self.assertIsNot(fresh, conn)
+        self.assertIsNone(conn.sock)
+        self.assertTrue(peer_sees_eof(server_side))
+        self.peer.next_accepted()  # the new connection did reach the backend
+
+    def test_idle_within_timeout_is_reused(self) -> None:
+        """The control case: idle for less than idle_timeout, the connection is reused."""
+        pool = self.make_pool(idle_timeout=30.0)
+        conn, _ = self.acquire(pool)
+        pool.release(conn)
+        conn.idle_since = time.monotonic() - 10
+        again, reused = self.acquire(pool)
+        self.assertTrue(reused)
+        self.assertIs(again, conn)
+
+    def test_connection_closed_by_backend_while_idle_is_replaced(self) -> None:
+        """The backend closed an idle connection: looks_stale, and acquire opens a new one."""
+        pool = self.make_pool()
+        conn, _ = self.acquire(pool)
+        server_side = self.peer.next_accepted()
+        self.assertFalse(conn.looks_stale())
+        pool.release(conn)
+        server_side.close()
+        wait_for(conn.looks_stale, timeout=5, message="the client to see the FIN")
+        fresh, reused = self.acquire(pool)
+        self.assertFalse(reused)
+        self.assertIsNot(fresh, conn)
+        self.assertIsNone(conn.sock, "the stale connection was closed")
+        new_side = self.peer.next_accepted()
+        fresh.send_all(b"ok")
+        self.assertEqual(new_side.recv(2), b"ok")
+
+    def test_unexpected_bytes_while_idle_make_the_connection_stale(self) -> None:
+        """Bytes nobody asked for on an idle connection: it is not reused."""
+        pool = self.make_pool()
+        conn, _ = self.acquire(pool)
+        server_side = self.peer.next_accepted()
+        pool.release(conn)
+        server_side.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+        wait_for(conn.looks_stale, timeout=5, message="the garbage to arrive")
+        fresh, reused = self.acquire(pool)
+        self.assertFalse(reused)
+        self.assertIsNot(fresh, conn)
+        self.assertIsNone(conn.sock)
+
+    def test_looks_stale_after_close(self) -> None:
+        """A closed connection (no socket) is always stale."""
+        pool = self.make_pool()
+        conn, _ = self.acquire(pool)
+        conn.close()
+        self.assertTrue(conn.looks_stale())
+
+    def test_has_leftover_bytes(self) -> None:
+        """Bytes received beyond what was read sit in the reader: has_leftover_bytes."""
+        pool = self.make_pool()
+        conn, _ = self.acquire(pool)
+        server_side = self.peer.next_accepted()
+        self.assertFalse(conn.has_leftover_bytes())
+        server_side.sendall(b"abcdef")
+        while conn.reader.buffered < 6:  # one recv may not get everything
+            self.assertTrue(conn.reader.fill(), "the peer closed early")
+        received = conn.reader.read(2)
+        self.assertEqual(bytes(received), b"ab")
+        self.assertTrue(conn.has_leftover_bytes())
+        self.assertEqual(conn.reader.read(4), b"cdef")
+        self.assertFalse(conn.has_leftover_bytes())
+
+    def test_connect_refused_raises_oserror(self) -> None:
+        """Nothing listening: acquire raises OSError (refused) and pools nothing."""
+        pool = ConnectionPool("127.0.0.1", free_port(), connect_timeout=2.0, read_timeout=2.0)
+        with self.assertRaises(OSError) as caught:
+            pool.acquire()
+        self.assertIsInstance(caught.exception, ConnectionRefusedError)
+        self.assertEqual(describe_error(caught.exception), "connection refused")
+        self.assertEqual(pool.idle, [])
+
+
+class GenerationTests(PoolTestCase):
+    """Regression: connections in flight during close_all()/retire() are not pooled later."""
+
+    def test_close_all_closes_idle_connections(self) -> None:
+        """close_all closes what is idle now (the backend sees EOF)."""
+        pool = self.make_pool()
+        conn, _ = self.acquire(pool)
+        server_side = self.peer.next_accepted()
+        pool.release(conn)
+        pool.close_all()
+        self.assertEqual(pool.idle, [])
+        self.assertIsNone(conn.sock)
+        self.assertTrue(peer_sees_eof(server_side))
+
+    def test_connection_released_after_close_all_is_closed_not_pooled(self) -> None:
+        """Acquired before close_all, released after: closed, never handed out again."""
+        pool = self.make_pool()
+        conn, _ = self.acquire(pool)
+        server_side = self.peer.next_accepted()
+        pool.close_all()
+        pool.release(conn)
+        self.assertEqual(pool.idle, [])
+        self.assertIsNone(conn.sock)
+        self.assertTrue(peer_sees_eof(server_side))
+        fresh, reused = self.acquire(pool)
+        self.assertFalse(reused)
+        self.assertIsNot(fresh, conn)
+
+    def test_connection_opened_after_close_all_is_pooled(self) -> None:
+        """The new generation pools normally."""
+        pool = self.make_pool()
+        pool.close_all()
+        conn, _ = self.acquire(pool)
+        pool.release(conn)
+        self.assertEqual(pool.idle, [conn])
+        again, reused = self.acquire(pool)
+        self.assertTrue(reused)
+        self.assertIs(again, conn)
+
+    def test_nothing_is_pooled_after_retire(self) -> None:
+        """retire: idle and in-flight connections are closed, and later ones too."""
+        pool = self.make_pool()
+        in_flight, _ = self.acquire(pool)
+        idle, _ = self.acquire(pool)
+        pool.release(idle)
+        pool.retire()
+        self.assertIsNone(idle.sock)
+        pool.release(in_flight)
+        self.assertIsNone(in_flight.sock)
+        later, reused = self.acquire(pool)
+        self.assertFalse(reused)
+        pool.release(later)
+        self.assertIsNone(later.sock)
+        self.assertEqual(pool.idle, [])
+
+
+class DescribeErrorTests(unittest.TestCase):
+    def test_texts(self) -> None:
+        """Each kind of failure gets its short, stable description."""
+        cases: list[tuple[BaseException, str]] = [
+            (ConnectionRefusedError(111, "Connection refused"), "connection refused"),
+            (ConnectionResetError(104, "Connection reset by peer"), "connection reset"),
+            (socket.timeout("timed out"), "timed out"),
+            (TimeoutError(), "timed out"),
+            (socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+             "cannot resolve host (Name or service not known)"),
+            (http.client.BadStatusLine("garbage"), "invalid answer (BadStatusLine)"),
+            (http.client.RemoteDisconnected("closed"), "connection reset"),
+            (OSError("no route to host"), "no route to host"),
+            (OSError(), "OSError"),
+            (BrokenPipeError(), "BrokenPipeError"),
+        ]
+        for error, text in cases:
+            with self.subTest(error=repr(error)):
+                self.assertEqual(describe_error(error), text)
+
+
+if __name__ == "__main__":
+    unittest.main()
