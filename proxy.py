@@ -10,12 +10,10 @@ Failures that are safe to retry go to the next backend.
 from __future__ import annotations
 
 import logging
-import random
 import socket
 import threading
 import time
 import zlib
-from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,7 +23,9 @@ from typing import Any
 import http11
 from cluster import Attempt, Backend, ServerCluster
 from health_checkers import describe_error
-from http11 import BodyFraming, Headers, ProtocolError
+from forwarding import (BUFFERED, NO_BODY, TRACE_ALLOW, Request, ResponsePlan, check_request_head,
+                        error_closes_connection, request_id_for, response_plan, upstream_request_head)
+from http11 import Headers, ProtocolError
 from loggers import AccessLog, sanitize
 from message_reader import (BodyTooLarge, EmptyResponse, IncompleteHead, Limits, MalformedBody, ResponseHead,
                             TruncatedBody, iter_body, read_field_lines, read_response_head,
@@ -60,20 +60,6 @@ class BackendError(Exception):
         super().__init__(message)
         self.sent = sent  # did any byte of the request reach the backend
         self.stale = stale  # a reused connection that the backend had closed
-
-
-@dataclass(slots=True)
-class Request:
-    method: str
-    target: str  # as forwarded: origin-form
-    shown_target: str  # as received, for the access log
-    version: tuple[int, int]
-    headers: http11.Fields
-    framing: BodyFraming
-    has_length_field: bool
-    host: str | None
-    keep_alive: bool
-    expect_continue: bool
 
 
 class Watchdog(threading.Thread):
@@ -324,8 +310,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.body_pending = request.framing.has_body  # until a handler reads it
         self.continue_sent = False
         try:
-            handler = getattr(self, f"do_{request.method}", self.forward)
-            handler(request)
+            if request.method == "TRACE":
+                self.do_TRACE(request)
+            else:
+                self.forward(request)
         finally:
             self.busy = False
 
@@ -382,44 +370,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise ProtocolError(414, "request line too long")
         self.requestline = line.rstrip(b"\r\n").decode("latin-1")
         request_line = http11.parse_request_line(line, limits.max_line)
-        headers = read_field_lines(self.rfile, limits, for_response=False)
+        fields = read_field_lines(self.rfile, limits, for_response=False)
         if self.timed_out:
             raise ProtocolError(408, "timeout")
-        version = request_line.version
-        method = request_line.method
-        hosts = headers.index.get("host", [])
-        # RFC 9112 3.2: a 1.1 request has exactly one Host; more is a 400 in any version.
-        if len(hosts) > 1 or (version >= (1, 1) and not hosts):
-            raise ProtocolError(400, "exactly one Host header is required")
-        if hosts and not http11.valid_host(hosts[0]):
-            raise ProtocolError(400, "malformed Host header")
-        if method == "CONNECT":
-            raise ProtocolError(405, "CONNECT is not supported by a load balancer")
-        framing = http11.request_framing(headers, version)
-        if framing.kind == "length" and framing.length > self.server.config.max_body_size:
-            raise ProtocolError(413, "request body too large")
-        target, host = request_line.target, (hosts[0] if hosts else None)
-        if not target.startswith("/") and target != "*":
-            # RFC 9112 3.2.2: absolute-form; its authority replaces Host.
-            host, target = http11.split_absolute_form(target)
-            headers = http11.Fields([(n, v) for n, v in headers if n.lower() != "host"]
-                                    + [("Host", host)])
-        expect = http11.get_field(headers, "expect")
-        expect_continue = False
-        if expect is not None and version >= (1, 1):  # RFC 9110 10.1.1: ignored in 1.0
-            if expect.lower() != "100-continue":
-                raise ProtocolError(417, "only Expect: 100-continue is supported")
-            expect_continue = framing.has_body
-        keep_alive = http11.wants_keep_alive(version, http11.connection_options(headers))
-        has_length = "content-length" in headers.index
-        return Request(method, target, request_line.target, version, headers, framing,
-                       has_length, host, keep_alive, expect_continue)
+        return check_request_head(request_line, fields, self.server.config.max_body_size)
 
     # --- methods --------------------------------------------------------------
 
     def do_TRACE(self, request: Request) -> None:
         # TRACE would echo cookies and auth headers back (cross-site tracing).
-        self.send_error_response(405, "TRACE is disabled", extra=[("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")])
+        self.send_error_response(405, "TRACE is disabled", extra=[("Allow", TRACE_ALLOW)])
 
     def forward(self, request: Request) -> None:
         """Forward ``request`` to a backend, retrying where safe, and relay the answer."""
@@ -441,7 +401,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return
         elif request.framing.has_body:
             body = None  # streamed: cannot be replayed
-        head = self.upstream_head(request)
+        self.request_id = request_id_for(request.headers)
+        head = upstream_request_head(request, self.client_ip, "http", self.request_id)
         tried: list[Backend] = []
         last_error: BackendError | None = None
         while True:
@@ -498,33 +459,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_error_response(503, message, retry_after=retry_after)
         self.server.cluster.count_unrouted(503)
         self.log_request_done(request, 503, 0, None)
-
-    def upstream_head(self, request: Request) -> bytes:
-        """The request head as sent to backends (hop-by-hop fields removed).
-
-        Also settles the request id: the client's X-Request-ID if valid,
-        otherwise a new one; it is forwarded, returned and logged.
-        """
-        request_id = http11.get_field(request.headers, "x-request-id")
-        drop: tuple[str, ...] = ("content-length", "expect")
-        if not http11.valid_request_id(request_id):
-            request_id = f"{random.getrandbits(64):016x}"
-            drop += ("x-request-id",)
-        self.request_id = request_id
-        headers = http11.end_to_end(request.headers, drop)
-        if request.host is None or not any(n.lower() == "host" for n, _ in headers):
-            # RFC 9112 3.2: a 1.1 request always has Host (empty if unknown);
-            # and Connection: host must not strip it.
-            headers = [(n, v) for n, v in headers if n.lower() != "host"]
-            headers.insert(0, ("Host", request.host or ""))
-        if "x-request-id" in drop:
-            headers.append(("X-Request-ID", request_id))
-        headers = http11.append_forwarded(headers, self.client_ip, "http", request.host)
-        if request.framing.kind == "chunked":
-            headers.append(("Transfer-Encoding", "chunked"))
-        elif request.framing.kind == "length" or request.has_length_field:
-            headers.append(("Content-Length", str(request.framing.length)))
-        return http11.serialize_head(f"{request.method} {request.target} HTTP/1.1", headers)
 
     def exchange(self, request: Request, attempt: Attempt, head: bytes, body: bytes | None) -> None:
         """One attempt on ``attempt.backend``: send, read the response head, relay it.
@@ -645,31 +579,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if any, is still held).
         """
         config = self.server.config
-        framing = response.framing
-        headers = http11.end_to_end(response.headers, ("content-length", "x-request-id"))
-        headers.append(("X-Request-ID", self.request_id))
-        accept_encoding = http11.get_field(request.headers, "accept-encoding")
-        known = framing.kind == "length"
-        gzip = config.gzip_level > 0 and http11.should_gzip(
-            request.method, response.status, headers, accept_encoding,
-            framing.length if known else None, config.gzip_min_size)
-        client_11 = request.version >= (1, 1)
-        streamed = framing.kind != "none" and not (known and framing.length <= BUFFER_LIMIT)
-        if not client_11 and streamed and (gzip or not known):
-            self.close_connection = True  # no length to announce: a 1.0 client reads to the close
-        if self.close_connection:
-            headers.append(("Connection", "close"))
-        elif not client_11:
-            headers.append(("Connection", "keep-alive"))
-        status_line = f"HTTP/1.1 {response.status} {response.reason}"
+        plan = response_plan(request, response, self.request_id, config.gzip_level,
+                             config.gzip_min_size, self.close_connection, BUFFER_LIMIT)
+        self.close_connection = plan.close
         sent = 0
         try:
-            if framing.kind == "none":
-                headers = self.bodiless_headers(request, response, headers, accept_encoding)
-                self.write(http11.serialize_head(status_line, headers))
-            elif known and framing.length <= BUFFER_LIMIT:
+            if plan.body == NO_BODY:
+                self.write(plan.head())
+            elif plan.body == BUFFERED:
+                length = response.framing.length
                 try:
-                    data = read_small_body(conn.reader, framing.length)
+                    data = read_small_body(conn.reader, length)
                 except TruncatedBody as error:
                     if http11.may_retry(request.method, True, False, replayable):
                         # Nothing reached the client yet: try another backend.
@@ -677,17 +597,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         raise BackendError(str(error), sent=True) from None
                     # What arrived, under the declared length, then a close:
                     # the client sees an incomplete message, never a short 200.
-                    headers.append(("Content-Length", str(framing.length)))
-                    self.write(http11.serialize_head(status_line, headers) + error.partial)
+                    self.write(plan.identity_head(length) + error.partial)
                     raise
-                if gzip:
+                if plan.gzip:
                     data = http11.gzip_compress(data, config.gzip_level)
-                    headers = http11.gzip_headers(headers)
-                headers.append(("Content-Length", str(len(data))))
-                self.write(http11.serialize_head(status_line, headers) + data)
+                self.write(plan.head(len(data)) + data)
                 sent = len(data)
             else:
-                sent = self.stream_response(request, response, conn, headers, status_line, gzip, client_11)
+                sent = self.stream_response(plan, response, conn, config.gzip_level)
         except TruncatedBody:
             # The client must see an incomplete message, never a short 200.
             self.close_connection = True
@@ -700,42 +617,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
             conn.close()
         self.log_request_done(request, response.status, sent, backend)
 
-    def bodiless_headers(self, request: Request, response: ResponseHead, headers: Headers,
-                         accept_encoding: str | None) -> Headers:
-        """Fields of a HEAD, 304 or 1xx/204 answer, consistent with the GET/200 we would gzip.
-
-        RFC 9110 9.3.2: HEAD gets the fields GET would get; 15.4.5: a 304 carries
-        the validators and Vary the 200 would have had.
-        """
-        if response.status == 204:
-            return headers
-        length = http11.content_length(http11.field_values(response.headers, "content-length"))
-        config = self.server.config
-        if config.gzip_level > 0 and http11.should_gzip(
-                "GET", 200, headers, accept_encoding, length, config.gzip_min_size):
-            if request.method == "HEAD":
-                return http11.gzip_headers(headers)  # compressed length unknown: no Content-Length
-            return http11.gzip_headers(headers, encoded=False)
-        if length is not None:
-            headers.append(("Content-Length", str(length)))
-        return headers
-
-    def stream_response(self, request: Request, response: ResponseHead, conn: UpstreamConnection,
-                        headers: Headers, status_line: str, gzip: bool, client_11: bool) -> int:
-        """Relay a large or unknown-length body in bounded pieces; bytes sent."""
-        config = self.server.config
-        framing = response.framing
-        compressor = http11.gzip_stream(config.gzip_level) if gzip else None
-        if compressor is not None:
-            headers = http11.gzip_headers(headers)
-        chunked = client_11 and (compressor is not None or framing.kind != "length")
-        if chunked:
-            headers.append(("Transfer-Encoding", "chunked"))
-        elif framing.kind == "length" and compressor is None:
-            headers.append(("Content-Length", str(framing.length)))
-        self.write(http11.serialize_head(status_line, headers))
+    def stream_response(self, plan: ResponsePlan, response: ResponseHead,
+                        conn: UpstreamConnection, gzip_level: int) -> int:
+        """Relay a large or unknown-length body in bounded pieces, as ``plan`` says; bytes sent."""
+        compressor = http11.gzip_stream(gzip_level) if plan.gzip else None
+        chunked = plan.chunked
+        self.write(plan.head())
         sent = 0
-        for piece in iter_body(conn.reader, framing, PIECE):
+        for piece in iter_body(conn.reader, response.framing, PIECE):
             if compressor is not None:
                 piece = compressor.compress(piece)
                 if conn.reader.buffered < 64:
@@ -770,7 +659,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         # After a malformed request, or with its body still unread, the rest of
         # the stream cannot be trusted as the start of a next request.
         close = (self.close_connection or self.body_pending or self.server.draining
-                 or status in (400, 408, 413, 414, 417, 431, 501, 505))
+                 or error_closes_connection(status))
         if close:
             self.close_connection = True
         try:
