@@ -10,6 +10,7 @@ Failures that are safe to retry go to the next backend.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import threading
 import time
@@ -43,6 +44,35 @@ PIECE = 64 * 1024
 # Backends are trusted more than clients (many Set-Cookie fields are normal)
 # but not blindly: a runaway head still ends in a 502.
 RESPONSE_LIMITS = Limits(max_line=16 * 1024, max_header_bytes=128 * 1024, max_fields=500)
+
+# A client connection's state, guarded by ``LoadBalancerServer.lock``.  IDLE:
+# waiting for the next request, nothing of it consumed (the server may reclaim
+# the connection).  BUSY: a request has started (its bytes are readable or
+# buffered) until its answer is written.  RECLAIMED: the server closed it
+# while idle; the handler ends quietly.
+IDLE, BUSY, RECLAIMED = "idle", "busy", "reclaimed"
+
+
+def has_input(sock: socket.socket) -> bool:
+    """Whether ``sock`` has bytes (or end of stream) to read now; True if it cannot tell.
+
+    Its own poll object: ``select.poll`` objects must not be polled from two
+    threads at once, and the handler owns the connection's.
+    """
+    poller = select.poll()
+    try:
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):  # closed meanwhile: its handler is ending
+        return True
+
+
+def shutdown_quietly(sock: socket.socket) -> None:
+    """Shut both directions; the handler's wait or read then returns."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class ClientError(Exception):
@@ -102,8 +132,12 @@ class LoadBalancerServer(ThreadingHTTPServer):
     """The listening side: bounded connections, big backlog, graceful stop.
 
     ``lock`` guards ``connections`` (open client socket -> its handler, None
-    until the handler thread starts).  Each handler's ``busy`` flag is written
-    only by its own thread; ``drain`` just reads it.
+    until the handler thread starts) and every handler's ``state`` (IDLE,
+    BUSY, RECLAIMED).  A connection is closed from here (to make room at
+    ``--max-connections``, or to drain) only if it is IDLE with nothing to
+    read, and it is marked RECLAIMED in the same critical section; a handler
+    moves IDLE -> BUSY under the lock before it consumes a byte of the next
+    request.  So a request that has started is never cut off.
     """
 
     request_queue_size = 1024  # the stdlib's 5 drops connections under load
@@ -157,18 +191,12 @@ class LoadBalancerServer(ThreadingHTTPServer):
             if full:
                 # Like nginx, reclaim an idle keep-alive connection before
                 # turning a new client away.
-                idle = next((sock for sock, handler in self.connections.items()
-                             if handler is not None and not handler.busy), None)
-                if idle is not None:
-                    del self.connections[idle]
-                    full = False
+                idle = self.reclaim_idle()
+                full = idle is None
             if not full:
                 self.connections[request] = None
         if idle is not None:
-            try:
-                idle.shutdown(socket.SHUT_RDWR)  # its handler sees EOF and ends
-            except OSError:
-                pass
+            shutdown_quietly(idle)  # its handler wakes up, sees RECLAIMED and ends
         if full:
             self.reject_connection(request)
             return
@@ -183,6 +211,21 @@ class LoadBalancerServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.forget(request)
+
+    def reclaim_idle(self) -> socket.socket | None:
+        """Take one idle connection out of the table, marked RECLAIMED; caller holds ``lock``.
+
+        Only a handler that is IDLE and whose socket has nothing to read: bytes
+        there mean the client has sent its next request (which the handler is
+        about to claim), and closing would cut it off.  The caller shuts the
+        returned socket down.
+        """
+        for sock, handler in self.connections.items():
+            if handler is not None and handler.state == IDLE and not has_input(sock):
+                handler.state = RECLAIMED
+                del self.connections[sock]
+                return sock
+        return None
 
     def forget(self, request: Any) -> None:
         with self.lock:
@@ -208,19 +251,29 @@ class LoadBalancerServer(ThreadingHTTPServer):
         log.exception("internal error while serving %s", client_address[0])
 
     def drain(self, timeout: float) -> bool:
-        """Stop keep-alive, close idle connections, wait for in-flight requests."""
+        """Stop keep-alive, close idle connections, wait for in-flight requests.
+
+        Idle means the same as for ``reclaim_idle``: a connection whose client
+        has already sent its next request counts as busy (that request is
+        served, with Connection: close).
+        """
         self.draining = True
         deadline = time.monotonic() + timeout
         while True:
+            idle: list[socket.socket] = []
+            busy_count = 0
             with self.lock:
-                handlers = list(self.connections.items())
-            idle = [sock for sock, handler in handlers if handler is None or not handler.busy]
-            busy_count = len(handlers) - len(idle)
+                for sock, handler in self.connections.items():
+                    if handler is not None and handler.state == RECLAIMED:
+                        continue  # closed already; its thread is ending
+                    if (handler is None or handler.state == IDLE) and not has_input(sock):
+                        if handler is not None:
+                            handler.state = RECLAIMED
+                        idle.append(sock)
+                    else:
+                        busy_count += 1
             for sock in idle:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                shutdown_quietly(sock)
             if busy_count == 0 or time.monotonic() >= deadline:
                 return busy_count == 0
             time.sleep(0.05)
@@ -273,7 +326,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.body_pending = False
         self.response_started = False
         self.client_ip = self.client_address[0]
-        self.busy = False  # between the first byte of a request and its end
+        self.state = IDLE  # guarded by server.lock; see LoadBalancerServer
+        # The idle wait: poll, so that waiting consumes nothing (see wait_for_request).
+        self.poller = select.poll()
+        self.poller.register(self.connection, select.POLLIN)
         self.request_id = ""
         self.server.register(self)
 
@@ -315,7 +371,36 @@ class ProxyHandler(BaseHTTPRequestHandler):
             else:
                 self.forward(request)
         finally:
-            self.busy = False
+            self.end_request()
+
+    def end_request(self) -> None:
+        """BUSY -> IDLE once a request is answered, unless the next one is already buffered."""
+        with self.server.lock:
+            if self.state == BUSY and not self.rfile.buffered:
+                self.state = IDLE
+
+    def wait_for_request(self, timeout: float) -> bool:
+        """Wait for the next request and claim it (IDLE -> BUSY); False: close quietly.
+
+        The wait consumes nothing, so the server can tell an idle connection
+        (nothing readable) from one whose next request has arrived; only then,
+        under the server's lock, does the state move to BUSY, unless the server
+        reclaimed the connection first.  Pipelined bytes already buffered need
+        no wait: ``end_request`` left the state BUSY.
+        """
+        if self.rfile.buffered:
+            return True
+        if not self.poller.poll(timeout * 1000):
+            return False  # idle keep-alive timeout
+        self.before_claim()
+        with self.server.lock:
+            if self.state == RECLAIMED:
+                return False
+            self.state = BUSY
+        return True
+
+    def before_claim(self) -> None:
+        """Called between "the next request is readable" and claiming it (a test seam)."""
 
     def read_request(self) -> Request | None:
         """Wait for the next request and read its head, or answer an error.
@@ -325,13 +410,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """
         config = self.server.config
         try:
+            if not self.wait_for_request(config.keepalive_timeout):
+                return None
             self.set_client_timeout(config.keepalive_timeout)
             buffered = self.rfile.peek(1)
             if not buffered:
                 return None  # client closed the connection
         except OSError:
-            return None  # idle keep-alive timeout or reset: close quietly
-        self.busy = True
+            return None  # reset, or a timeout: close quietly
         self.started = time.monotonic()
         self.requestline = ""
         self.request_id = ""
@@ -355,8 +441,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         finally:
             if watchdog is not None:
                 watchdog.unwatch(self)
-        self.busy = False
-        return None
+        return None  # the connection closes: its state no longer matters
 
     def parse_head(self) -> Request:
         """Parse and check a request head (RFC 9112 2-6); ProtocolError if bad."""

@@ -8,8 +8,9 @@ reclaim tests at the end run an in-process ``LoadBalancerServer``.
 
 from __future__ import annotations
 
-import re
+import socket
 import sys
+import threading
 import unittest
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,11 @@ from forwarding import (BUFFERED, NO_BODY, STREAMED, TRACE_ALLOW, Request, check
                         upstream_request_head)
 from http11 import Fields, ProtocolError  # noqa: E402
 from message_reader import ResponseHead  # noqa: E402
+import settings  # noqa: E402
+from cluster import ServerCluster, parse_backend  # noqa: E402
+from loggers import AccessLog  # noqa: E402
+from proxy import LoadBalancerServer, ProxyHandler  # noqa: E402
+from tests.support import RawBackend, connect, read_response, read_until_close, wait_for  # noqa: E402
 
 MAX_BODY = 1000
 
@@ -467,6 +473,145 @@ class ResponseReusableTest(unittest.TestCase):
                 framing = http11.response_framing(status, method, fields)
                 self.assertIs(http11.response_reusable(version, status, fields, framing), expected)
 
+
+# --- reclaiming idle connections at --max-connections -----------------------------
+
+
+class Gate:
+    """Holds one handler between "the next request is readable" and claiming it."""
+
+    def __init__(self) -> None:
+        self.armed = threading.Event()  # hold the next handler that gets there
+        self.reached = threading.Event()  # a handler is being held
+        self.proceed = threading.Event()  # let it go on
+        self.lock = threading.Lock()
+        self.calls = 0  # guarded by lock
+
+    def pass_through(self) -> None:
+        with self.lock:
+            self.calls += 1
+        if self.armed.is_set():
+            self.armed.clear()
+            self.reached.set()
+            self.proceed.wait(10)
+
+
+class GatedHandler(ProxyHandler):
+    gate: Gate
+
+    def before_claim(self) -> None:
+        self.gate.pass_through()
+
+
+def get(path: str, *lines: str) -> bytes:
+    return "\r\n".join([f"GET {path} HTTP/1.1", "Host: test", *lines, "", ""]).encode()
+
+
+class ReclaimTest(unittest.TestCase):
+    """At the connection limit, only connections that are really idle are closed.
+
+    An in-process ``LoadBalancerServer`` with ``--max-connections 1``; a gate in
+    the handler forces the interleaving: the client's next request has arrived,
+    the handler has not claimed it yet, and then a second client connects (or
+    the server drains).
+    """
+
+    def setUp(self) -> None:
+        backend = RawBackend()
+        self.addCleanup(backend.stop)
+        config = settings.load(["-b", f"http://127.0.0.1:{backend.port}", "--max-connections", "1",
+                                "--keepalive-timeout", "30", "--access-log", "off"])
+        cluster = ServerCluster([parse_backend(f"http://127.0.0.1:{backend.port}")])
+        self.addCleanup(lambda: [b.pool.close_all() for b in cluster.backends])
+        self.server = LoadBalancerServer(("127.0.0.1", 0), config, cluster, AccessLog("off"))
+        self.gate = Gate()
+        self.server.RequestHandlerClass = type("Handler", (GatedHandler,), {"gate": self.gate})
+        self.port = self.server.server_address[1]
+        thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        self.addCleanup(self.server.server_close)
+        self.addCleanup(self.server.shutdown)
+        self.addCleanup(self.gate.proceed.set)  # never leave a handler held
+
+    def client(self) -> tuple[socket.socket, Any]:
+        sock = connect(self.port)
+        self.addCleanup(sock.close)
+        reader = sock.makefile("rb")
+        self.addCleanup(reader.close)
+        return sock, reader
+
+    def idle_client(self) -> tuple[socket.socket, Any]:
+        """A keep-alive connection that has had one answer and now waits."""
+        sock, reader = self.client()
+        sock.sendall(get("/first"))
+        self.assertEqual(read_response(reader).status, 200)
+        return sock, reader
+
+    def test_a_request_that_arrived_is_not_cut_off_by_a_new_client(self) -> None:
+        a, a_reader = self.idle_client()
+        self.gate.armed.set()
+        a.sendall(get("/second"))
+        self.assertTrue(self.gate.reached.wait(10), "A's handler never saw its next request")
+        # A's request has arrived but is not claimed yet; now a second client comes.
+        b, _ = self.client()
+        b.sendall(get("/new", "Connection: close"))
+        b_answer = read_until_close(b)  # the accept thread has decided once b has an answer
+        self.gate.proceed.set()
+        second = read_response(a_reader)  # ConnectionError if A was closed
+        self.assertEqual((second.status, second.complete), (200, True))
+        # A was not idle, so there was no room: B is turned away, not served.
+        self.assertTrue(b_answer.startswith(b"HTTP/1.1 503 "), b_answer[:80])
+        a.sendall(get("/third"))  # and A's connection goes on
+        self.assertEqual(read_response(a_reader).status, 200)
+
+    def test_an_idle_connection_is_reclaimed_for_a_new_client(self) -> None:
+        a, _ = self.idle_client()
+        b, b_reader = self.client()
+        b.sendall(get("/new", "Connection: close"))
+        self.assertEqual(read_response(b_reader).status, 200)
+        self.assertEqual(read_until_close(a), b"")  # closed quietly: no error answer
+
+    def test_drain_keeps_a_request_that_arrived(self) -> None:
+        a, a_reader = self.idle_client()
+        self.gate.armed.set()
+        a.sendall(get("/second"))
+        self.assertTrue(self.gate.reached.wait(10))
+        self.assertFalse(self.server.drain(0), "A's request counts as in flight")
+        self.gate.proceed.set()
+        second = read_response(a_reader)
+        self.assertEqual((second.status, second.complete), (200, True))
+        self.assertEqual(second.header("connection"), "close")  # draining
+        wait_for(lambda: self.server.drain(0), 5, message="the drain to finish")
+
+    def test_drain_closes_an_idle_connection(self) -> None:
+        a, _ = self.idle_client()
+        wait_for(lambda: self.server.drain(0), 5, message="the drain to finish")
+        self.assertEqual(read_until_close(a), b"")
+
+    def test_pipelined_requests_skip_the_idle_wait(self) -> None:
+        """Requests already read into the buffer are served without waiting for more bytes."""
+        self.gate.armed.set()
+        a, a_reader = self.client()
+        requests = get("/1") + get("/2") + get("/3")
+        a.sendall(requests)
+        self.assertTrue(self.gate.reached.wait(10))
+        with self.server.lock:
+            (server_side,) = self.server.connections
+        # All three are queued on the server side before the handler reads: its
+        # first read takes them all, and the next two are already buffered.
+
+        def queued() -> int:
+            try:
+                return len(server_side.recv(len(requests) + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                return 0
+        wait_for(lambda: queued() == len(requests), 5, message="the three requests to arrive")
+        self.gate.proceed.set()
+        for _ in range(3):
+            self.assertEqual(read_response(a_reader).status, 200)
+        with self.gate.lock:
+            self.assertEqual(self.gate.calls, 1)
 
 if __name__ == "__main__":
     unittest.main()
