@@ -1,10 +1,12 @@
 """The forwarding path: ``LoadBalancerServer`` and its ``ProxyHandler``.
 
 One thread per client connection (``ThreadingHTTPServer``).  The handler
-reads each request head strictly (``message_reader``/``http11``), asks the
-``ServerCluster`` for a backend, sends the request over a pooled keep-alive
-connection, and relays the response, gzipping it when the client asks.
-Failures that are safe to retry go to the next backend.
+does the I/O and the sequencing only: it reads each request head
+(``message_reader``), has ``forwarding`` check it and build the head sent
+upstream, asks the ``ServerCluster`` for a backend, sends the request over a
+pooled keep-alive connection, and relays the response the way
+``forwarding.response_plan`` says (gzip, framing, Connection).  Failures that
+are safe to retry go to the next backend.
 """
 
 from __future__ import annotations
@@ -47,9 +49,9 @@ RESPONSE_LIMITS = Limits(max_line=16 * 1024, max_header_bytes=128 * 1024, max_fi
 
 # A client connection's state, guarded by ``LoadBalancerServer.lock``.  IDLE:
 # waiting for the next request, nothing of it consumed (the server may reclaim
-# the connection).  BUSY: a request has started (its bytes are readable or
-# buffered) until its answer is written.  RECLAIMED: the server closed it
-# while idle; the handler ends quietly.
+# the connection).  BUSY: the handler is serving a request, or reading (with
+# a non-blocking read) whether the next one is already there.  RECLAIMED: the
+# server closed it while idle; the handler ends quietly.
 IDLE, BUSY, RECLAIMED = "idle", "busy", "reclaimed"
 
 
@@ -326,7 +328,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.body_pending = False
         self.response_started = False
         self.client_ip = self.client_address[0]
-        self.state = IDLE  # guarded by server.lock; see LoadBalancerServer
+        self.state = BUSY  # guarded by server.lock; see LoadBalancerServer and wait_for_request
         # The idle wait: poll, so that waiting consumes nothing (see wait_for_request).
         self.poller = select.poll()
         self.poller.register(self.connection, select.POLLIN)
@@ -335,7 +337,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def finish(self) -> None:
         self.rfile.close()
-        self.wfile.close()
 
     def set_client_timeout(self, seconds: float) -> None:
         """Change the client socket's kernel timeouts (only when it differs)."""
@@ -354,7 +355,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # --- the request loop ---------------------------------------------------
 
     def handle_one_request(self) -> None:
-        """Read one request and dispatch it to ``do_<METHOD>`` (or ``forward``)."""
+        """Read one request; answer TRACE here and ``forward`` everything else."""
         self.close_connection = True
         request = self.read_request()
         if request is None:
@@ -365,31 +366,28 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.response_started = False
         self.body_pending = request.framing.has_body  # until a handler reads it
         self.continue_sent = False
-        try:
-            if request.method == "TRACE":
-                self.do_TRACE(request)
-            else:
-                self.forward(request)
-        finally:
-            self.end_request()
-
-    def end_request(self) -> None:
-        """BUSY -> IDLE once a request is answered, unless the next one is already buffered."""
-        with self.server.lock:
-            if self.state == BUSY and not self.rfile.buffered:
-                self.state = IDLE
+        # The state stays BUSY until wait_for_request finds nothing more to read.
+        if request.method == "TRACE":
+            self.do_TRACE(request)
+        else:
+            self.forward(request)
 
     def wait_for_request(self, timeout: float) -> bool:
-        """Wait for the next request and claim it (IDLE -> BUSY); False: close quietly.
+        """Wait for the next request and claim it; False: close quietly.
 
-        The wait consumes nothing, so the server can tell an idle connection
-        (nothing readable) from one whose next request has arrived; only then,
-        under the server's lock, does the state move to BUSY, unless the server
-        reclaimed the connection first.  Pipelined bytes already buffered need
-        no wait: ``end_request`` left the state BUSY.
+        Called in state BUSY (the previous request, or a new connection).
+        Under load the next request is usually there already: one
+        non-blocking read takes it while still BUSY, the same single system
+        call as a blocking read.  Only if nothing is there does the connection
+        go IDLE and wait with ``poll``, which consumes nothing, so that the
+        server can tell an idle connection (nothing readable) from one whose
+        next request has arrived; then, under the server's lock, it moves back
+        to BUSY, unless the server reclaimed it first.
         """
-        if self.rfile.buffered:
-            return True
+        if self.rfile.buffered or self.rfile.fill_if_ready() is not None:
+            return True  # pipelined, arrived, or end of stream: peek() sees which
+        with self.server.lock:
+            self.state = IDLE  # only this thread changes a BUSY state
         if not self.poller.poll(timeout * 1000):
             return False  # idle keep-alive timeout
         self.before_claim()

@@ -28,7 +28,7 @@ from message_reader import ResponseHead  # noqa: E402
 import settings  # noqa: E402
 from cluster import ServerCluster, parse_backend  # noqa: E402
 from loggers import AccessLog  # noqa: E402
-from proxy import LoadBalancerServer, ProxyHandler  # noqa: E402
+from proxy import IDLE, LoadBalancerServer, ProxyHandler  # noqa: E402
 from tests.support import RawBackend, connect, read_response, read_until_close, wait_for  # noqa: E402
 
 MAX_BODY = 1000
@@ -511,9 +511,9 @@ class ReclaimTest(unittest.TestCase):
     """At the connection limit, only connections that are really idle are closed.
 
     An in-process ``LoadBalancerServer`` with ``--max-connections 1``; a gate in
-    the handler forces the interleaving: the client's next request has arrived,
-    the handler has not claimed it yet, and then a second client connects (or
-    the server drains).
+    the handler forces the interleaving: the connection was idle, the client's
+    next request has arrived, the handler has not claimed it yet, and then a
+    second client connects (or the server drains).
     """
 
     def setUp(self) -> None:
@@ -541,11 +541,20 @@ class ReclaimTest(unittest.TestCase):
         self.addCleanup(reader.close)
         return sock, reader
 
+    def wait_idle(self) -> None:
+        """Until the (only) connection's handler waits for its next request, IDLE."""
+        def idle() -> bool:
+            with self.server.lock:
+                return any(handler is not None and handler.state == IDLE
+                           for handler in self.server.connections.values())
+        wait_for(idle, 5, message="the connection to go idle")
+
     def idle_client(self) -> tuple[socket.socket, Any]:
         """A keep-alive connection that has had one answer and now waits."""
         sock, reader = self.client()
         sock.sendall(get("/first"))
         self.assertEqual(read_response(reader).status, 200)
+        self.wait_idle()
         return sock, reader
 
     def test_a_request_that_arrived_is_not_cut_off_by_a_new_client(self) -> None:
@@ -591,8 +600,9 @@ class ReclaimTest(unittest.TestCase):
 
     def test_pipelined_requests_skip_the_idle_wait(self) -> None:
         """Requests already read into the buffer are served without waiting for more bytes."""
-        self.gate.armed.set()
         a, a_reader = self.client()
+        self.wait_idle()
+        self.gate.armed.set()
         requests = get("/1") + get("/2") + get("/3")
         a.sendall(requests)
         self.assertTrue(self.gate.reached.wait(10))
