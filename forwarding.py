@@ -18,7 +18,7 @@ from typing import Collection
 from http11 import (HOP_BY_HOP, BodyFraming, Fields, Headers, ProtocolError, RequestLine,
                     connection_options, content_length, field_values, gzip_headers,
                     request_framing, should_gzip, split_absolute_form, valid_host,
-                    valid_request_id, wants_keep_alive)
+                    valid_request_id, wants_keep_alive, without_fields)
 from message_reader import ResponseHead
 
 # Methods cclb answers itself instead of forwarding (see ``ProxyHandler``).
@@ -119,12 +119,8 @@ def upstream_request_head(request: Request, client_ip: str, proto: str, request_
     the framing field matches the body as it will be sent.
     """
     fields = request.headers
-    named = connection_options(fields)
     own_id = request_id == fields.get("x-request-id")
-    drop: Collection[str] = _UPSTREAM_DROP if own_id else _UPSTREAM_DROP_WITH_ID
-    if named:
-        drop = drop | named
-    headers = [item for item, lname in zip(fields.items, fields.lnames) if lname not in drop]
+    headers, named = without_fields(fields, _UPSTREAM_DROP if own_id else _UPSTREAM_DROP_WITH_ID)
     if request.host is None or "host" in named:
         # RFC 9112 3.2: a 1.1 request always has Host (empty if unknown);
         # and Connection: host must not strip it.
@@ -190,9 +186,7 @@ def response_plan(request: Request, response: ResponseHead, request_id: str, gzi
     HTTP/1.1 whatever the backend's version.
     """
     status, fields, framing = response.status, response.headers, response.framing
-    named = connection_options(fields)
-    drop = _RESPONSE_DROP | named if named else _RESPONSE_DROP
-    headers = [item for item, lname in zip(fields.items, fields.lnames) if lname not in drop]
+    headers, named = without_fields(fields, _RESPONSE_DROP)
     headers.append(("X-Request-ID", request_id))
     kind = framing.kind
     known = kind == "length"

@@ -414,11 +414,19 @@ def end_to_end(headers: Fields | Headers, extra_drop: Iterable[str] = ()) -> Hea
     lower-case name in ``extra_drop`` (e.g. content-length, which the proxy
     recomputes).
     """
-    fields = as_fields(headers)
-    drop = set(HOP_BY_HOP).union(extra_drop)
-    for value in fields.index.get("connection", ()):
-        drop.update(token.strip().lower() for token in value.split(","))
-    return [item for item, lname in zip(fields.items, fields.lnames) if lname not in drop]
+    return without_fields(as_fields(headers), HOP_BY_HOP.union(extra_drop))[0]
+
+
+def without_fields(fields: Fields, drop: frozenset[str]) -> tuple[Headers, set[str]]:
+    """(the fields not named in ``drop`` nor in Connection, the names Connection lists).
+
+    ``drop`` holds lower-case names and normally includes ``HOP_BY_HOP``
+    (RFC 9110 7.6.1); callers on the hot path pass a prebuilt frozenset.
+    """
+    named = connection_options(fields)
+    if named:
+        drop = drop | named
+    return [item for item, lname in zip(fields.items, fields.lnames) if lname not in drop], named
 
 
 def append_forwarded(headers: Headers, client_ip: str, proto: str,

@@ -63,21 +63,6 @@ class SocketReader:
         self.buffer += data
         return True
 
-    def fill_if_ready(self) -> bool | None:
-        """One non-blocking ``recv()`` into the buffer.
-
-        True if bytes arrived, False at end of stream, None if nothing is
-        there yet (the call never waits).
-        """
-        try:
-            data = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return None
-        if not data:
-            return False
-        self.buffer += data
-        return True
-
     def peek(self, n: int = 1) -> bytes:
         """The buffered bytes, waiting for at least one if there are none."""
         if not self.buffer:

@@ -132,17 +132,6 @@ class ReadTest(SocketCase):
         self.end()
         self.assertEqual(self.reader.peek(1), b"")
 
-    def test_fill_if_ready_never_waits(self) -> None:
-        set_timeouts(self.ours, 60)  # a blocking receive here would hang the test
-        self.assertIsNone(self.reader.fill_if_ready())
-        self.peer.sendall(b"GET")
-        self.assertTrue(self.reader.fill_if_ready())
-        self.assertEqual(self.reader.buffered, 3)
-        self.assertIsNone(self.reader.fill_if_ready())
-        self.end()
-        self.assertIs(self.reader.fill_if_ready(), False)
-        self.assertEqual(self.reader.read(3), b"GET")
-
     def test_close_drops_the_buffer(self) -> None:
         self.arrive(b"abc")
         self.reader.close()
