@@ -372,12 +372,17 @@ def parse_chunk_size(line: bytes) -> int:
 
 # --- Connection management ------------------------------------------------
 
-def connection_options(headers: Fields | Headers) -> set[str]:
+_NO_OPTIONS: frozenset[str] = frozenset()
+
+
+def connection_options(headers: Fields | Headers) -> frozenset[str]:
     """The lower-cased tokens of every Connection field (RFC 9110 7.6.1)."""
-    return {token.lower() for token in field_values(headers, "connection") if token}
+    if "connection" not in as_fields(headers).index:
+        return _NO_OPTIONS  # the usual case: no set to build
+    return frozenset(token.lower() for token in field_values(headers, "connection") if token)
 
 
-def wants_keep_alive(version: tuple[int, int], options: set[str]) -> bool:
+def wants_keep_alive(version: tuple[int, int], options: Collection[str]) -> bool:
     """RFC 9112 9.3: 1.1 is persistent unless "close"; 1.0 only with keep-alive."""
     if "close" in options:
         return False
@@ -417,7 +422,7 @@ def end_to_end(headers: Fields | Headers, extra_drop: Iterable[str] = ()) -> Hea
     return without_fields(as_fields(headers), HOP_BY_HOP.union(extra_drop))[0]
 
 
-def without_fields(fields: Fields, drop: frozenset[str]) -> tuple[Headers, set[str]]:
+def without_fields(fields: Fields, drop: frozenset[str]) -> tuple[Headers, frozenset[str]]:
     """(the fields not named in ``drop`` nor in Connection, the names Connection lists).
 
     ``drop`` holds lower-case names and normally includes ``HOP_BY_HOP``
