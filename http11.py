@@ -1,9 +1,12 @@
 """HTTP/1.1 message rules for cclb, as pure functions (no sockets, no I/O).
 
-Every decision the proxy takes about a message lives here: is the request line
-well formed, which headers are hop-by-hop, how long is a body, may a failed
-request be retried, should a response be gzipped.  The socket code in
-``proxy.py`` and ``upstream.py`` only moves bytes and asks these functions.
+The generic rules live here: is the request line well formed, which headers
+are hop-by-hop, how long is a body, may a connection be reused, may a failed
+request be retried, should a response be gzipped.  ``forwarding`` applies them
+to one request/response pair as cclb forwards it (what is accepted, the head
+sent upstream, how the response goes out).  The socket code in ``proxy.py``,
+``message_reader.py`` and ``upstream.py`` only moves bytes and asks these
+functions.
 
 Headers are handled as a list of ``(name, value)`` string pairs decoded as
 ISO-8859-1 (which maps bytes 1:1, so nothing is lost on re-encoding), in the
@@ -17,7 +20,7 @@ import re
 import zlib
 from urllib.parse import urlsplit
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Collection, Iterable, Iterator, Sequence
 
 Headers = list[tuple[str, str]]
 
@@ -369,16 +372,44 @@ def parse_chunk_size(line: bytes) -> int:
 
 # --- Connection management ------------------------------------------------
 
-def connection_options(headers: Fields | Headers) -> set[str]:
+_NO_OPTIONS: frozenset[str] = frozenset()
+
+
+def connection_options(headers: Fields | Headers) -> frozenset[str]:
     """The lower-cased tokens of every Connection field (RFC 9110 7.6.1)."""
-    return {token.lower() for token in field_values(headers, "connection") if token}
+    if "connection" not in as_fields(headers).index:
+        return _NO_OPTIONS  # the usual case: no set to build
+    return frozenset(token.lower() for token in field_values(headers, "connection") if token)
 
 
-def wants_keep_alive(version: tuple[int, int], options: set[str]) -> bool:
+def wants_keep_alive(version: tuple[int, int], options: Collection[str]) -> bool:
     """RFC 9112 9.3: 1.1 is persistent unless "close"; 1.0 only with keep-alive."""
     if "close" in options:
         return False
     return version >= (1, 1) or "keep-alive" in options
+
+
+def response_reusable(version: tuple[int, int], status: int, fields: Fields,
+                      framing: BodyFraming) -> bool:
+    """Whether a backend connection may carry another request after this final response.
+
+    Not when the backend asked to close (RFC 9112 9.3), when the body ends
+    with the close (6.3 (8)), or when the framing is suspect: whatever
+    follows on such a connection cannot be trusted as the next response.
+    """
+    lengths = field_values(fields, "content-length")
+    codings = transfer_codings(fields)
+    # RFC 9112 6.3 (3): CL and TE together mean a smuggling attempt or a broken
+    # server; 6.1: Transfer-Encoding in a 1.0 message means faulty framing.
+    poisoned = (framing.kind == "chunked" and bool(lengths)) or (
+        version < (1, 1) and bool(codings))
+    if framing.kind == "none" and status >= 200 and (
+            bool(codings) or any(v != "0" for v in lengths)):
+        # A HEAD/204/304 answer that declares a body: a backend that sends it
+        # anyway, even a moment later, would answer the next request with it.
+        poisoned = True
+    return (not poisoned and framing.kind != "close"
+            and wants_keep_alive(version, connection_options(fields)))
 
 
 def end_to_end(headers: Fields | Headers, extra_drop: Iterable[str] = ()) -> Headers:
@@ -388,11 +419,19 @@ def end_to_end(headers: Fields | Headers, extra_drop: Iterable[str] = ()) -> Hea
     lower-case name in ``extra_drop`` (e.g. content-length, which the proxy
     recomputes).
     """
-    fields = as_fields(headers)
-    drop = set(HOP_BY_HOP).union(extra_drop)
-    for value in fields.index.get("connection", ()):
-        drop.update(token.strip().lower() for token in value.split(","))
-    return [item for item, lname in zip(fields.items, fields.lnames) if lname not in drop]
+    return without_fields(as_fields(headers), HOP_BY_HOP.union(extra_drop))[0]
+
+
+def without_fields(fields: Fields, drop: frozenset[str]) -> tuple[Headers, frozenset[str]]:
+    """(the fields not named in ``drop`` nor in Connection, the names Connection lists).
+
+    ``drop`` holds lower-case names and normally includes ``HOP_BY_HOP``
+    (RFC 9110 7.6.1); callers on the hot path pass a prebuilt frozenset.
+    """
+    named = connection_options(fields)
+    if named:
+        drop = drop | named
+    return [item for item, lname in zip(fields.items, fields.lnames) if lname not in drop], named
 
 
 def append_forwarded(headers: Headers, client_ip: str, proto: str,
@@ -471,12 +510,14 @@ def is_compressible_type(content_type: str | None) -> bool:
             or media.endswith(("+json", "+xml")))
 
 
-def should_gzip(method: str, status: int, response_headers: Headers,
+def should_gzip(method: str, status: int, response_headers: Fields | Headers,
                 accept_encoding: str | None, body_length: int | None,
-                min_length: int) -> bool:
+                min_length: int, ignored: Collection[str] = ()) -> bool:
     """Whether the proxy should gzip this response for this client.
 
     ``body_length`` is None when unknown (chunked or close-delimited).
+    ``ignored``: lower-case names of fields that are not forwarded (those
+    named in Connection), which therefore do not count.
     """
     if method == "HEAD" or status < 200 or status in (204, 206, 304):
         return False
@@ -484,18 +525,18 @@ def should_gzip(method: str, status: int, response_headers: Headers,
         return False
     if not accepts_gzip(accept_encoding):
         return False
-    content_type = None
-    for name, value in response_headers:
-        lname = name.lower()
-        if lname == "content-encoding" and value.strip().lower() != "identity":
-            return False
-        if lname == "cache-control" and "no-transform" in value.lower():
-            return False  # RFC 9111 5.2.2.6
-        if lname == "content-range":
-            return False
-        if lname == "content-type":
-            content_type = value
-    return is_compressible_type(content_type)
+    index = as_fields(response_headers).index
+
+    def values(lname: str) -> Sequence[str]:
+        return () if lname in ignored else index.get(lname, ())
+    if any(value.strip().lower() != "identity" for value in values("content-encoding")):
+        return False
+    if any("no-transform" in value.lower() for value in values("cache-control")):
+        return False  # RFC 9111 5.2.2.6
+    if values("content-range"):
+        return False
+    types = values("content-type")
+    return is_compressible_type(types[-1] if types else None)
 
 
 def gzip_headers(headers: Headers, encoded: bool = True) -> Headers:

@@ -1,9 +1,11 @@
 """Reading HTTP/1.1 message heads and bodies from a buffered byte stream.
 
 The thin I/O layer over the rules in ``http11``: it reads lines and bytes
-from any object with ``readline(limit)``, ``read(n)`` and ``read1(n)`` (a
-socket's ``makefile("rb")``) and asks ``http11`` what they mean.  Used for
-both directions: requests from clients and responses from backends.
+from any object with ``readline(limit)``, ``read(n)`` and ``read1(n)`` (in
+production a ``socket_io.SocketReader``, whose ``read_head`` is used when
+present; the tests also use ``io.BufferedReader``) and asks ``http11`` what
+they mean.  Used for both directions: requests from clients and responses
+from backends.
 """
 
 from __future__ import annotations
@@ -152,19 +154,7 @@ def read_response_head(reader: Readable, request_method: str, limits: Limits) ->
             raise ValueError("too many interim responses")
         interim.append(status)  # 100 Continue, 103 Early Hints: not relayed
     framing = http11.response_framing(status, request_method, headers)
-    options = http11.connection_options(headers)
-    lengths = http11.field_values(headers, "content-length")
-    codings = http11.transfer_codings(headers)
-    # RFC 9112 6.3 (3): CL and TE together mean a smuggling attempt or a broken
-    # server: never trust what follows on this connection.
-    declares_body = bool(codings) or any(v != "0" for v in lengths)
-    poisoned = (framing.kind == "chunked" and bool(lengths)) or (
-        version < (1, 1) and bool(codings)) or (  # RFC 9112 6.1: faulty framing in 1.0
-        # A HEAD/204/304 answer that declares a body: a backend that sends it
-        # anyway, even a moment later, would answer the next request with it.
-        framing.kind == "none" and status >= 200 and declares_body)
-    reusable = (http11.wants_keep_alive(version, options) and framing.kind != "close"
-                and not poisoned)
+    reusable = http11.response_reusable(version, status, headers, framing)
     return ResponseHead(version, status, reason, headers, framing, reusable, interim)
 
 

@@ -12,7 +12,8 @@ Why not ``socket.makefile("rb")``?  Two costs and one blind spot:
   its response (``buffered``).
 
 ``SocketReader`` offers the ``readline``/``read``/``read1`` trio that
-``message_reader`` uses; ``SocketWriter`` is the matching ``write``.
+``message_reader`` uses, plus ``read_head`` (a whole header section in one
+search), ``peek`` and ``buffered``; ``SocketWriter`` is the matching ``write``.
 """
 
 from __future__ import annotations
@@ -137,23 +138,21 @@ class SocketReader:
 
 
 class SocketWriter:
-    """``write`` = ``sendall`` on a blocking socket with a kernel send timeout."""
+    """``write`` = ``sendall`` on a blocking socket with a kernel send timeout.
 
-    __slots__ = ("sock", "closed")
+    Nothing is buffered, so there is nothing to flush or close: the socket's
+    owner closes the socket.
+    """
+
+    __slots__ = ("sock",)
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.closed = False
 
     def write(self, data: bytes) -> int:
+        """Send all of ``data``; TimeoutError if the peer stops reading, OSError if it is gone."""
         try:
             self.sock.sendall(data)
         except BlockingIOError:  # SO_SNDTIMEO expired: the peer stopped reading
             raise TimeoutError("timed out") from None
         return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True

@@ -1,8 +1,9 @@
 """Unit tests for message_reader: heads and bodies read from buffered streams.
 
-The reader is an ``io.BufferedReader`` over ``io.BytesIO`` (the same
-``readline``/``read``/``read1`` interface as a socket's ``makefile("rb")``);
-no sockets.  A tiny buffer size is used where it matters, so short reads
+The reader is an ``io.BufferedReader`` over ``io.BytesIO`` (the
+``readline``/``read``/``read1`` interface that ``socket_io.SocketReader``
+offers in production; without ``read_head``, so heads are read line by
+line); no sockets.  A tiny buffer size is used where it matters, so short reads
 happen the way they do on a real socket.
 """
 
