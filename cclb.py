@@ -198,7 +198,7 @@ class Balancer(Process):
             reuse_port = inherited_fd is None
         access_log = AccessLog("off")
         try:
-            self.server = LoadBalancerServer((config.host, port), config, self.cluster,
+            self.server = LoadBalancerServer(replace(config.listener, port=port), config, self.cluster,
                                              access_log, reuse_port, inherited_fd)
         except OSError as error:
             access_log.close()

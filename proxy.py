@@ -21,20 +21,21 @@ from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import TCPServer
-from typing import Any
+from typing import Any, Sequence
 
 import http11
 from cluster import Attempt, Backend, ServerCluster
-from health_checkers import describe_error
 from forwarding import (BUFFERED, NO_BODY, TRACE_ALLOW, Request, ResponsePlan, check_request_head,
                         error_closes_connection, request_id_for, response_plan, upstream_request_head)
 from http11 import Headers, ProtocolError
 from loggers import AccessLog, sanitize
+from loops import LoopGuard
 from message_reader import (BodyTooLarge, EmptyResponse, IncompleteHead, Limits, MalformedBody, ResponseHead,
                             TruncatedBody, iter_body, read_field_lines, read_response_head,
                             read_small_body)
 from socket_io import SocketReader, SocketWriter, set_timeouts
-from upstream import UpstreamConnection
+from settings import Config, Listener
+from upstream import UpstreamConnection, describe_error
 
 log = logging.getLogger("cclb")
 
@@ -111,6 +112,7 @@ class Watchdog(threading.Thread):
         self.lock = threading.Lock()
         self.deadlines: dict[ProxyHandler, float] = {}
         self.stopped = threading.Event()
+        self.guard = LoopGuard("header watchdog")
 
     def watch(self, handler: ProxyHandler, deadline: float) -> None:
         with self.lock:
@@ -122,11 +124,16 @@ class Watchdog(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.wait(self.period):
-            now = time.monotonic()
-            with self.lock:
-                expired = [h for h, deadline in self.deadlines.items() if deadline <= now]
-                for handler in expired:
-                    del self.deadlines[handler]
+            with self.guard:
+                self.expire_due(time.monotonic())
+
+    def expire_due(self, now: float) -> None:
+        """Expire every handler whose deadline is ``now`` or earlier (one round)."""
+        with self.lock:
+            expired = [h for h, deadline in self.deadlines.items() if deadline <= now]
+            for handler in expired:
+                del self.deadlines[handler]
+                with self.guard:  # one handler's fault must not spare the others
                     handler.expire()
 
 
@@ -146,9 +153,10 @@ class LoadBalancerServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], config: Any, cluster: ServerCluster,
+    def __init__(self, listener: Listener, config: Config, cluster: ServerCluster,
                  access_log: AccessLog, reuse_port: bool = False,
                  inherited_fd: int | None = None) -> None:
+        self.listener = listener
         self.config = config
         self.cluster = cluster
         self.access_log = access_log
@@ -159,9 +167,10 @@ class LoadBalancerServer(ThreadingHTTPServer):
         self.draining = False
         self.watchdog = Watchdog()
         self.allow_reuse_port = reuse_port  # --workers: siblings bind the same port
-        if ":" in address[0]:
+        if ":" in listener.host:
             self.address_family = socket.AF_INET6
-        super().__init__(address, ProxyHandler, bind_and_activate=inherited_fd is None)
+        super().__init__((listener.host, listener.port), ProxyHandler,
+                         bind_and_activate=inherited_fd is None)
         if inherited_fd is not None:  # --workers without SO_REUSEPORT: a shared socket
             self.socket.close()
             self.socket = socket.socket(fileno=inherited_fd)
@@ -169,7 +178,7 @@ class LoadBalancerServer(ThreadingHTTPServer):
             # Siblings share this socket: accept() must not block when another won.
             self.socket.setblocking(False)
 
-    def configure(self, config: Any) -> None:
+    def configure(self, config: Config) -> None:
         """Apply new settings (a reload); requests read them per request."""
         self.limits = Limits(config.max_request_line, config.max_header_size, config.max_headers)
         self.config = config
@@ -177,7 +186,7 @@ class LoadBalancerServer(ThreadingHTTPServer):
     def server_bind(self) -> None:
         # HTTPServer.server_bind would call socket.getfqdn(), a DNS lookup.
         TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         self.watchdog.start()
@@ -294,7 +303,7 @@ def http_date() -> str:
 
 
 def error_response(status: int, message: str, close: bool, retry_after: int | None = None,
-                   extra: Headers = ()) -> bytes:
+                   extra: Sequence[tuple[str, str]] = ()) -> bytes:
     """A short plain-text response generated by cclb itself."""
     body = (message + "\n").encode("utf-8")
     headers: Headers = [("Date", http_date()), ("Server", "cclb"),
@@ -314,6 +323,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
+    rfile: SocketReader  # type: ignore[assignment]  # not StreamRequestHandler's makefile()
+    wfile: SocketWriter  # type: ignore[assignment]
     server: LoadBalancerServer
 
     def setup(self) -> None:
@@ -355,7 +366,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # --- the request loop ---------------------------------------------------
 
     def handle_one_request(self) -> None:
-        """Read one request; answer TRACE here and ``forward`` everything else."""
+        """Read one request and dispatch it to ``do_<METHOD>`` (or ``forward``)."""
         self.close_connection = True
         request = self.read_request()
         if request is None:
@@ -367,10 +378,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.body_pending = request.framing.has_body  # until a handler reads it
         self.continue_sent = False
         try:
-            if request.method == "TRACE":
-                self.do_TRACE(request)
-            else:
-                self.forward(request)
+            # http.server's idiom: do_<METHOD> where one exists, else forward.
+            getattr(self, f"do_{request.method}", self.forward)(request)
         finally:
             self.end_request()
 
@@ -746,7 +755,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # --- answers generated by cclb -------------------------------------------
 
     def send_error_response(self, status: int, message: str, retry_after: int | None = None,
-                            extra: Headers = ()) -> None:
+                            extra: Sequence[tuple[str, str]] = ()) -> None:
         """Answer with a short plain-text error; errors on a bad request close the connection."""
         # After a malformed request, or with its body still unread, the rest of
         # the stream cannot be trusted as the start of a next request.

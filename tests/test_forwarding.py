@@ -26,7 +26,9 @@ from forwarding import (BUFFERED, NO_BODY, STREAMED, TRACE_ALLOW, Request, check
 from http11 import Fields, ProtocolError  # noqa: E402
 from message_reader import ResponseHead  # noqa: E402
 import settings  # noqa: E402
-from cluster import ServerCluster, parse_backend  # noqa: E402
+from settings import Listener  # noqa: E402
+from backend_urls import parse_backend  # noqa: E402
+from cluster import ServerCluster  # noqa: E402
 from loggers import AccessLog  # noqa: E402
 from proxy import IDLE, LoadBalancerServer, ProxyHandler  # noqa: E402
 from tests.support import RawBackend, connect, read_response, read_until_close, wait_for  # noqa: E402
@@ -523,7 +525,7 @@ class ReclaimTest(unittest.TestCase):
                                 "--keepalive-timeout", "30", "--access-log", "off"])
         cluster = ServerCluster([parse_backend(f"http://127.0.0.1:{backend.port}")])
         self.addCleanup(lambda: [b.pool.close_all() for b in cluster.backends])
-        self.server = LoadBalancerServer(("127.0.0.1", 0), config, cluster, AccessLog("off"))
+        self.server = LoadBalancerServer(Listener("127.0.0.1", 0), config, cluster, AccessLog("off"))
         self.gate = Gate()
         self.server.RequestHandlerClass = type("Handler", (GatedHandler,), {"gate": self.gate})
         self.port = self.server.server_address[1]

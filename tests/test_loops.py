@@ -3,8 +3,7 @@
 Each test injects a fault into one loop and checks that the loop logged it
 once, at ERROR with a traceback, and kept working.  The health checker's
 loop is covered in test_health_checkers, the access-log writer's in
-test_loggers, the admin server's in test_admin; the header watchdog's in
-test_proxy.
+test_loggers, the admin server's in test_admin.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import unittest
 from unittest import mock
 
 import cclb
+import proxy
 import workers
 from backend_urls import parse_backend
 from cluster import ServerCluster
@@ -59,6 +59,40 @@ class LoopGuardTests(unittest.TestCase):
             with self.subTest(stop=type(stop).__name__), self.assertRaises(type(stop)):
                 with LoopGuard("test"):
                     raise stop
+
+
+class ExpiringHandler:
+    """Stands in for a ProxyHandler registered with the header watchdog."""
+
+    def __init__(self, fault: bool = False) -> None:
+        self.fault = fault
+        self.expired = threading.Event()
+
+    def expire(self) -> None:
+        self.expired.set()
+        if self.fault:
+            raise OSError(9, "injected: bad file descriptor")
+
+
+class WatchdogTests(unittest.TestCase):
+    """The header-deadline watchdog (slowloris defence) of proxy.py."""
+
+    def test_a_fault_expiring_one_handler_spares_the_others_and_the_loop(self) -> None:
+        watchdog = proxy.Watchdog(period=0.01)
+        faulty, other, later = ExpiringHandler(fault=True), ExpiringHandler(), ExpiringHandler()
+        watchdog.watch(faulty, 0.0)  # type: ignore[arg-type]
+        watchdog.watch(other, 0.0)  # type: ignore[arg-type]
+        with self.assertLogs("cclb", logging.ERROR) as logs:
+            watchdog.start()
+            self.addCleanup(watchdog.join, 5)
+            self.addCleanup(watchdog.stopped.set)
+            self.assertTrue(other.expired.wait(5), "a fault in one expiry spared the next handler")
+            watchdog.watch(later, 0.0)  # type: ignore[arg-type]
+            self.assertTrue(later.expired.wait(5), "the watchdog loop stopped after the fault")
+        self.assertTrue(faulty.expired.is_set())
+        self.assertTrue(watchdog.is_alive())
+        self.assertIn("injected: bad file descriptor", "\n".join(logs.output))
+        self.assertEqual(watchdog.deadlines, {})
 
 
 class FakeProcess:
