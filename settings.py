@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ipaddress
 import re
 import sys
 import tomllib
@@ -240,7 +241,12 @@ class Config:
         "seconds to connect to a backend before trying the next one", "SECONDS", "timeouts")
     read_timeout: float = option(
         ("--read-timeout",), 60.0, _number(float, 0.01, 86400),
-        "seconds to wait for a backend's response (504 after)", "SECONDS", "timeouts")
+        "seconds a backend has to send its whole response head (504 after); "
+        "also the longest silence while it sends the body", "SECONDS", "timeouts")
+    upstream_reuse: str = option(
+        ("--upstream-reuse",), "safe", _choice("safe", "always"),
+        "reuse of idle backend connections across clients: safe (a client's first request "
+        "never goes over a connection another client used) or always", "MODE", "timeouts")
     header_timeout: float = option(
         ("--header-timeout",), 10.0, _number(float, 0.01, 3600),
         "seconds a client has to send a whole request head (408 after)", "SECONDS", "timeouts")
@@ -421,11 +427,23 @@ def resolve(cli: dict[str, Any]) -> Config:
     return Config(**values, source=path, cli=dict(cli))
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and "localhost": addresses only this machine can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def validate(values: dict[str, Any]) -> None:
     """Checks that involve more than one setting."""
+    token = values["admin_token"]
+    if token is not None and not token.strip():
+        raise SettingsError("--admin-token must not be empty or blank")
     host = values["admin_host"]
-    if values["admin_port"] is not None and not values["admin_token"] and host not in (
-            "127.0.0.1", "::1", "localhost"):
+    if values["admin_port"] is not None and not token and not is_loopback(host):
         raise SettingsError(f"--admin-host {host} is not loopback: an --admin-token is required")
 
 
