@@ -187,6 +187,9 @@ class Balancer(Process):
         self.role = role
         self.on_supervisor_gone = on_supervisor_gone  # a worker stops without its supervisor
         self.server: LoadBalancerServer | None = None
+        self.shared_listener = False  # --workers without SO_REUSEPORT: one socket for all
+        if role is Role.WORKER:
+            self.cluster.transitions_level = logging.DEBUG  # the supervisor logs them once
         self.stopped = threading.Event()  # ends the worker's counter reports
 
     def start(self) -> None:
@@ -196,6 +199,7 @@ class Balancer(Process):
             port = int(os.environ[workers.PORT_ENV])
             inherited_fd = int(os.environ[workers.FD_ENV]) if workers.FD_ENV in os.environ else None
             reuse_port = inherited_fd is None
+            self.shared_listener = inherited_fd is not None
         access_log = AccessLog("off")
         try:
             self.server = LoadBalancerServer(replace(config.listener, port=port), config, self.cluster,
@@ -255,17 +259,40 @@ class Balancer(Process):
         self.server.configure(new)
 
     def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish, release everything."""
+        """Stop accepting at once, let in-flight requests finish, release everything."""
         assert self.server is not None
         log.info("cclb stopping: finishing in-flight requests")
         self.stopped.set()
+        self.server.draining = True  # from now on every response says Connection: close
+        self.stop_accepting()
         self.server.shutdown()
+        self.server.server_close()
         self.stop_checks_and_admin()
         if not self.server.drain(DRAIN_SECONDS):
             log.warning("gave up waiting for in-flight requests after %.0fs", DRAIN_SECONDS)
-        self.server.server_close()
         self.cluster.close()
         self.server.access_log.close()
+
+    def stop_accepting(self) -> None:
+        """Refuse new connections now, those waiting in the backlog included.
+
+        ``shutdown`` on a listening socket takes it out of the LISTEN state
+        (the kernel resets queued connections), so clients are turned away
+        at once instead of waiting in the backlog for a process that is
+        about to exit.  A listener shared by all workers is left to the
+        supervisor, which stops them all.
+        """
+        if self.server is not None and not self.shared_listener:
+            try:
+                self.server.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def abort(self) -> None:
+        """A second stop signal: stop at once (in-flight requests are cut off)."""
+        self.stop_accepting()
+        if self.server is not None:
+            self.server.access_log.close()
 
 
 class SupervisorProcess(Process):
@@ -313,13 +340,24 @@ class SupervisorProcess(Process):
 
     def stop(self) -> None:
         log.info("cclb stopping: workers finish their in-flight requests")
+        self.supervisor.stop_accepting()
         self.stop_checks_and_admin()
         self.supervisor.stop(DRAIN_SECONDS + 2)
         self.cluster.close()
 
+    def abort(self) -> None:
+        """A second stop signal: the workers get theirs too, and stop at once."""
+        self.supervisor.stop_accepting()
+        self.supervisor.forward(signal.SIGTERM)
+        self.supervisor.stop(2.0)
+
 
 def spawn(target: Callable[..., Any], name: str, *args: Any) -> None:
     threading.Thread(target=target, args=args, name=name, daemon=True).start()
+
+
+class StopNow(BaseException):
+    """A second SIGTERM/SIGINT: stop at once, without waiting for in-flight requests."""
 
 
 class Signals:
@@ -327,7 +365,10 @@ class Signals:
 
     The handlers only set plain attributes: a handler runs in the main thread
     between two bytecodes, so one that took a lock (``Event.set``) could wait
-    forever for a lock the interrupted main thread itself holds.
+    forever for a lock the interrupted main thread itself holds.  The one
+    exception is a second stop signal, which raises ``StopNow`` in the main
+    thread wherever it is (the graceful stop is under way; locks held there
+    are released by their ``with`` blocks as the exception passes).
     """
 
     def __init__(self) -> None:
@@ -338,6 +379,13 @@ class Signals:
         signal.signal(signal.SIGHUP, self.request_reload)
 
     def request_stop(self, *_: Any) -> None:
+        """SIGTERM/SIGINT: the first asks for a graceful stop, a second for an immediate one."""
+        if self.stop:
+            raise StopNow()
+        self.stop = True
+
+    def ask_stop(self) -> None:
+        """Ask for a graceful stop from any thread (never raises)."""
         self.stop = True
 
     def request_reload(self, *_: Any) -> None:
@@ -361,7 +409,7 @@ def make_process(config: Config, role: Role, argv: list[str],
                  signals: Signals) -> Balancer | SupervisorProcess:
     if role is Role.SUPERVISOR:
         return SupervisorProcess(config, [arg for arg in argv if arg != "--demo"])
-    return Balancer(config, role, on_supervisor_gone=signals.request_stop)
+    return Balancer(config, role, on_supervisor_gone=signals.ask_stop)
 
 
 def serve(config: Config, role: Role, argv: list[str]) -> int:
@@ -372,18 +420,22 @@ def serve(config: Config, role: Role, argv: list[str]) -> int:
     signals = Signals()  # a stop asked for while starting is honoured right after
     process = make_process(config, role, argv, signals)
     try:
-        process.start()
-    except StartError as error:
-        print(f"cclb: {error}", file=sys.stderr)
-        return error.code
-    process.announce()
-    guard = LoopGuard("main")
-    while signals.wait():
-        with guard:
-            if signals.take_reload():
-                process.reload()
-            process.tick()
-    process.stop()
+        try:
+            process.start()
+        except StartError as error:
+            print(f"cclb: {error}", file=sys.stderr)
+            return error.code
+        process.announce()
+        guard = LoopGuard("main")
+        while signals.wait():
+            with guard:
+                if signals.take_reload():
+                    process.reload()
+                process.tick()
+        process.stop()
+    except StopNow:
+        log.warning("second stop signal: stopping at once")
+        process.abort()
     log.info("cclb stopped")
     return 0
 

@@ -170,8 +170,12 @@ class ServerCluster:
 
     def __init__(self, specs: Iterable[BackendSpec], policy: Policy | None = None, *,
                  name: str = "default", connect_timeout: float = 3.0, read_timeout: float = 60.0,
-                 max_fails: int = 1, fail_timeout: float = 10.0, slow_start: float = 0.0) -> None:
+                 max_fails: int = 1, fail_timeout: float = 10.0, slow_start: float = 0.0,
+                 transitions_level: int = logging.WARNING) -> None:
         self.name = name
+        # --workers: each worker logs its passive take-downs at DEBUG, so a
+        # transition is logged once, by the supervisor that checks health.
+        self.transitions_level = transitions_level
         self._lock = threading.Lock()
         self.policy: Policy = policy or RoundRobin()
         self.connect_timeout = connect_timeout
@@ -347,7 +351,7 @@ class ServerCluster:
             backend.passive_failures = []
             backend.check_successes = 0
             backend.since = time.time()
-        log.warning("backend %s is DOWN: %s", backend.url, reason)
+        log.log(self.transitions_level, "backend %s is DOWN: %s", backend.url, reason)
 
     def report_check(self, backend: Backend, ok: bool, detail: str, latency: float | None,
                      rise: int = 1, fall: int = 1) -> None:
@@ -377,9 +381,9 @@ class ServerCluster:
                 backend.since = time.time()
                 backend.up_since = time.monotonic()
         if (changed and ok) or revived:
-            log.warning("backend %s is UP again", backend.url)
+            log.log(self.transitions_level, "backend %s is UP again", backend.url)
         elif changed and not quiet:
-            log.warning("backend %s is DOWN: %s", backend.url, detail)
+            log.log(self.transitions_level, "backend %s is DOWN: %s", backend.url, detail)
         if changed and not ok:
             backend.pool.close_all()
 

@@ -680,8 +680,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if any, is still held).
         """
         config = self.server.config
+        # Draining (SIGTERM) may have begun since the request arrived: close after this one.
         plan = response_plan(request, response, self.request_id, config.gzip_level,
-                             config.gzip_min_size, self.close_connection, BUFFER_LIMIT)
+                             config.gzip_min_size, self.close_connection or self.server.draining,
+                             BUFFER_LIMIT)
         self.close_connection = plan.close
         sent = 0
         try:

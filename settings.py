@@ -412,8 +412,8 @@ def resolve(cli: dict[str, Any]) -> Config:
     """Merge defaults, the file named by cli['config'] and the command line."""
     values = Config().values
     path = cli.get("config")
-    if path:
-        values.update(read_config_file(path))
+    from_file = read_config_file(path) if path else {}
+    values.update(from_file)
     for name, raw in cli.items():
         setting = BY_NAME[name]
         if setting.cli_only:
@@ -424,6 +424,11 @@ def resolve(cli: dict[str, Any]) -> Config:
         except ValueError as error:
             raise SettingsError(f"{'/'.join(setting.flags)}: {error}") from None
     validate(values)
+    if path and "backends" not in from_file and "backends" not in cli:
+        # An empty, truncated or half-written file must not swap every backend
+        # for the built-in 127.0.0.1:7000-7002 of the bare challenge.
+        raise SettingsError(f"{path}: no backends: a config file must name its backends "
+                            "(backends = [...]) unless --backend is given")
     return Config(**values, source=path, cli=dict(cli))
 
 

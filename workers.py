@@ -392,7 +392,21 @@ class Supervisor:
         for worker in self.workers:
             worker.signal(signum)
 
+    def stop_accepting(self) -> None:
+        """Turn new clients away at once: the shared listener stops listening.
+
+        With SO_REUSEPORT the supervisor's socket only reserves the port
+        (each worker stops its own listener); without it, the workers share
+        this one, so shutting it down refuses connections for all of them.
+        """
+        if self.listener is not None:
+            try:
+                self.listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # not listening (SO_REUSEPORT): nothing to refuse
+
     def stop(self, timeout: float) -> None:
+        """SIGTERM every worker and wait for them (killing stragglers at ``timeout``)."""
         self.forward(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for worker in self.workers:

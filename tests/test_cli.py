@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -260,6 +262,158 @@ class LifecycleTests(unittest.TestCase):
         self.assertTrue(result["alive_before_answer"])
         self.assertEqual(balancer.proc.wait(10), 0)
         balancer.kill()  # joins the output readers
+        self.assertNotIn("Traceback", balancer.log_text())
+
+    def slow_backend(self) -> tuple[RawBackend, threading.Event, threading.Event]:
+        """A backend that holds each request until ``release`` is set; ``arrived`` when one came."""
+        arrived, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def slow(head, conn, reader):
+            read_body(head, reader)
+            arrived.set()
+            release.wait(20)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone")
+            return True
+        backend = RawBackend(slow)
+        self.addCleanup(backend.stop)
+        return backend, arrived, release
+
+    def test_sigterm_stops_accepting_at_once_while_in_flight_requests_finish(self):
+        """Regression: the listener stayed open during the drain, so a client connecting after
+        SIGTERM waited in the backlog and got a reset seconds later.  Now it is refused at
+        once, keep-alive answers say Connection: close, and the in-flight request completes."""
+        backend, arrived, release = self.slow_backend()
+        balancer = self.start_balancer([backend.port], "--health-interval", "0")
+        result: dict[str, object] = {}
+
+        def client():
+            conn = http.client.HTTPConnection("127.0.0.1", balancer.port, timeout=20)
+            try:
+                conn.request("GET", "/slow")
+                response = conn.getresponse()
+                result["response"] = (response.status, response.getheader("Connection"),
+                                      response.read())
+            except Exception as error:  # noqa: BLE001 - asserted below
+                result["error"] = repr(error)
+            finally:
+                conn.close()
+        thread = threading.Thread(target=client, daemon=True)
+        thread.start()
+        self.assertTrue(arrived.wait(10), "request never reached the backend")
+        balancer.signal(signal.SIGTERM)
+        wait_for(lambda: "stopping" in balancer.log_text(), 5, message="the drain to start")
+
+        def refused() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", balancer.port), timeout=1) as sock:
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                    return sock.recv(1) == b""  # accepted from a dying backlog: reset/closed
+            except TimeoutError:
+                return False  # waiting in a backlog nobody accepts from: the old behaviour
+            except OSError:
+                return True  # refused or reset
+        started = time.monotonic()
+        wait_for(refused, 3, message="new connections to be refused")
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertIsNone(balancer.proc.poll(), "exited with a request in flight")
+        release.set()
+        thread.join(10)
+        self.assertNotIn("error", result)
+        self.assertEqual(result["response"], (200, "close", b"done"))
+        self.assertEqual(balancer.proc.wait(10), 0)
+        balancer.kill()
+        self.assertNotIn("Traceback", balancer.log_text())
+
+    def test_a_second_sigterm_stops_at_once(self):
+        """During the drain, a second SIGTERM (or SIGINT) ends the process without waiting."""
+        for second in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(second=second.name):
+                backend, arrived, release = self.slow_backend()
+                balancer = self.start_balancer([backend.port], "--health-interval", "0")
+                thread = threading.Thread(target=lambda: self.swallow(http_request, balancer.port),
+                                          daemon=True)
+                thread.start()
+                self.assertTrue(arrived.wait(10), "request never reached the backend")
+                balancer.signal(signal.SIGTERM)
+                wait_for(lambda: "stopping" in balancer.log_text(), 5, message="the drain")
+                started = time.monotonic()
+                balancer.signal(second)
+                self.assertEqual(balancer.proc.wait(10), 0)
+                # The drain would have waited for the held request (released only at cleanup).
+                self.assertLess(time.monotonic() - started, 3)
+                self.assertFalse(release.is_set())
+                balancer.kill()
+                log = balancer.log_text()
+                self.assertIn("stopping at once", log)
+                self.assertNotIn("Traceback", log)
+                release.set()
+                thread.join(10)
+
+    @staticmethod
+    def swallow(function, *args) -> None:
+        try:
+            function(*args)
+        except OSError:
+            pass  # cut off by the immediate stop: expected
+
+    def test_a_hup_storm_during_atomic_config_replacements_costs_no_request(self):
+        """The README's advice (write a temporary file, then rename it over the config) holds:
+        a burst of SIGHUPs while the file is replaced again and again fails no request.
+        Empty and backend-less files are refused on reload, keeping the old backends."""
+        backends = [RawBackend() for _ in range(3)]
+        for backend in backends:
+            self.addCleanup(backend.stop)
+        urls = [f"127.0.0.1:{backend.port}" for backend in backends]
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "cclb.toml")
+
+        def write_atomically(text: str) -> None:
+            temporary = path + ".tmp"
+            with open(temporary, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.replace(temporary, path)
+
+        def config(members: list[str]) -> str:
+            listed = ", ".join(f'"{member}"' for member in members)
+            return f'backends = [{listed}]\nhealth_interval = 0\naccess_log = "off"\n'
+        write_atomically(config(urls[:2]))
+        balancer = Balancer([], "--config", path)
+        self.addCleanup(balancer.kill)
+        failures: list[str] = []
+        done = threading.Event()
+        counts = [0]
+
+        def traffic() -> None:
+            while not done.is_set():
+                try:
+                    status, _, _ = http_request(balancer.port, path="/storm", timeout=5)
+                    if status != 200:
+                        failures.append(str(status))
+                except OSError as error:
+                    failures.append(repr(error))
+                counts[0] += 1
+        clients = [threading.Thread(target=traffic, daemon=True) for _ in range(4)]
+        for client in clients:
+            client.start()
+        sets = [urls[:2], urls[1:], [urls[0], urls[2]], urls]
+        for round_number in range(40):
+            write_atomically(config(sets[round_number % len(sets)]))
+            balancer.signal(signal.SIGHUP)
+            if round_number % 10 == 9:  # refused on reload: the old backends stay
+                write_atomically("# an empty file\n")
+                balancer.signal(signal.SIGHUP)
+                write_atomically('port = 1\n')
+                balancer.signal(signal.SIGHUP)
+            wait_for(lambda: counts[0] > round_number * 5, 10, message="traffic between reloads")
+        done.set()
+        for client in clients:
+            client.join(10)
+        self.assertEqual(failures, [], f"{len(failures)} of {counts[0]} requests failed")
+        self.assertGreater(counts[0], 200)
+        wait_for(lambda: "no backends" in balancer.log_text(), 5, message="the refusal logged")
+        self.assertEqual(balancer.stop(), 0)
         self.assertNotIn("Traceback", balancer.log_text())
 
     def test_sigint_exits_0(self):

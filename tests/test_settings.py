@@ -276,10 +276,22 @@ class ConfigFileTest(ConfigFiles):
         with self.assertRaises(SettingsError):
             settings.read_config_file(path)
 
-    def test_empty_file_is_all_defaults(self):
-        path = self.write("# nothing\n")
-        self.assertEqual(settings.read_config_file(path), {})
-        self.assertEqual(settings.load(["--config", path]).port, 8080)
+    def test_a_file_without_backends_is_refused(self):
+        """An empty, partial or backend-less file would replace every backend with the
+        built-in 127.0.0.1:7000-7002 (on start, or on a reload): refused, exit 2."""
+        full = 'port = 9000\nbackends = ["127.0.0.1:7100", "127.0.0.1:7101"]\nalgorithm = "random-two"\n'
+        for text in ("", "# nothing\n", "port = 9000\n", full[:full.index("backends")]):
+            with self.subTest(text=text):
+                path = self.write(text)
+                self.assertIn("no backends", self.load_exits_2(["--config", path]))
+        for cut in (full[:full.index("]") - 3], full[:-12]):  # cut mid-write
+            with self.subTest(cut=cut):
+                self.load_exits_2(["--config", self.write(cut)])
+        config = settings.load(["--config", self.write(full)])
+        self.assertEqual([b.port for b in config.backends], [7100, 7101])
+        # The command line may name them instead.
+        config = settings.load(["--config", self.write("port = 9000\n"), "-b", "127.0.0.1:7200"])
+        self.assertEqual(([b.port for b in config.backends], config.port), ([7200], 9000))
 
 
 class ExitCodeTest(ConfigFiles):
@@ -344,10 +356,11 @@ class AdminBindTest(ConfigFiles):
             with self.subTest(argv=argv):
                 config = settings.load(argv)
                 self.assertEqual(config.admin_port, 9100 if "--admin-port" in argv else None)
-        path = self.write('admin_port = 9100\nadmin_host = "0.0.0.0"\nadmin_token = "t"\n')
+        path = self.write('admin_port = 9100\nadmin_host = "0.0.0.0"\nadmin_token = "t"\n'
+                          'backends = ["127.0.0.1:7000"]\n')
         self.assertEqual(settings.load(["--config", path]).admin_token, "t")
         # a token on the command line completes a file that lacks it
-        path = self.write('admin_port = 9100\nadmin_host = "0.0.0.0"\n')
+        path = self.write('admin_port = 9100\nadmin_host = "0.0.0.0"\nbackends = ["127.0.0.1:7000"]\n')
         self.assertEqual(settings.load(["--config", path, "--admin-token", "t"]).admin_host, "0.0.0.0")
 
 
