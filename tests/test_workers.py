@@ -332,6 +332,47 @@ class WorkersLifecycleTests(WorkersCase):
         # Each worker finished gracefully (not killed after a timeout), then the supervisor.
         self.assertEqual(log_text.count("cclb stopped"), 3, log_text)
 
+    def test_sigterm_refuses_new_connections_at_once_while_workers_drain(self):
+        """SIGTERM to the supervisor: every worker stops listening at once (a new client is
+        refused, not parked in a backlog), while a request in flight still completes."""
+        arrived, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def slow(head, conn, reader):
+            arrived.set()
+            release.wait(20)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone")
+            return True
+        backend = RawBackend(slow)
+        self.addCleanup(backend.stop)
+        balancer = self.start([backend.port], "--health-interval", "0")
+        self.workers_of(balancer)
+        result: list[object] = []
+        thread = threading.Thread(target=lambda: result.append(http_request(balancer.port)),
+                                  daemon=True)
+        thread.start()
+        self.assertTrue(arrived.wait(10))
+        balancer.signal(signal.SIGTERM)
+        wait_for(lambda: balancer.log_text().count("cclb stopping") >= 3, 5,
+                 message="the supervisor and both workers to start stopping")
+
+        def refused() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", balancer.port), timeout=1) as sock:
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                    return sock.recv(1) == b""
+            except TimeoutError:
+                return False  # parked in a backlog nobody accepts from
+            except OSError:
+                return True
+        for _ in range(5):  # each new connection could land on either worker
+            wait_for(refused, 3, message="new connections to be refused")
+        self.assertIsNone(balancer.proc.poll(), "exited with a request in flight")
+        release.set()
+        thread.join(10)
+        self.assertEqual(result and result[0][0], 200)
+        self.assertEqual(balancer.proc.wait(15), 0)
+
     def test_workers_exit_when_the_supervisor_is_killed(self):
         """SIGKILL of the supervisor: the workers notice and exit by themselves (no orphans)."""
         a = self.backend("a")
