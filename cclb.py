@@ -14,9 +14,11 @@ from __future__ import annotations
 import signal
 
 if __name__ == "__main__":
-    # Before the slower imports: a SIGHUP (reload) arriving while cclb starts
-    # must not kill it (the default action); handlers are installed later.
+    # Before the slower imports: a SIGHUP (reload) or SIGUSR1 (reopen logs)
+    # arriving while cclb starts must not kill it (the default action);
+    # handlers are installed later.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 import logging
 import os
@@ -31,12 +33,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import settings
+import systemd
 import workers
 from admin import AdminServer
 from cluster import ServerCluster
 from health_checkers import HealthChecker, HealthSettings
 from loggers import AccessLog, setup_app_logger
 from loops import LoopGuard
+from metrics import PROCESS
 from proxy import LoadBalancerServer
 from settings import Config
 
@@ -45,7 +49,6 @@ DEMO_PORTS = (7000, 7001, 7002)
 # Where --demo starts its backends: "7100,7101,7102" moves them (tests use it
 # to get ports that are free; pair it with matching --backend options).
 DEMO_PORTS_ENV = "CCLB_DEMO_PORTS"
-DRAIN_SECONDS = 5.0
 
 # Settings that belong to the listening sockets: a reload cannot change them.
 RESTART_ONLY = ("host", "port", "workers", "admin_port", "admin_host")
@@ -137,12 +140,30 @@ class Process:
         if self.admin is not None:
             print(f"cclb admin on http://{self.admin.server_name}:{self.admin.server_port}/",
                   flush=True)
+        if self.config.demo:
+            host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host
+            print(f"cclb demo ready: try  curl -s http://{host}:{self.port()}/  (the challenge: "
+                  "curl --compressed --parallel --parallel-immediate --parallel-max 3 "
+                  "--config urls.txt)", flush=True)
+
+    def port(self) -> int:
+        """The port clients connect to."""
+        return self.config.port
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration; apply it, or keep the old one if invalid."""
-        new = self.reload_config()
-        if new is None:
-            return
+        if self.role is not Role.WORKER:
+            systemd.reloading()
+        try:
+            new = self.reload_config()
+            PROCESS.record_reload(new is not None)
+            if new is not None:
+                self.apply_config(new)
+        finally:
+            if self.role is not Role.WORKER:
+                systemd.ready("reloaded")
+
+    def apply_config(self, new: Config) -> None:
         old_pool, new_pool = self.config.pools["default"], new.pools["default"]
         added, removed = self.cluster.apply_settings(old_pool, new_pool)
         self.update_checker(HealthSettings.of(new_pool))
@@ -158,6 +179,9 @@ class Process:
 
     def apply(self, new: Config) -> None:
         """Role-specific part of a reload (the new settings are valid)."""
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1: reopen log files only (logrotate), without reloading the configuration."""
 
     def update_checker(self, health: HealthSettings) -> None:
         """Adjust the health checker: new settings, stopped (interval 0) or started anew."""
@@ -268,10 +292,25 @@ class Balancer(Process):
         self.server.shutdown()
         self.server.server_close()
         self.stop_checks_and_admin()
-        if not self.server.drain(DRAIN_SECONDS):
-            log.warning("gave up waiting for in-flight requests after %.0fs", DRAIN_SECONDS)
+        drain = self.config.drain_timeout
+        if not self.server.drain(drain):
+            log.warning("gave up waiting for in-flight requests after %gs", drain)
         self.cluster.close()
         self.server.access_log.close()
+
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.server_port
+
+    def reopen_logs(self) -> None:
+        assert self.server is not None
+        try:
+            self.server.access_log.reopen(self.config.access_log, self.config.log_format)
+        except OSError as error:
+            log.error("cannot reopen access log %s, keeping the old one: %s",
+                      self.config.access_log, error.strerror)
+            return
+        log.info("log files reopened")
 
     def stop_accepting(self) -> None:
         """Refuse new connections now, those waiting in the backlog included.
@@ -320,7 +359,7 @@ class SupervisorProcess(Process):
         try:
             self.start_checks_and_admin()
         except StartError:
-            self.supervisor.stop(DRAIN_SECONDS)
+            self.supervisor.stop(1.0)
             raise
 
     def announce(self) -> None:
@@ -334,6 +373,12 @@ class SupervisorProcess(Process):
         self.supervisor.forward(signal.SIGHUP)
         log.warning("workers told to reload")
 
+    def port(self) -> int:
+        return self.supervisor.port
+
+    def reopen_logs(self) -> None:
+        self.supervisor.forward(signal.SIGUSR1)  # each worker has its own access log
+
     def tick(self) -> None:
         self.supervisor.watch()
         self.supervisor.merge_counters()
@@ -342,7 +387,7 @@ class SupervisorProcess(Process):
         log.info("cclb stopping: workers finish their in-flight requests")
         self.supervisor.stop_accepting()
         self.stop_checks_and_admin()
-        self.supervisor.stop(DRAIN_SECONDS + 2)
+        self.supervisor.stop(self.config.drain_timeout + 2)
         self.cluster.close()
 
     def abort(self) -> None:
@@ -374,9 +419,11 @@ class Signals:
     def __init__(self) -> None:
         self.stop = False
         self.reload = False
+        self.reopen = False
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGHUP, self.request_reload)
+        signal.signal(signal.SIGUSR1, self.request_reopen)
 
     def request_stop(self, *_: Any) -> None:
         """SIGTERM/SIGINT: the first asks for a graceful stop, a second for an immediate one."""
@@ -391,6 +438,9 @@ class Signals:
     def request_reload(self, *_: Any) -> None:
         self.reload = True
 
+    def request_reopen(self, *_: Any) -> None:
+        self.reopen = True
+
     def wait(self) -> bool:
         """Sleep a little; True while no stop was asked for."""
         time.sleep(0.1)
@@ -398,6 +448,10 @@ class Signals:
 
     def take_reload(self) -> bool:
         requested, self.reload = self.reload, False
+        return requested
+
+    def take_reopen(self) -> bool:
+        requested, self.reopen = self.reopen, False
         return requested
 
 
@@ -426,12 +480,18 @@ def serve(config: Config, role: Role, argv: list[str]) -> int:
             print(f"cclb: {error}", file=sys.stderr)
             return error.code
         process.announce()
+        if role is not Role.WORKER:
+            systemd.ready("serving")
         guard = LoopGuard("main")
         while signals.wait():
             with guard:
                 if signals.take_reload():
                     process.reload()
+                if signals.take_reopen():
+                    process.reopen_logs()
                 process.tick()
+        if role is not Role.WORKER:
+            systemd.stopping()
         process.stop()
     except StopNow:
         log.warning("second stop signal: stopping at once")
@@ -523,11 +583,28 @@ def stop_children(children: list[subprocess.Popen[bytes]]) -> None:
             child.wait()
 
 
+def check(config: Config) -> int:
+    """--check: what settings.load could not verify without side effects, then the summary."""
+    if config.access_log not in ("-", "off"):
+        try:
+            with open(config.access_log, "a", encoding="utf-8"):
+                pass
+        except OSError as error:
+            print(f"cclb: cannot open access log {config.access_log}: {error.strerror}",
+                  file=sys.stderr)
+            return 2
+    print(settings.summary(config))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Until the handlers are in place a SIGHUP must not kill us (its default).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     config = settings.load(argv)
+    if config.check:
+        return check(config)
     setup_app_logger(config.log_level)
     if workers.is_worker():
         return serve(config, Role.WORKER, argv)

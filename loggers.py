@@ -13,16 +13,26 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
+from datetime import datetime
 from typing import TextIO
 
 from loops import LoopGuard
+from metrics import PROCESS
 
 APP_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+JOURNAL_FORMAT = "<%(priority)d>%(levelname)s %(message)s"  # journald adds the time
+# syslog priorities (RFC 5424 6.2.1) of the logging levels, for journald's <N> prefix.
+PRIORITIES = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
+              logging.DEBUG: 7}
+
+log = logging.getLogger("cclb")
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f-\xff"\\]')
 
 
@@ -31,16 +41,59 @@ def sanitize(text: str) -> str:
     return _UNSAFE.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
+class IsoFormatter(logging.Formatter):
+    """Timestamps in ISO 8601 with milliseconds and the UTC offset."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
+
+
+class JournalFormatter(logging.Formatter):
+    """``<N>`` priority prefixes that journald reads (sd-daemon(3)); no timestamp of ours."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.priority = PRIORITIES.get(record.levelno, 6)
+        return super().format(record)
+
+
+def stderr_is_journal() -> bool:
+    """True when systemd connected stderr to the journal (JOURNAL_STREAM is "dev:inode")."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        status = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected == f"{status.st_dev}:{status.st_ino}"
+
+
 def setup_app_logger(level: str) -> logging.Logger:
-    """Configure and return the "cclb" application logger (stderr)."""
+    """Configure and return the "cclb" application logger (stderr, or the journal's format)."""
     logger = logging.getLogger("cclb")
     logger.setLevel(level.upper())
     logger.propagate = False
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(APP_LOG_FORMAT))
+        handler.setFormatter(JournalFormatter(JOURNAL_FORMAT) if stderr_is_journal()
+                             else IsoFormatter(APP_LOG_FORMAT))
         logger.addHandler(handler)
     return logger
+
+
+@dataclass(frozen=True)
+class Stamps:
+    """One second's timestamps in both formats, with the local UTC offset."""
+
+    second: int
+    text: str  # 01/Dec/2026:22:30:00 +0000 (nginx's $time_local)
+    iso: str  # 2026-12-01T22:30:00 (milliseconds and offset follow)
+    iso_offset: str  # +00:00
+
+    @classmethod
+    def at(cls, second: int) -> Stamps:
+        local = time.localtime(second)
+        offset = time.strftime("%z", local)
+        return cls(second, time.strftime("%d/%b/%Y:%H:%M:%S ", local) + offset,
+                   time.strftime("%Y-%m-%dT%H:%M:%S", local), f"{offset[:3]}:{offset[3:]}")
 
 
 class AccessLog:
@@ -66,8 +119,8 @@ class AccessLog:
         self.json = log_format == "json"
         self.pending: deque[str] = deque()
         self.stopped = threading.Event()
-        self.stamp_second = -1
-        self.stamp = ""
+        self.stamps = Stamps.at(int(time.time()))
+        self.last_loss_warning = 0.0  # monotonic; writer thread only
         self.guard = LoopGuard("access log writer")
         self.writer = threading.Thread(target=self._run, name="access-log", daemon=True)
         self.writer.start()
@@ -101,19 +154,18 @@ class AccessLog:
         if self.stream is None:
             return  # "off" (a stale read during a reopen costs at most one line)
         now = time.time()
+        stamps = self.stamps
+        if stamps.second != int(now):
+            stamps = self.stamps = Stamps.at(int(now))  # one reference swap: no torn pair
         if self.json:
             line = json.dumps({
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z",
+                "time": f"{stamps.iso}.{int(now % 1 * 1000):03d}{stamps.iso_offset}",
                 "client": client, "method": method, "target": target, "status": status,
-                "bytes": sent, "backend": backend, "duration_ms": round(duration * 1000, 2),
-                "request_id": request_id,
+                "bytes": sent, "backend": None if backend == "-" else backend,
+                "duration_ms": round(duration * 1000, 2), "request_id": request_id,
             }, ensure_ascii=False)
         else:
-            second = int(now)
-            if second != self.stamp_second:  # a benign race: both writers agree
-                self.stamp = time.strftime("%d/%b/%Y:%H:%M:%S", time.localtime(second))
-                self.stamp_second = second
-            line = (f'{client} [{self.stamp}] "{method} {target}" {status} {sent} '
+            line = (f'{client} [{stamps.text}] "{method} {target}" {status} {sent} '
                     f'{backend} {duration * 1000:.1f}ms'
                     + (f" {request_id}" if request_id else ""))
         self.pending.append(line)
@@ -139,8 +191,18 @@ class AccessLog:
             try:
                 self.stream.write("\n".join(lines) + "\n")
                 self.stream.flush()
-            except (OSError, ValueError):
-                pass
+            except (OSError, ValueError) as error:
+                self._lost(len(lines), error)
+
+    def _lost(self, count: int, error: Exception) -> None:
+        """Count lines that could not be written; warn at most once a minute (never raise)."""
+        PROCESS.count_access_log_loss(count)
+        now = time.monotonic()
+        if now - self.last_loss_warning >= 60 or not self.last_loss_warning:
+            self.last_loss_warning = now
+            log.warning("access log write failed, %d line(s) lost: %s (counted in "
+                        "cclb_access_log_lines_lost_total; warned at most once a minute)",
+                        count, error)
 
     def close(self) -> None:
         """Flush every queued line and stop the writer."""

@@ -11,9 +11,16 @@ samples).
 
 from __future__ import annotations
 
+import os
+import platform
+import resource
+import threading
+import time
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
+
+from settings import VERSION
 
 if TYPE_CHECKING:
     from cluster import ClusterStats
@@ -81,6 +88,86 @@ class TrafficCounters:
             raise ValueError(f"malformed traffic counters: {error!r}") from None
 
 
+class ProcessMetrics:
+    """This process's own numbers: start time, reloads, access-log losses.
+
+    One per process (``PROCESS``): with --workers the supervisor's /metrics
+    shows the supervisor's process, as Prometheus' process collectors do.
+    ``lock`` guards the counters.
+    """
+
+    def __init__(self, version: str = "") -> None:
+        self.version = version
+        self.started = time.time()
+        self.lock = threading.Lock()
+        self.reloads = {"success": 0, "failure": 0}
+        self.last_reload: float | None = None
+        self.access_log_lost = 0  # lines that could not be written
+
+    def record_reload(self, ok: bool) -> None:
+        with self.lock:
+            self.reloads["success" if ok else "failure"] += 1
+            self.last_reload = time.time()
+
+    def count_access_log_loss(self, lines: int) -> None:
+        with self.lock:
+            self.access_log_lost += lines
+
+    def families(self) -> list[tuple[str, str, str, list[str]]]:
+        """(name, type, help, samples) for every process metric."""
+        with self.lock:
+            reloads = dict(self.reloads)
+            last_reload = self.last_reload
+            lost = self.access_log_lost
+        times = os.times()
+        result = [
+            ("cclb_build_info", "gauge", "cclb's version and the Python running it (always 1).",
+             [f"cclb_build_info{_labels(version=self.version, python=platform.python_version())} 1"]),
+            ("process_start_time_seconds", "gauge", "Start time of the process, in Unix seconds.",
+             [f"process_start_time_seconds {self.started:.3f}"]),
+            ("process_cpu_seconds_total", "counter", "User and system CPU time spent, in seconds.",
+             [f"process_cpu_seconds_total {times.user + times.system:.3f}"]),
+        ]
+        resident = _resident_bytes()
+        if resident is not None:
+            result.append(("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.",
+                           [f"process_resident_memory_bytes {resident}"]))
+        open_fds = _open_fds()
+        if open_fds is not None:
+            result.append(("process_open_fds", "gauge", "Number of open file descriptors.",
+                           [f"process_open_fds {open_fds}"]))
+        result.append(("process_max_fds", "gauge", "Maximum number of open file descriptors.",
+                       [f"process_max_fds {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}"]))
+        result.append(("cclb_config_reloads_total", "counter", "Configuration reloads (SIGHUP), by result.",
+                       [f"cclb_config_reloads_total{_labels(result=r)} {n}" for r, n in reloads.items()]))
+        if last_reload is not None:
+            result.append(("cclb_config_last_reload_timestamp_seconds", "gauge",
+                           "Time of the last reload attempt, in Unix seconds.",
+                           [f"cclb_config_last_reload_timestamp_seconds {last_reload:.3f}"]))
+        result.append(("cclb_access_log_lines_lost_total", "counter",
+                       "Access log lines that could not be written (e.g. disk full).",
+                       [f"cclb_access_log_lines_lost_total {lost}"]))
+        return result
+
+
+def _resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm", "rb") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _open_fds() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
+
+
+PROCESS = ProcessMetrics(VERSION)
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -130,4 +217,6 @@ def render(stats: ClusterStats) -> str:
         samples.append(f"cclb_request_duration_seconds_count{_labels(backend=b.url)} {latency.count}")
     family("cclb_request_duration_seconds", "histogram",
            "Time from the request head to the end of the response, by backend.", samples)
+    for name, kind, help_text, process_samples in PROCESS.families():
+        family(name, kind, help_text, process_samples)
     return "\n".join(lines) + "\n"

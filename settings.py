@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ipaddress
+import platform
 import re
 import sys
 import tomllib
@@ -19,6 +20,8 @@ from typing import Any, Callable
 
 from balancing import POLICIES
 from backend_urls import BackendSpec, parse_backend
+
+VERSION = "0.2.0"
 
 DEFAULT_BACKENDS = ["http://127.0.0.1:7000", "http://127.0.0.1:7001", "http://127.0.0.1:7002"]
 
@@ -272,6 +275,9 @@ class Config:
     max_connections: int = option(
         ("--max-connections",), 1024, _number(int, 1, 100000),
         "most client connections at once; beyond it new ones get a fast 503", "N", "limits")
+    drain_timeout: float = option(
+        ("--drain-timeout",), 10.0, _number(float, 0, 3600),
+        "seconds SIGTERM waits for requests in flight before closing them", "SECONDS", "timeouts")
     gzip_level: int = option(
         ("--gzip-level",), 5, _number(int, 0, 9),
         "gzip compression level for clients that accept it (0: no compression)", "N", "gzip")
@@ -281,13 +287,13 @@ class Config:
     log_level: str = option(
         ("--log-level",), "INFO",
         lambda v: _choice("debug", "info", "warning", "error", "critical")(v).upper(),
-        "application log level", "LEVEL", "logging")
+        "application log level: debug, info, warning, error or critical", "LEVEL", "logging")
     access_log: str = option(
         ("--access-log",), "-", _text,
         "access log file, '-' for stderr, 'off' for none", "PATH", "logging")
     log_format: str = option(
         ("--log-format",), "text", _choice("text", "json"),
-        "access log format", "FORMAT", "logging")
+        "access log format: text or json", "FORMAT", "logging")
     admin_port: int | None = option(
         ("--admin-port",), None, _number(int, 0, 65535),
         "port of the admin API and dashboard (default: off)", "PORT", "admin")
@@ -304,6 +310,10 @@ class Config:
     demo: bool = option(
         ("--demo",), False, bool,
         "also start the three demo backends (server.py on 7000-7002) as child processes",
+        None, "general", cli_only=True, flag_only=True)
+    check: bool = option(
+        ("-t", "--check"), False, bool,
+        "check the configuration, print a summary of what would run, and exit (0 if valid, else 2)",
         None, "general", cli_only=True, flag_only=True)
 
     # Not options: where the settings came from.
@@ -335,11 +345,17 @@ SETTINGS: list[Setting] = [replace(f.metadata[_SETTING], name=f.name)
 BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
+def version_line() -> str:
+    return f"cclb {VERSION} (Python {platform.python_version()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cclb.py",
         description="cclb: an HTTP/1.1 load balancer in pure-stdlib Python.",
     )
+    parser.add_argument("--version", action="version", version=version_line(),
+                        help="print cclb's and Python's versions and exit")
     groups: dict[str, Any] = {}
     for setting in SETTINGS:
         group = groups.get(setting.section)
@@ -450,6 +466,47 @@ def validate(values: dict[str, Any]) -> None:
     host = values["admin_host"]
     if values["admin_port"] is not None and not token and not is_loopback(host):
         raise SettingsError(f"--admin-host {host} is not loopback: an --admin-token is required")
+
+
+def _size(n: int) -> str:
+    for unit, factor in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor} {unit}"
+    return f"{n} bytes"
+
+
+def summary(config: Config) -> str:
+    """What ``config`` would run, on one screen (``--check``)."""
+    lines = [f"cclb {VERSION}: configuration OK ({config.source or 'command line and defaults'})"]
+    workers = f"{config.workers} worker{'s' * (config.workers != 1)}"
+    lines.append(f"listen    {config.listener.scheme}://{config.host}:{config.port} ({workers}, "
+                 f"at most {config.max_connections} connections)")
+    for pool in config.pools.values():
+        lines.append(f"pool      {pool.name}: {pool.algorithm}, {len(pool.backends)} "
+                     f"backend{'s' * (len(pool.backends) != 1)}")
+        lines.extend(f"            {spec.url} weight {spec.weight}" for spec in pool.backends)
+        checks = (f"every {pool.health_interval:g}s GET {pool.health_path} (timeout "
+                  f"{pool.health_timeout:g}s, {pool.health_status[0]}-{pool.health_status[1]}, "
+                  f"rise {pool.rise}, fall {pool.fall})" if pool.health_interval > 0
+                  else "active checks off")
+        lines.append(f"health    {checks}; passive: {pool.max_fails} failure(s) in "
+                     f"{pool.fail_timeout:g}s" + (f"; slow start {pool.slow_start:g}s"
+                                                   if pool.slow_start else ""))
+    lines.append(f"timeouts  connect {config.connect_timeout:g}s, read {config.read_timeout:g}s, "
+                 f"header {config.header_timeout:g}s, keep-alive {config.keepalive_timeout:g}s, "
+                 f"body {config.body_timeout:g}s, drain {config.drain_timeout:g}s")
+    lines.append(f"limits    body {_size(config.max_body_size)}, head {_size(config.max_header_size)}, "
+                 f"request line {_size(config.max_request_line)}, {config.max_headers} fields")
+    lines.append("gzip      " + (f"level {config.gzip_level} from {_size(config.gzip_min_size)}"
+                                 if config.gzip_level else "off"))
+    lines.append(f"upstream  reuse {config.upstream_reuse}")
+    lines.append(f"logs      application {config.log_level} on stderr; access log "
+                 f"{config.access_log} ({config.log_format})")
+    admin = ("off" if config.admin_port is None else
+             f"http://{config.admin_host}:{config.admin_port} "
+             f"(writes {'need the token' if config.admin_token else 'open, loopback only'})")
+    lines.append(f"admin     {admin}")
+    return "\n".join(lines)
 
 
 def markdown_table() -> str:

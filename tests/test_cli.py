@@ -102,6 +102,15 @@ def blocked_opening_a_fifo(pid: int) -> bool:
     return False
 
 
+def read_text(path: str) -> str:
+    """The file's text, or "" while it does not exist."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return ""
+
+
 def kill_pids(pids) -> None:
     for pid in pids:
         try:
@@ -476,6 +485,135 @@ class LifecycleTests(unittest.TestCase):
         code, _, body = http_request(port, path="/after-sighup")
         self.assertEqual(code, 200, body[:200])
         self.assertEqual(child.stop(), 0, child.log_text()[-1500:])
+
+
+class OperatorTests(unittest.TestCase):
+    """What an operator drives: --version, --check, SIGUSR1, --drain-timeout, systemd."""
+
+    def start_balancer(self, backends, *extra: str) -> Balancer:
+        balancer = Balancer(backends, *extra)
+        self.addCleanup(balancer.kill)
+        return balancer
+
+    def tempdir(self) -> str:
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder, True)
+        return folder
+
+    def test_version_prints_cclb_and_python_versions(self):
+        result = run_cclb("--version")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stdout.strip(), r"^cclb \d+\.\d+\.\d+ \(Python 3\.\d+\.\d+\)$")
+
+    def test_check_prints_a_summary_and_exits_0_or_2_with_the_error(self):
+        folder = self.tempdir()
+        path = os.path.join(folder, "cclb.toml")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write('backends = ["127.0.0.1:7100,weight=3", "127.0.0.1:7101"]\n'
+                         'algorithm = "least-connections"\nport = 9999\n')
+        for flag in ("--check", "-t"):
+            with self.subTest(flag=flag):
+                result = run_cclb(flag, "--config", path)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertIn("configuration OK", result.stdout)
+                self.assertIn("least-connections, 2 backends", result.stdout)
+                self.assertIn("http://127.0.0.1:7100 weight 3", result.stdout)
+                self.assertIn(":9999", result.stdout)
+                self.assertFalse(accepts(9999), "--check must not start serving")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write('port = 9999\n')
+        result = run_cclb("--check", "--config", path)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("no backends", result.stderr)
+        result = run_cclb("-t", "--access-log", os.path.join(folder, "missing", "access.log"))
+        self.assertEqual((result.returncode, "cannot open access log" in result.stderr), (2, True))
+        self.assertNotIn("Traceback", result.stderr)
+
+    def test_sigusr1_reopens_the_access_log_without_reloading(self):
+        """logrotate's move-then-signal: new lines go to a new file at the old path, and a
+        config file edited meanwhile is NOT applied (only SIGHUP reloads)."""
+        backend = RawBackend()
+        self.addCleanup(backend.stop)
+        folder = self.tempdir()
+        log_path, config_path = os.path.join(folder, "access.log"), os.path.join(folder, "cclb.toml")
+        with open(config_path, "w", encoding="utf-8") as handle:
+            handle.write(f'backends = ["127.0.0.1:{backend.port}"]\nhealth_interval = 0\n'
+                         f'access_log = "{log_path}"\n')
+        balancer = self.start_balancer([], "--config", config_path)
+        self.assertEqual(http_request(balancer.port, path="/before")[0], 200)
+        wait_for(lambda: "/before" in read_text(log_path), 5, message="the first line")
+        os.rename(log_path, log_path + ".1")
+        with open(config_path, "w", encoding="utf-8") as handle:  # not to be applied
+            handle.write('backends = ["127.0.0.1:1"]\nhealth_interval = 0\n'
+                         f'access_log = "{log_path}"\n')
+        balancer.signal(signal.SIGUSR1)
+        wait_for(lambda: "log files reopened" in balancer.log_text(), 5, message="the reopen")
+        self.assertEqual(http_request(balancer.port, path="/after")[0], 200, "config was reloaded")
+        wait_for(lambda: "/after" in read_text(log_path), 5, message="the line in the new file")
+        self.assertNotIn("/after", read_text(log_path + ".1"))
+        self.assertNotIn("reloaded", balancer.log_text())
+        self.assertEqual(balancer.stop(), 0)
+
+    def test_drain_timeout_bounds_the_wait_for_requests_in_flight(self):
+        held = threading.Event()
+        self.addCleanup(held.set)
+
+        def hold(head, conn, reader):
+            read_body(head, reader)
+            held.wait(30)
+            return False
+        backend = RawBackend(hold)
+        self.addCleanup(backend.stop)
+        balancer = self.start_balancer([backend.port], "--health-interval", "0",
+                                       "--drain-timeout", "0.5")
+        thread = threading.Thread(target=LifecycleTests.swallow,
+                                  args=(http_request, balancer.port), daemon=True)
+        thread.start()
+        wait_for(lambda: backend.heads, 5, message="the request to arrive")
+        started = time.monotonic()
+        balancer.signal(signal.SIGTERM)
+        self.assertEqual(balancer.proc.wait(10), 0)
+        self.assertLess(time.monotonic() - started, 4, "waited past --drain-timeout")
+        balancer.kill()
+        self.assertIn("gave up waiting for in-flight requests after 0.5s", balancer.log_text())
+
+    def test_systemd_notifications_and_journal_priorities(self):
+        """Under systemd (fake NOTIFY_SOCKET, JOURNAL_STREAM naming our stderr): READY=1 once
+        listening, RELOADING=1 then READY=1 around a reload, STOPPING=1; <N> log prefixes."""
+        folder = self.tempdir()
+        address = os.path.join(folder, "notify.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(listener.close)
+        listener.bind(address)
+        listener.settimeout(10)
+        stderr_path = os.path.join(folder, "stderr.log")
+        stderr_file = open(stderr_path, "w+b")
+        self.addCleanup(stderr_file.close)
+        status = os.fstat(stderr_file.fileno())
+        env = dict(os.environ, NOTIFY_SOCKET=address,
+                   JOURNAL_STREAM=f"{status.st_dev}:{status.st_ino}")
+        proc = subprocess.Popen([PYTHON, CCLB, "-p", "0", "--host", "127.0.0.1", "-b",
+                                 f"127.0.0.1:{free_port()}", "--health-interval", "0"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=stderr_file)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        messages = [listener.recv(4096).decode()]
+        self.assertIn("READY=1", messages[0].split("\n"))
+        proc.send_signal(signal.SIGHUP)
+        messages.append(listener.recv(4096).decode())
+        messages.append(listener.recv(4096).decode())
+        self.assertIn("RELOADING=1", messages[1].split("\n"))
+        self.assertRegex(messages[1], r"MONOTONIC_USEC=\d+")
+        self.assertIn("READY=1", messages[2].split("\n"))
+        proc.send_signal(signal.SIGTERM)
+        messages.append(listener.recv(4096).decode())
+        self.assertEqual(messages[3], "STOPPING=1")
+        self.assertEqual(proc.wait(10), 0)
+        stderr_file.seek(0)
+        lines = stderr_file.read().decode().splitlines()
+        self.assertTrue(lines)
+        self.assertTrue(all(re.match(r"^<[0-7]>[A-Z]+ ", line) for line in lines), lines)
+        self.assertTrue(any(line.startswith("<4>WARNING configuration reloaded") for line in lines),
+                        lines)
 
 
 class DemoTests(unittest.TestCase):

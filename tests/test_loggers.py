@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import unittest
+from unittest import mock
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import loggers  # noqa: E402
+import metrics  # noqa: E402
 from loggers import AccessLog, sanitize  # noqa: E402
 from tests.support import wait_for  # noqa: E402
 
@@ -90,7 +93,7 @@ class FormatTests(AccessLogTestCase):
         lines = self.wait_lines(path, 2)
         self.assertEqual(len(lines), 2)
         self.assertRegex(
-            lines[0], r'^10\.0\.0\.1 \[\d{2}/\w{3}/\d{4}:\d{2}:\d{2}:\d{2}\] "GET /a\?b=1" 200 1234 '
+            lines[0], r'^10\.0\.0\.1 \[\d{2}/\w{3}/\d{4}:\d{2}:\d{2}:\d{2} [+-]\d{4}\] "GET /a\?b=1" 200 1234 '
                       r'http://127\.0\.0\.1:9001 12\.3ms req-1$')
         self.assertRegex(lines[1], r'^10\.0\.0\.2 \[[^]]+\] "POST /x" 503 0 - 500\.0ms$')
 
@@ -112,7 +115,7 @@ class FormatTests(AccessLogTestCase):
         self.assertEqual(document["backend"], "http://127.0.0.1:9001")
         self.assertEqual(document["duration_ms"], 12.34)
         self.assertEqual(document["request_id"], "abc")
-        self.assertRegex(document["time"], r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
+        self.assertRegex(document["time"], r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}[+-]\d{2}:\d{2}$")
 
     def test_sanitize_escapes_control_characters_quotes_and_backslashes(self) -> None:
         """No log injection: CR/LF, NUL, DEL, quotes, backslashes and bytes >= 0x80 are escaped."""
@@ -277,6 +280,54 @@ class WriterLoopTests(AccessLogTestCase):
         self.assertIn("Traceback", captured.output[0])
         self.assertIn("injected write failure", captured.output[0])
         self.assertEqual(access_log.guard.failures, 1)
+
+
+class DiskFullStream:
+    """A stream whose writes fail with ENOSPC until ``healed`` is set."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.healed = threading.Event()
+        self.failures = 0
+
+    def write(self, text: str) -> int:
+        if not self.healed.is_set():
+            self.failures += 1
+            raise OSError(28, "No space left on device")
+        return self.inner.write(text)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class WriteFailureTests(AccessLogTestCase):
+    def test_failed_writes_are_counted_and_warned_about_once(self) -> None:
+        """Disk full: lost lines are counted (cclb_access_log_lines_lost_total), one WARNING
+        (not one per batch), no exception for the request, and writing resumes afterwards."""
+        path = self.path("access.log")
+        access_log = self.open_log(path)
+        process = metrics.ProcessMetrics()
+        with access_log.lock:
+            stream = DiskFullStream(access_log.stream)
+            access_log.stream = stream
+        with mock.patch.object(loggers, "PROCESS", process), \
+                self.assertLogs("cclb", logging.WARNING) as captured:
+            access_log.record("c", "GET", "/one", 200, 1, "b", 0.001)
+            access_log.record("c", "GET", "/two", 200, 1, "b", 0.001)
+            wait_for(lambda: stream.failures >= 1, 5, message="a failed write")
+            access_log.record("c", "GET", "/three", 200, 1, "b", 0.001)
+            wait_for(lambda: stream.failures >= 2, 5, message="a second failed write")
+            wait_for(lambda: process.access_log_lost == 3, 5, message="three lost lines counted")
+            stream.healed.set()
+            access_log.record("c", "GET", "/four", 200, 1, "b", 0.001)
+            lines = self.wait_lines(path, 1)
+        self.assertIn('"GET /four"', lines[0])
+        warnings = [r for r in captured.records if r.levelno == logging.WARNING]
+        self.assertEqual(len(warnings), 1, [r.getMessage() for r in warnings])
+        self.assertIn("No space left on device", warnings[0].getMessage())
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import math
 import re
 import sys
 import unittest
+from unittest import mock
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,7 +291,7 @@ class RenderTests(unittest.TestCase):
         """Every line parses; every family has HELP and TYPE first; the values are the traffic's."""
         self.record_traffic()
         types, samples = parse_exposition(metrics.render(self.cluster.stats()))
-        self.assertEqual(types, {
+        self.assertEqual(without_process(types), {
             "cclb_requests_total": "counter", "cclb_backend_up": "gauge",
             "cclb_in_flight": "gauge", "cclb_backend_failures_total": "counter",
             "cclb_retries_total": "counter", "cclb_health_checks_total": "counter",
@@ -348,15 +349,50 @@ class RenderTests(unittest.TestCase):
         """No backends, no traffic: still valid text, every family announced."""
         empty = ServerCluster([])
         types, samples = parse_exposition(metrics.render(empty.stats()))
-        self.assertEqual(len(types), 7)
-        self.assertEqual(samples, [])
+        self.assertEqual(len(without_process(types)), 7)
+        self.assertEqual([s for s in samples if s[0] not in PROCESS_FAMILIES], [])
 
     def test_unrouted_only(self) -> None:
         """Answers given without any backend appear with backend="none"."""
         empty = ServerCluster([])
         empty.count_unrouted(503)
         _, samples = parse_exposition(metrics.render(empty.stats()))
-        self.assertEqual(samples, [("cclb_requests_total", {"backend": "none", "code": "503"}, 1.0)])
+        self.assertEqual([s for s in samples if s[0] not in PROCESS_FAMILIES],
+                         [("cclb_requests_total", {"backend": "none", "code": "503"}, 1.0)])
+
+    def test_process_metrics(self) -> None:
+        """The process's own families: build info, start time, CPU, memory, fds, reloads."""
+        process = metrics.ProcessMetrics("9.9.9")
+        with mock.patch.object(metrics, "PROCESS", process):
+            process.record_reload(True)
+            process.record_reload(False)
+            process.record_reload(True)
+            process.count_access_log_loss(3)
+            types, samples = parse_exposition(metrics.render(ServerCluster([]).stats()))
+        self.assertEqual({name: kind for name, kind in types.items() if name in PROCESS_FAMILIES},
+                         PROCESS_FAMILIES)
+        values = {(name, tuple(sorted(labels.items()))): value for name, labels, value in samples}
+        build = [labels for name, labels, _ in samples if name == "cclb_build_info"]
+        self.assertEqual(build[0]["version"], "9.9.9")
+        self.assertEqual(values[("cclb_config_reloads_total", (("result", "success"),))], 2)
+        self.assertEqual(values[("cclb_config_reloads_total", (("result", "failure"),))], 1)
+        self.assertEqual(values[("cclb_access_log_lines_lost_total", ())], 3)
+        self.assertGreater(values[("process_open_fds", ())], 2)
+        self.assertGreater(values[("process_resident_memory_bytes", ())], 1 << 20)
+        self.assertGreaterEqual(values[("process_max_fds", ())], values[("process_open_fds", ())])
+        self.assertAlmostEqual(values[("process_start_time_seconds", ())], process.started, places=2)
+
+
+PROCESS_FAMILIES = {
+    "cclb_build_info": "gauge", "process_start_time_seconds": "gauge",
+    "process_cpu_seconds_total": "counter", "process_resident_memory_bytes": "gauge",
+    "process_open_fds": "gauge", "process_max_fds": "gauge",
+    "cclb_config_reloads_total": "counter", "cclb_config_last_reload_timestamp_seconds": "gauge",
+    "cclb_access_log_lines_lost_total": "counter"}
+
+
+def without_process(types: dict[str, str]) -> dict[str, str]:
+    return {name: kind for name, kind in types.items() if name not in PROCESS_FAMILIES}
 
 
 if __name__ == "__main__":
