@@ -336,8 +336,9 @@ class RawBackend:
             with self.lock:
                 self.connections.append(record)
             thread = threading.Thread(target=self._serve, args=(conn, record), daemon=True)
-            self.threads.append(thread)
-            thread.start()
+            thread.start()  # before it is listed: stop() joins only started threads
+            with self.lock:
+                self.threads.append(thread)
 
     def _serve(self, conn: socket.socket, record: bytearray) -> None:
         recording = _RecordingReader(conn, record)
@@ -374,7 +375,9 @@ class RawBackend:
         except OSError:
             pass
         self.listener.close()
-        for thread in self.threads:
+        with self.lock:
+            threads = list(self.threads)
+        for thread in threads:
             thread.join(timeout=2)
         self.acceptor.join(timeout=2)
 
