@@ -80,8 +80,10 @@ class AdminTestCase(unittest.TestCase):
     def request(self, method: str, path: str, body: bytes | str | dict | None = None,
                 headers: dict[str, str] | None = None) -> Reply:
         """One request on a fresh connection."""
+        headers = dict(headers or {})
         if isinstance(body, dict):
             body = json.dumps(body)
+            headers.setdefault("Content-Type", "application/json")
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         try:
             connection.request(method, path, body=body, headers=headers or {})
