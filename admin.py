@@ -540,10 +540,11 @@ class AdminServer(ThreadingHTTPServer):
         self.shutdown_request(request)
 
     def server_close(self) -> None:
-        """Close the listener and every open connection, then wait for their threads.
+        """Close the listener and every open connection.
 
-        Without shutting them, ``server_close`` would wait for each idle
-        keep-alive client (a dashboard tab) to time out.
+        Handler threads are daemon threads, which ``server_close`` does not
+        join: without this, one serving an idle keep-alive client (a
+        dashboard tab) would outlive the server until the client left.
         """
         with self.lock:
             still_open = list(self.connections)
