@@ -58,6 +58,8 @@ WRITE_METHODS = frozenset({"POST", "DELETE"})
 # refused).  "none": typed by the user, not sent by a page.
 _OWN_FETCH_SITES = frozenset({"same-origin", "none"})
 
+REFUSAL_LOG_INTERVAL = 60.0  # seconds between two WARNING lines about refused cross-origin writes
+
 _BUSY_BODY = b'{"error": "too many admin connections, try again later"}\n'
 BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\nRetry-After: 1\r\nCache-Control: no-store\r\n"
@@ -249,7 +251,7 @@ class AdminHandler(BaseHTTPRequestHandler):
         connection_file = self.rfile
         # parse_request reads the fields from ``rfile``: give it exactly the
         # complete head, so it cannot read past it (or stop early) itself.
-        self.rfile = io.BytesIO(b"".join(lines[1:]) + b"\r\n")  # type: ignore[assignment]
+        self.rfile = io.BytesIO(b"".join(lines[1:]) + b"\r\n")
         try:
             return self.parse_request()  # answers its own errors (400, 431, 505)
         finally:
@@ -403,7 +405,7 @@ class AdminHandler(BaseHTTPRequestHandler):
         problem = cross_origin_problem(self.headers.get("Origin"),
                                        self.headers.get("Sec-Fetch-Site"), self.headers.get("Host"))
         if problem is not None:
-            log.warning("admin: %s from %s", problem, self.client_address[0])
+            self.server.note_refusal(problem, self.client_address[0])
             self.reply_json(403, {"error": problem})
             return False
         if not self.authorized():
@@ -456,9 +458,9 @@ class AdminHandler(BaseHTTPRequestHandler):
 class AdminServer(ThreadingHTTPServer):
     """The admin listener: bounded connections, request deadlines, graceful close.
 
-    ``lock`` guards ``connections`` (the open client sockets) and
+    ``lock`` guards ``connections`` (the open client sockets),
     ``deadlines`` (handler -> monotonic time by which its request must have
-    been read).  Expiring under the lock means a handler that has
+    been read) and ``last_refusal_log``.  Expiring under the lock means a handler that has
     unwatched can no longer be expired.  The limits are class attributes so
     that tests can shrink them.
     """
@@ -480,7 +482,8 @@ class AdminServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.connections: set[socket.socket] = set()
         self.deadlines: dict[AdminHandler, float] = {}
-        if ":" in address[0]:
+        self.last_refusal_log = -REFUSAL_LOG_INTERVAL
+        if ":" in address[0]:  # --admin-host ::1 is loopback too
             self.address_family = socket.AF_INET6
         super().__init__(address, AdminHandler)
 
@@ -554,6 +557,23 @@ class AdminServer(ThreadingHTTPServer):
             except OSError:
                 pass
         super().server_close()
+
+    def note_refusal(self, problem: str, client: str) -> None:
+        """Log a refused cross-origin write: a WARNING at most once a minute.
+
+        A hostile page can send such requests in a loop; the log must not
+        become the attack's amplifier.  The others go to DEBUG.
+        """
+        now = time.monotonic()
+        with self.lock:
+            loud = now - self.last_refusal_log >= REFUSAL_LOG_INTERVAL
+            if loud:
+                self.last_refusal_log = now
+        if loud:
+            log.warning("admin: %s from %s (a web page tried to change cclb; "
+                        "more such refusals are logged at DEBUG for a minute)", problem, client)
+        else:
+            log.debug("admin: %s from %s", problem, client)
 
     # --- request deadlines ----------------------------------------------------
 

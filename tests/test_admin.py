@@ -621,6 +621,17 @@ class CrossSiteTests(AdminTestCase):
                     self.assertIn("cross-origin", reply.json()["error"])
         self.assert_unchanged()
 
+    def test_refusals_are_logged_once_a_minute(self) -> None:
+        """A page hammering the API: one WARNING, the rest at DEBUG (the log is no amplifier)."""
+        with self.assertLogs("cclb", logging.DEBUG) as captured:
+            for _ in range(5):
+                reply = self.request("POST", "/backends/1/maint", None,
+                                     {"Origin": "http://evil.example"})
+                self.assertEqual(reply.status, 403)
+        refusals = [r for r in captured.records if "cross-origin write refused" in r.getMessage()]
+        self.assertEqual([r.levelno for r in refusals], [logging.WARNING] + [logging.DEBUG] * 4)
+        self.assertIn("http://evil.example", refusals[0].getMessage())
+
     def test_sec_fetch_site_other_than_same_origin_is_403(self) -> None:
         """Sec-Fetch-Site: cross-site (or same-site, another port of this host): 403."""
         for site in ("cross-site", "same-site", "Cross-Site"):
@@ -650,6 +661,30 @@ class CrossSiteTests(AdminTestCase):
                                                       "Sec-Fetch-Site": "cross-site"})
         self.assertEqual(reply.status, 200)
         self.assertIsNone(reply.headers["Access-Control-Allow-Origin"])
+
+
+class IPv6Tests(unittest.TestCase):
+    def test_admin_on_ipv6_loopback(self) -> None:
+        """--admin-host ::1 (loopback, allowed without a token) binds and serves."""
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError as error:
+            self.skipTest(f"no IPv6 loopback here: {error}")
+        config = settings.load(BASE_ARGS)
+        cluster = ServerCluster.from_settings(config.pools["default"])
+        self.addCleanup(cluster.close)
+        server = admin.AdminServer(("::1", 0), cluster, lambda: config)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                  daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        connection = http.client.HTTPConnection("::1", server.server_address[1], timeout=5)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/status")
+        self.assertEqual(connection.getresponse().status, 200)
 
 
 class OriginRulesTest(unittest.TestCase):
