@@ -51,7 +51,7 @@ log = logging.getLogger("cclb")
 _BACKEND_ACTION = re.compile(r"/backends/([0-9]{1,9})(?:/(drain|maint|ready))?")
 MAX_ADMIN_BODY = 64 * 1024
 MAX_ADMIN_HEAD = 64 * 1024  # request line and fields, in bytes
-MAX_ADMIN_FIELDS = 100
+MAX_ADMIN_FIELDS = 99  # http.client.parse_headers allows 100 lines, the empty one included
 WRITE_METHODS = frozenset({"POST", "DELETE"})
 # Sec-Fetch-Site values of a request a browser sent on its own (a page of
 # another origin, even of the same site, e.g. another port of this host, is
@@ -235,7 +235,7 @@ class AdminHandler(BaseHTTPRequestHandler):
             if self.timed_out:
                 self.refuse(408, "request not received in time")
                 return False
-            if size > MAX_ADMIN_HEAD or len(lines) > MAX_ADMIN_FIELDS:
+            if size > MAX_ADMIN_HEAD or len(lines) > MAX_ADMIN_FIELDS + 1:  # + the request line
                 self.refuse(431, "request head too large")
                 return False
             if not line.endswith(b"\n"):  # the stream ended inside the head

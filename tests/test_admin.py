@@ -558,6 +558,39 @@ class CompleteRequestTests(AdminTestCase):
                 self.assertNotRegex(answer, rb"^HTTP/1\.[01] 2", answer)
                 self.assert_unchanged()
 
+    def test_oversized_or_unsupported_requests_are_refused_before_acting(self) -> None:
+        """Too large a head or body, Transfer-Encoding, a bad Content-Length: refused, closed."""
+        fields = b"".join(b"X-%d: v\r\n" % i for i in range(100))
+        cases = {
+            "100 fields": (b"POST /backends/1/maint HTTP/1.1\r\n" + fields + b"\r\n", 431),
+            "head over 64 KiB": (b"POST /backends/1/maint HTTP/1.1\r\nX: " + b"v" * 70000
+                                 + b"\r\n\r\n", 431),
+            "body over 64 KiB": (b"POST /backends HTTP/1.1\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: 70000\r\n\r\n", 413),
+            "chunked body": (b"POST /backends/1/maint HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+                             b"\r\n0\r\n\r\n", 501),
+            "two Content-Lengths": (b"POST /backends/1/maint HTTP/1.1\r\nContent-Length: 1\r\n"
+                                    b"Content-Length: 2\r\n\r\nab", 400),
+            "signed Content-Length": (b"POST /backends/1/maint HTTP/1.1\r\nContent-Length: +1\r\n"
+                                      b"\r\na", 400),
+        }
+        for name, (data, status) in cases.items():
+            with self.subTest(name):
+                sock = self.raw_connection()
+                sock.sendall(data)
+                answer, closed = read_until_close(sock)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 %d " % status), answer[:200])
+                self.assertIn(b"\r\nConnection: close\r\n", answer)
+                self.assertTrue(closed)
+        with self.subTest("99 fields are fine"):
+            data = (b"POST /backends/1/drain HTTP/1.1\r\n"
+                    + b"".join(b"X-%d: v\r\n" % i for i in range(99)) + b"\r\n")
+            sock = self.raw_connection()
+            sock.sendall(data)
+            answer, _ = read_until_close(sock)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:200])
+            self.assertEqual(self.backend(URL1).state, "drain")
+
     def test_client_going_away_is_not_an_error(self) -> None:
         """Resets and closes mid-request: no ERROR, no traceback, nothing on stderr."""
         body = json.dumps({"url": URL3}).encode()
