@@ -345,6 +345,24 @@ def parse_response_field_line(line: bytes) -> tuple[str, str]:
     return match[1].decode("ascii"), match[2].rstrip(b" \t").decode("latin-1")
 
 
+def parse_trailer_line(line: bytes) -> tuple[str, str]:
+    """Parse one trailer field line of a chunked body; ValueError if malformed.
+
+    RFC 9112 7.1.2: the trailer section is a list of field lines with the
+    syntax of the header section (RFC 9112 5), so the same strict rules
+    apply in both directions: CRLF only (no bare CR or LF), a token name
+    directly followed by the colon, no obs-fold (5.2; a proxy could unfold it
+    in a header, but trailers are dropped, so there is nothing to repair),
+    no NUL or other control character in the value (RFC 9110 5.5).  Anything
+    else is not a trailer but bytes a peer hopes another parser reads
+    differently (a request line hidden after a bare CR, say).
+    """
+    match = _FIELD_LINE.fullmatch(line)
+    if match is None:
+        raise ValueError(f"malformed trailer field: {_field_line_problem(line)}")
+    return match[1].decode("ascii"), match[2].rstrip(b" \t").decode("latin-1")
+
+
 def unfold_continuation(fields: Fields, line: bytes) -> None:
     """RFC 9112 5.2: a proxy replaces an obs-fold with SP before forwarding."""
     extra = line.strip(b" \t\r\n")

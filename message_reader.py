@@ -213,16 +213,33 @@ def _iter_chunked(reader: Readable, piece: int, max_size: int | None) -> Iterato
             raise MalformedBody("chunk data does not end with CRLF")
 
 
+# The trailer section is read and dropped, within limits of its own (it is
+# not counted against the header limits of the message it ends).
+MAX_TRAILER_FIELDS = 99
+MAX_TRAILER_LINE = 8192
+
+
 def _skip_trailers(reader: Readable) -> None:
-    """Read and drop the trailer section (RFC 9112 7.1.2); we never forward it."""
-    for _ in range(100):
-        line = reader.readline(8193)
+    """Read, check and drop the trailer section (RFC 9112 7.1.2); we never forward it.
+
+    Every line up to the empty one must be a well-formed field line
+    (``http11.parse_trailer_line``), at most ``MAX_TRAILER_LINE`` bytes, at
+    most ``MAX_TRAILER_FIELDS`` of them: MalformedBody otherwise.
+    TruncatedBody if the stream ends inside the section.
+    """
+    for _ in range(MAX_TRAILER_FIELDS + 1):
+        line = reader.readline(MAX_TRAILER_LINE + 1)
         if line == b"\r\n":
             return
-        if not line:
+        if not line.endswith(b"\n"):
+            if len(line) > MAX_TRAILER_LINE:
+                raise MalformedBody("trailer field line too long")
+            # Short and without LF: the stream ended mid-line (or before it).
             raise TruncatedBody("stream ended inside the trailer section")
-        if not line.endswith(b"\r\n"):
-            raise MalformedBody("malformed trailer section")
+        try:
+            http11.parse_trailer_line(line)
+        except ValueError as error:
+            raise MalformedBody(str(error)) from None
     raise MalformedBody("too many trailer fields")
 
 

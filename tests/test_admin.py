@@ -7,11 +7,17 @@ client receives, then the cluster's state.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import io
 import json
 import logging
+import select
+import socket
+import struct
 import sys
 import threading
+import time
 import unittest
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,7 @@ if str(ROOT) not in sys.path:
 import admin  # noqa: E402
 import settings  # noqa: E402
 from cluster import ServerCluster  # noqa: E402
+from tests.support import wait_for  # noqa: E402
 
 _null_handler = logging.NullHandler()
 
@@ -58,6 +65,7 @@ class Reply:
 
 class AdminTestCase(unittest.TestCase):
     extra_args: list[str] = []
+    server_limits: dict[str, float] = {}  # AdminServer class attributes to shrink, per instance
 
     def setUp(self) -> None:
         self.config = settings.load(BASE_ARGS + self.extra_args)
@@ -66,6 +74,20 @@ class AdminTestCase(unittest.TestCase):
         self.changes = 0
         self.server = admin.AdminServer(("127.0.0.1", 0), self.cluster, lambda: self.config,
                                         on_change=self._changed)
+        for name, value in self.server_limits.items():
+            setattr(self.server, name, value)
+        # Count connections whose handling is over (socketserver calls
+        # shutdown_request last, after any error was handled and logged).
+        self.ended_lock = threading.Lock()
+        self.ended = 0
+        shutdown_request = self.server.shutdown_request
+
+        def counting_shutdown_request(request: Any) -> None:
+            shutdown_request(request)
+            with self.ended_lock:
+                self.ended += 1
+
+        self.server.shutdown_request = counting_shutdown_request  # type: ignore[method-assign]
         self.port = self.server.server_address[1]
         thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
                                   name="admin-test", daemon=True)
@@ -80,8 +102,10 @@ class AdminTestCase(unittest.TestCase):
     def request(self, method: str, path: str, body: bytes | str | dict | None = None,
                 headers: dict[str, str] | None = None) -> Reply:
         """One request on a fresh connection."""
+        headers = dict(headers or {})
         if isinstance(body, dict):
             body = json.dumps(body)
+            headers.setdefault("Content-Type", "application/json")
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         try:
             connection.request(method, path, body=body, headers=headers or {})
@@ -91,6 +115,40 @@ class AdminTestCase(unittest.TestCase):
 
     def backend(self, url: str):
         return next(b for b in self.cluster.snapshot() if b.url == url)
+
+    def ended_count(self) -> int:
+        with self.ended_lock:
+            return self.ended
+
+    def raw_connection(self, timeout: float = 5.0) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        self.addCleanup(sock.close)
+        return sock
+
+    def assert_unchanged(self) -> None:
+        """No write acted: the two backends, both up, and no change published."""
+        self.assertEqual([(b.url, b.state) for b in self.cluster.snapshot()],
+                         [(URL1, "up"), (URL2, "up")])
+        self.assertEqual(self.changes, 0)
+
+
+def read_until_close(sock: socket.socket) -> tuple[bytes, bool]:
+    """Everything the server sends until it closes: (bytes, closed?); False on a timeout."""
+    chunks = []
+    try:
+        while data := sock.recv(65536):
+            chunks.append(data)
+    except ConnectionResetError:
+        pass
+    except (socket.timeout, TimeoutError):
+        return b"".join(chunks), False
+    return b"".join(chunks), True
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with a TCP RST (SO_LINGER 0), as a client that crashes does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 class ReadTests(AdminTestCase):
@@ -352,6 +410,349 @@ class RegressionTests(AdminTestCase):
         self.assertEqual(again.status, 200)
         self.assertEqual(len(again.json()["backends"]), 2)
         self.assertEqual(self.server.guard.failures, 1)
+
+
+
+class ListenerHardeningTests(AdminTestCase):
+    """The admin listener's limits (shrunk here): request deadline, idle timeout, connection cap."""
+
+    server_limits = {"header_timeout": 0.5, "idle_timeout": 3.0, "max_connections": 3}
+
+    def test_slowloris_head_is_closed_at_the_deadline(self) -> None:
+        """A head trickled byte by byte gets 408 and a close at the deadline, before the idle timeout."""
+        sock = self.raw_connection()
+        sock.sendall(b"POST /backends/1/maint HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        started = time.monotonic()
+        answer, closed = b"", False
+        while time.monotonic() - started < 2.5:  # well under the idle timeout (3 s)
+            # The trickle's pace: one byte every 50 ms, each well within the idle timeout.
+            readable, _, _ = select.select([sock], [], [], 0.05)
+            if readable:
+                answer, closed = read_until_close(sock)
+                break
+            try:
+                sock.send(b"a")
+            except OSError:
+                closed = True
+                break
+        elapsed = time.monotonic() - started
+        self.assertTrue(closed, f"still open after {elapsed:.1f}s of trickling")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
+        self.assertIn(b"Connection: close", answer)
+        self.assertGreaterEqual(elapsed, 0.4)
+        self.assert_unchanged()
+        self.assertEqual(self.request("GET", "/status").status, 200)
+
+    def test_slow_body_is_cut_at_the_deadline_and_never_acts(self) -> None:
+        """The deadline covers the body too: a body trickled past it is 408 and nothing is added."""
+        body = json.dumps({"url": URL3}).encode()
+        sock = self.raw_connection()
+        sock.sendall(b"POST /backends HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        answer = b""
+        for byte in body:
+            readable, _, _ = select.select([sock], [], [], 0.1)  # the trickle's pace
+            if readable:
+                answer, _ = read_until_close(sock)
+                break
+            sock.send(bytes([byte]))
+        else:
+            answer, _ = read_until_close(sock)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
+        self.assert_unchanged()
+
+    def test_idle_keep_alive_connection_is_closed(self) -> None:
+        """A keep-alive connection left idle is closed after idle_timeout."""
+        self.server.idle_timeout = 0.3
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/status")
+        response = connection.getresponse()
+        response.read()
+        self.assertEqual(response.status, 200)
+        self.assertIsNone(response.getheader("Connection"))
+        started = time.monotonic()
+        try:
+            self.assertEqual(connection.sock.recv(1), b"", "unexpected bytes")
+        except (socket.timeout, TimeoutError):
+            self.fail("the idle keep-alive connection was not closed")
+        except ConnectionResetError:
+            pass
+        self.assertLess(time.monotonic() - started, 3)
+
+    def test_connection_cap_gives_503_and_the_server_keeps_serving(self) -> None:
+        """Past max_connections a new connection gets a 503 and a close; once one closes, room again."""
+        held = []
+        for _ in range(3):
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            self.addCleanup(connection.close)
+            connection.request("GET", "/status")
+            response = connection.getresponse()
+            response.read()
+            self.assertEqual(response.status, 200)
+            held.append(connection)
+        extra = self.raw_connection()
+        answer, closed = read_until_close(extra)
+        self.assertTrue(closed)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer)
+        self.assertIn(b"\r\nRetry-After: 1\r\n", answer)
+        self.assertIn(b"\r\nConnection: close\r\n", answer)
+        self.assertIn(b"too many admin connections", answer)
+        held[0].close()
+
+        def served() -> bool:
+            try:
+                return self.request("GET", "/status").status == 200
+            except OSError:  # rejected while sending: the 503 came with a reset
+                return False
+
+        wait_for(served, 5, message="a free admin connection slot")
+        # The held connections were never disturbed.
+        held[1].request("GET", "/metrics")
+        response = held[1].getresponse()
+        response.read()
+        self.assertEqual(response.status, 200)
+
+    def test_server_close_closes_idle_connections(self) -> None:
+        """Stopping the admin server closes idle keep-alive connections: no handler outlives it."""
+        self.server.idle_timeout = 60.0
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/status")
+        connection.getresponse().read()
+        ended = self.ended_count()
+        self.server.shutdown()
+        self.server.server_close()
+        try:
+            self.assertEqual(connection.sock.recv(1), b"")
+        except (socket.timeout, TimeoutError):
+            self.fail("the idle connection outlived server_close")
+        except ConnectionResetError:
+            pass
+        wait_for(lambda: self.ended_count() > ended, 5, message="the handler to end")
+
+
+class CompleteRequestTests(AdminTestCase):
+    """Only complete requests act; clients that go away are not errors."""
+
+    def test_unterminated_head_never_acts(self) -> None:
+        """A head (or body) the client ends early changes nothing, whatever it asked for."""
+        body = json.dumps({"url": URL3}).encode()
+        cases = {
+            "head without its empty line": b"POST /backends/1/maint HTTP/1.1\r\nHost: x\r\n",
+            "request line only": b"POST /backends/1/maint HTTP/1.1\r\n",
+            "request line without CRLF": b"POST /backends/1/maint HTTP/1.1",
+            "delete without its empty line": b"DELETE /backends/2 HTTP/1.1\r\nHost: x\r\n",
+            "body cut short": b"POST /backends HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                              b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body) + 10, body),
+        }
+        for name, data in cases.items():
+            with self.subTest(name):
+                ended = self.ended_count()
+                sock = self.raw_connection()
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+                answer, closed = read_until_close(sock)
+                self.assertTrue(closed)
+                wait_for(lambda: self.ended_count() > ended, 5, message="the connection to end")
+                self.assertNotRegex(answer, rb"^HTTP/1\.[01] 2", answer)
+                self.assert_unchanged()
+
+    def test_oversized_or_unsupported_requests_are_refused_before_acting(self) -> None:
+        """Too large a head or body, Transfer-Encoding, a bad Content-Length: refused, closed."""
+        fields = b"".join(b"X-%d: v\r\n" % i for i in range(100))
+        cases = {
+            "100 fields": (b"POST /backends/1/maint HTTP/1.1\r\n" + fields + b"\r\n", 431),
+            "head over 64 KiB": (b"POST /backends/1/maint HTTP/1.1\r\nX: " + b"v" * 70000
+                                 + b"\r\n\r\n", 431),
+            "body over 64 KiB": (b"POST /backends HTTP/1.1\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: 70000\r\n\r\n", 413),
+            "chunked body": (b"POST /backends/1/maint HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+                             b"\r\n0\r\n\r\n", 501),
+            "two Content-Lengths": (b"POST /backends/1/maint HTTP/1.1\r\nContent-Length: 1\r\n"
+                                    b"Content-Length: 2\r\n\r\nab", 400),
+            "signed Content-Length": (b"POST /backends/1/maint HTTP/1.1\r\nContent-Length: +1\r\n"
+                                      b"\r\na", 400),
+        }
+        for name, (data, status) in cases.items():
+            with self.subTest(name):
+                sock = self.raw_connection()
+                sock.sendall(data)
+                answer, closed = read_until_close(sock)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 %d " % status), answer[:200])
+                self.assertIn(b"\r\nConnection: close\r\n", answer)
+                self.assertTrue(closed)
+        with self.subTest("99 fields are fine"):
+            data = (b"POST /backends/1/drain HTTP/1.1\r\n"
+                    + b"".join(b"X-%d: v\r\n" % i for i in range(99)) + b"\r\n")
+            sock = self.raw_connection()
+            sock.sendall(data)
+            answer, _ = read_until_close(sock)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:200])
+            self.assertEqual(self.backend(URL1).state, "drain")
+
+    def test_client_going_away_is_not_an_error(self) -> None:
+        """Resets and closes mid-request: no ERROR, no traceback, nothing on stderr."""
+        body = json.dumps({"url": URL3}).encode()
+        partial_post = (b"POST /backends HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                        b"\r\nContent-Length: 100\r\n\r\n" + body[:10])
+        cases = [
+            ("reset mid-body", partial_post, reset),
+            ("close mid-body", partial_post, socket.socket.close),
+            ("reset mid-head", b"POST /backends HTTP/1.1\r\nHost: x\r\n", reset),
+            ("reset before reading the answer", b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", reset),
+            ("reset after a keep-alive request", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", reset),
+        ]
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr), self.assertNoLogs("cclb", logging.ERROR):
+            for name, data, end in cases:
+                with self.subTest(name):
+                    ended = self.ended_count()
+                    sock = self.raw_connection()
+                    sock.sendall(data)
+                    end(sock)
+                    wait_for(lambda: self.ended_count() > ended, 5,
+                             message=f"the connection to end ({name})")
+        self.assertEqual(stderr.getvalue(), "")
+        self.assertEqual(self.server.guard.failures, 0)
+        self.assert_unchanged()
+        self.assertEqual(self.request("GET", "/status").status, 200)
+
+
+class CrossSiteTests(AdminTestCase):
+    """Cross-site request forgery: writes from another origin, or not JSON, change nothing."""
+
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"  # http.client sends Host: 127.0.0.1:<port>
+
+    def test_text_plain_or_form_bodies_are_415(self) -> None:
+        """A page can POST text/plain or a form without asking: 415, nothing changes."""
+        body = json.dumps({"url": URL3})
+        for content_type in ("text/plain", "text/plain;charset=UTF-8",
+                             "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                             "application/jsonx"):
+            with self.subTest(content_type):
+                reply = self.request("POST", "/backends", body, {"Content-Type": content_type})
+                self.assertEqual(reply.status, 415, reply.body)
+                reply = self.request("POST", "/backends/1/maint", "",
+                                     {"Content-Type": content_type})
+                self.assertEqual(reply.status, 415, reply.body)
+        with self.subTest("a JSON body without Content-Type"):
+            self.assertEqual(self.request("POST", "/backends", body).status, 415)
+        self.assert_unchanged()
+
+    def test_foreign_origin_is_403(self) -> None:
+        """Origin other than http://<Host>: 403 for every write, even as JSON; nothing changes."""
+        for origin in ("http://evil.example", "null", "http://127.0.0.1:1",
+                       f"https://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.port}.evil.example"):
+            for method, path, body in (("POST", "/backends", {"url": URL3}),
+                                       ("POST", "/backends/1/maint", None),
+                                       ("DELETE", "/backends/2", None)):
+                with self.subTest(origin=origin, method=method, path=path):
+                    reply = self.request(method, path, body, {"Origin": origin})
+                    self.assertEqual(reply.status, 403, reply.body)
+                    self.assertIn("cross-origin", reply.json()["error"])
+        self.assert_unchanged()
+
+    def test_refusals_are_logged_once_a_minute(self) -> None:
+        """A page hammering the API: one WARNING, the rest at DEBUG (the log is no amplifier)."""
+        with self.assertLogs("cclb", logging.DEBUG) as captured:
+            for _ in range(5):
+                reply = self.request("POST", "/backends/1/maint", None,
+                                     {"Origin": "http://evil.example"})
+                self.assertEqual(reply.status, 403)
+        refusals = [r for r in captured.records if "cross-origin write refused" in r.getMessage()]
+        self.assertEqual([r.levelno for r in refusals], [logging.WARNING] + [logging.DEBUG] * 4)
+        self.assertIn("http://evil.example", refusals[0].getMessage())
+
+    def test_sec_fetch_site_other_than_same_origin_is_403(self) -> None:
+        """Sec-Fetch-Site: cross-site (or same-site, another port of this host): 403."""
+        for site in ("cross-site", "same-site", "Cross-Site"):
+            with self.subTest(site):
+                reply = self.request("POST", "/backends", {"url": URL3}, {"Sec-Fetch-Site": site})
+                self.assertEqual(reply.status, 403, reply.body)
+                reply = self.request("POST", "/backends/1/drain", None,
+                                     {"Sec-Fetch-Site": site, "Origin": self.origin()})
+                self.assertEqual(reply.status, 403, reply.body)
+        self.assert_unchanged()
+
+    def test_same_origin_json_is_accepted(self) -> None:
+        """The dashboard's own origin with JSON (what a same-origin fetch sends): the write goes through."""
+        headers = {"Origin": self.origin(), "Sec-Fetch-Site": "same-origin"}
+        reply = self.request("POST", "/backends", {"url": URL3}, headers)
+        self.assertEqual(reply.status, 201, reply.body)
+        reply = self.request("POST", "/backends/1/maint", None, headers)
+        self.assertEqual(reply.status, 200, reply.body)
+        self.assertEqual(self.backend(URL1).state, "maint")
+        self.assertEqual(self.request("POST", "/backends/1/ready", None,
+                                      {"Sec-Fetch-Site": "none"}).status, 200)
+        self.assertEqual(self.changes, 3)
+
+    def test_reads_are_open_to_any_origin(self) -> None:
+        """GETs are not writes: a foreign Origin still gets /status (a page cannot read it, no CORS)."""
+        reply = self.request("GET", "/status", None, {"Origin": "http://evil.example",
+                                                      "Sec-Fetch-Site": "cross-site"})
+        self.assertEqual(reply.status, 200)
+        self.assertIsNone(reply.headers["Access-Control-Allow-Origin"])
+
+
+class IPv6Tests(unittest.TestCase):
+    def test_admin_on_ipv6_loopback(self) -> None:
+        """--admin-host ::1 (loopback, allowed without a token) binds and serves."""
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError as error:
+            self.skipTest(f"no IPv6 loopback here: {error}")
+        config = settings.load(BASE_ARGS)
+        cluster = ServerCluster.from_settings(config.pools["default"])
+        self.addCleanup(cluster.close)
+        server = admin.AdminServer(("::1", 0), cluster, lambda: config)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                  daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        connection = http.client.HTTPConnection("::1", server.server_address[1], timeout=5)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/status")
+        self.assertEqual(connection.getresponse().status, 200)
+
+
+class OriginRulesTest(unittest.TestCase):
+    """``cross_origin_problem``, ``own_origin`` and ``is_json_type`` as pure functions."""
+
+    def test_cross_origin_problem(self) -> None:
+        cases = [
+            # origin, Sec-Fetch-Site, Host, refused?
+            (None, None, "127.0.0.1:9000", False),  # curl
+            (None, None, None, False),
+            ("http://127.0.0.1:9000", None, "127.0.0.1:9000", False),
+            ("HTTP://LOCALHOST:9000", "same-origin", "localhost:9000", False),
+            ("http://admin.example", None, "admin.example:80", False),
+            ("http://[::1]:9000", None, "[::1]:9000", False),
+            (None, "none", "127.0.0.1:9000", False),
+            ("http://evil.example", None, "127.0.0.1:9000", True),
+            ("null", None, "127.0.0.1:9000", True),
+            ("http://127.0.0.1:9000", None, None, True),
+            ("https://127.0.0.1:9000", None, "127.0.0.1:9000", True),
+            ("http://127.0.0.1:9001", None, "127.0.0.1:9000", True),
+            (None, "cross-site", "127.0.0.1:9000", True),
+            (None, "same-site", "127.0.0.1:9000", True),
+            ("http://127.0.0.1:9000", "cross-site", "127.0.0.1:9000", True),
+        ]
+        for origin, site, host, refused in cases:
+            with self.subTest(origin=origin, site=site, host=host):
+                problem = admin.cross_origin_problem(origin, site, host)
+                self.assertEqual(problem is not None, refused, problem)
+
+    def test_is_json_type(self) -> None:
+        for value, expected in (("application/json", True), ("Application/JSON; charset=utf-8", True),
+                                (" application/json ", True), (None, False), ("", False),
+                                ("text/plain", False), ("application/json-patch+json", False)):
+            with self.subTest(value):
+                self.assertEqual(admin.is_json_type(value), expected)
 
 
 if __name__ == "__main__":

@@ -1739,5 +1739,86 @@ class StreamingTest(unittest.TestCase):
         self.assertEqual(echo_of(response)["path"], "/stream-after")
 
 
+
+# --- strict trailers (RFC 9112 7.1.2) ---------------------------------------------
+
+# Trailer sections a strict parser refuses (each ends the chunked body the way
+# a lenient one would see it), and what a lenient one might take for a request.
+BAD_TRAILER_SECTIONS: dict[str, bytes] = {
+    "bare CR hides a request line": b"\rGET /hidden/{n} HTTP/1.1\r\nHost: a\r\n\r\n",
+    "request line as a trailer": b"GET /hidden/{n} HTTP/1.1\r\nHost: a\r\n\r\n",
+    "digits glued to a method": b"12345POST /hidden/{n} HTTP/1.1\r\n\r\n",
+    "NUL in a trailer value": b"X-Checksum: a\x00b\r\n\r\n",
+    "bare LF ends a trailer": b"X-Checksum: abc\n\r\n",
+    "no colon": b"X-Checksum abc\r\n\r\n",
+    "space before colon": b"X-Checksum : abc\r\n\r\n",
+    "obs-fold": b"X-Checksum: abc\r\n def\r\n\r\n",
+    "control character": b"X-Checksum: a\x1bb\r\n\r\n",
+}
+
+
+def trailer_response(trailers: bytes) -> Route:
+    """A backend answer whose chunked body ends in ``trailers``, then a smuggled response."""
+    return raw_answer(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+                      + trailers + _SMUGGLED)
+
+
+class StrictTrailerTest(BalancerCase):
+    """A bad trailer section ends the exchange: 400 (request) or a cut-off 502 (response)."""
+
+    routes = {
+        **{f"/resp/bad-trailer/{n}": trailer_response(trailers.replace(b"{n}", b"r"))
+           for n, trailers in enumerate(BAD_TRAILER_SECTIONS.values())},
+        "/resp/good-trailer": trailer_response(b"X-Checksum: abc\r\n\r\n"),
+    }
+
+    def test_bad_request_trailers_are_400_and_the_smuggled_request_never_arrives(self) -> None:
+        for n, (name, trailers) in enumerate(BAD_TRAILER_SECTIONS.items()):
+            with self.subTest(name):
+                path, hidden = f"/trailer/{n}", f"/hidden/{n}"
+                # A pipelined request after the section: a lenient reader that
+                # skipped the bad line would forward it as the next request.
+                data = (chunked_request(path, b"5\r\nhello\r\n0\r\n"
+                                        + trailers.replace(b"{n}", str(n).encode()))
+                        + get(hidden))
+                raw, closed = send_and_collect(self.port, data)
+                responses = parse_responses(raw)
+                self.assertEqual([r.status for r in responses], [400], f"{name}: {raw!r}")
+                self.assertTrue(closed, f"{name}: connection left open after {raw!r}")
+                self.assert_never_complete(path, name)
+                self.assertEqual(self.backend_heads_for(hidden), [], name)
+                self.assertNotIn(hidden.encode(), self.backend.received(), name)
+
+    def test_good_request_trailers_are_dropped(self) -> None:
+        client = Client(self, self.port)
+        response = client.request(chunked_request(
+            "/trailer/good", b"5\r\nhello\r\n0\r\nX-Checksum: abc\r\n\r\n"))
+        self.assertEqual(self.assert_echo(response, "/trailer/good", "POST")["body"], "hello")
+        self.assertNotIn(b"X-Checksum", self.backend.received())
+        self.assert_echo(client.request(get("/trailer/after")), "/trailer/after")
+
+    def test_bad_response_trailers_cut_the_response_off(self) -> None:
+        for n, name in enumerate(BAD_TRAILER_SECTIONS):
+            with self.subTest(name):
+                path = f"/resp/bad-trailer/{n}"
+                raw, closed = send_and_collect(self.port, get(path) + get("/after-bad-trailer"))
+                self.assertTrue(closed, f"{name}: connection left open after {raw!r}")
+                responses = parse_responses(raw)
+                # The head went out before the body was read, so the client
+                # sees a chunked body without its end (the 502 of a streamed body).
+                self.assertEqual(len(responses), 1, f"{name}: {raw!r}")
+                self.assertFalse(responses[0].complete, f"{name}: looks complete: {raw!r}")
+                self.assertNotIn(b"smuggled", raw, name)
+                self.assert_backend_connection_closed(path)
+                self.assertIsNone(self.script.seen("/after-bad-trailer"), name)
+
+    def test_good_response_trailers_are_dropped(self) -> None:
+        client = Client(self, self.port)
+        response = client.request(get("/resp/good-trailer"))
+        self.assertEqual((response.status, response.body, response.complete), (200, b"hello", True))
+        self.assertNotIn(b"X-Checksum", response.raw_head)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -197,6 +197,45 @@ class ParseFieldLineTest(ProtocolErrorAssertions):
                 self.assertProtocolError(400, http11.parse_field_line, line)
 
 
+class ParseTrailerLineTest(unittest.TestCase):
+    """RFC 9112 7.1.2: trailer field lines have exactly the header field line syntax."""
+
+    def test_valid_trailer_lines(self):
+        cases = [
+            (b"X-Checksum: abc\r\n", ("X-Checksum", "abc")),
+            (b"X-Checksum:abc\r\n", ("X-Checksum", "abc")),
+            (b"Server-Timing: db;dur=53, app;dur=47.2\r\n", ("Server-Timing", "db;dur=53, app;dur=47.2")),
+            (b"X-A:\r\n", ("X-A", "")),
+            (b"X-A: caf\xe9\r\n", ("X-A", "caf\xe9")),
+        ]
+        for line, expected in cases:
+            with self.subTest(line=line):
+                self.assertEqual(http11.parse_trailer_line(line), expected)
+
+    def test_invalid_trailer_lines_are_value_errors(self):
+        cases = {
+            b"\rGET /hidden HTTP/1.1\r\n": "bare CR before a request line",
+            b"GET /hidden HTTP/1.1\r\n": "a request line",
+            b"12345POST /echo HTTP/1.1\r\n": "digits glued to a request line",
+            b"X-A: a\x00b\r\n": "NUL in value",
+            b"X-A\x00: b\r\n": "NUL in name",
+            b"X-A: a\rb\r\n": "bare CR in value",
+            b"X-A: a\x1b\r\n": "control in value",
+            b"X-A: v\n": "bare LF",
+            b"no colon\r\n": "no colon",
+            b"X-A : v\r\n": "space before colon",
+            b" folded\r\n": "obs-fold",
+            b"\tfolded\r\n": "obs-fold with a tab",
+            b": v\r\n": "empty name",
+            b"X-A: v": "no terminator",
+        }
+        for line, why in cases.items():
+            with self.subTest(why=why, line=line):
+                with self.assertRaises(ValueError) as ctx:
+                    http11.parse_trailer_line(line)
+                self.assertIn("trailer", str(ctx.exception))
+
+
 # --- request framing -------------------------------------------------------------
 
 def fields(*lines: bytes) -> list[tuple[str, str]]:

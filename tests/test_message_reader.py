@@ -337,14 +337,61 @@ class IterBodyChunkedTest(unittest.TestCase):
                 self.assertEqual(pieces, [])
 
     def test_bad_trailer_section_is_malformed(self):
+        # RFC 9112 7.1.2: trailer lines get the header field line rules; anything
+        # else in the trailer section is MalformedBody (a 400 for a request, a
+        # 502 for a response), never skipped as if it were a field.
         cases = {
+            "bare CR then a request line": b"0\r\n\rGET /hidden HTTP/1.1\r\n\r\n",
+            "a request line": b"0\r\nGET /hidden HTTP/1.1\r\nHost: a\r\n\r\n",
+            "digits glued to a method": b"0\r\n12345POST /echo HTTP/1.1\r\n\r\n",
+            "NUL in value": b"0\r\nX-Checksum: a\x00c\r\n\r\n",
+            "NUL line": b"0\r\n\x00\r\n\r\n",
+            "bare CR in value": b"0\r\nX-Checksum: a\rc\r\n\r\n",
+            "control character": b"0\r\nX-Checksum: a\x01c\r\n\r\n",
+            "DEL": b"0\r\nX-Checksum: a\x7f\r\n\r\n",
             "bare LF trailer": b"0\r\nX: y\n\r\n",
+            "bare LF ends the section": b"0\r\nX: y\r\n\n",
+            "bare LF only": b"0\r\n\nNEXT\r\n\r\n",
+            "bare CR then CRLF": b"0\r\n\r\r\n\r\n",
+            "no colon": b"0\r\nX-Checksum abc\r\n\r\n",
+            "space before colon": b"0\r\nX-Checksum : abc\r\n\r\n",
+            "tab before colon": b"0\r\nX-Checksum\t: abc\r\n\r\n",
+            "obs-fold": b"0\r\nX-Checksum: abc\r\n def\r\n\r\n",
+            "obs-fold first": b"0\r\n def\r\n\r\n",
+            "empty name": b"0\r\n: abc\r\n\r\n",
+            "bad name character": b"0\r\nX(Checksum): abc\r\n\r\n",
+            "bad line after a good one": b"0\r\nX-A: 1\r\n\rGET / HTTP/1.1\r\n\r\n",
+            "line too long": b"0\r\nX: " + b"v" * 9000 + b"\r\n\r\n",
             "too many trailers": b"0\r\n" + b"X: y\r\n" * 200 + b"\r\n",
         }
         for why, data in cases.items():
-            with self.subTest(why=why):
-                _, error = collect(stream(data), BodyFraming("chunked"))
-                self.assertIsInstance(error, MalformedBody)
+            for buffer_size in (3, 8192):  # short reads split lines anywhere
+                with self.subTest(why=why, buffer_size=buffer_size):
+                    _, error = collect(stream(b"3\r\nabc\r\n" + data, buffer_size),
+                                       BodyFraming("chunked"))
+                    self.assertIsInstance(error, MalformedBody, f"got {error!r}")
+                    self.assertNotIsInstance(error, BodyTooLarge)
+
+    def test_good_trailer_sections_are_dropped(self):
+        cases = {
+            "none": b"",
+            "one checksum": b"X-Checksum: abc\r\n",
+            "no space": b"X-Checksum:abc\r\n",
+            "empty value": b"X-Empty:\r\n",
+            "OWS around the value": b"X-A: \t v \t\r\n",
+            "obs-text": b"X-A: caf\xe9\r\n",
+            "several": b"X-A: 1\r\nX-B: 2\r\nServer-Timing: db;dur=53\r\n",
+            "at the field limit": b"X: y\r\n" * 99,
+            "at the line limit": b"X: " + b"v" * 8187 + b"\r\n",
+        }
+        for why, trailers in cases.items():
+            for buffer_size in (3, 8192):
+                with self.subTest(why=why, buffer_size=buffer_size):
+                    reader = stream(chunked(b"abc", trailers=trailers) + b"NEXT", buffer_size)
+                    pieces, error = collect(reader, BodyFraming("chunked"))
+                    self.assertIsNone(error)
+                    self.assertEqual(b"".join(pieces), b"abc")
+                    self.assertEqual(reader.read(), b"NEXT", "trailers consumed, next message intact")
 
     def test_truncated_inside_size_or_data(self):
         cases = {
@@ -367,6 +414,7 @@ class IterBodyChunkedTest(unittest.TestCase):
             "between CR and LF after the data": b"5\r\nhello\r",
             "after the last chunk": b"5\r\nhello\r\n0\r\n",
             "inside the trailer section": b"0\r\nTrailer-A: x\r\n",
+            "inside a trailer line": b"0\r\nTrailer-A: x",
         }
         for why, data in cases.items():
             with self.subTest(why=why):

@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -1334,6 +1335,89 @@ class AccessLogTests(OperationsCase):
         wait_for(lambda: logged(path, "/?when=after"), 5, message="a new file with the next line")
         self.assertFalse(logged(path + ".1", "/?when=after"), "the rotated file kept growing")
         self.assertNotIn("Traceback", balancer.log_text())
+
+
+
+# --- the admin listener, hardened (end to end) ---------------------------------------
+
+class AdminListenerEndToEndTests(OperationsCase):
+    """The admin API of a real cclb process: CSRF refused, only complete requests act,
+    clients that go away leave no traceback, 64 connections at most."""
+
+    def setUp(self):
+        self.backend = self.raw_backend()
+        self.lb = self.balancer([self.backend.port], "--admin-port", "0", "--health-interval", "0",
+                                "--access-log", "off")
+        self.admin = wait_admin_port(self.lb)
+
+    def backends(self) -> list[tuple[str, str]]:
+        return [(b["url"], b["state"]) for b in admin_status(self, self.lb, self.admin)["backends"]]
+
+    def test_cross_site_writes_are_refused_and_same_origin_json_works(self):
+        before = self.backends()
+        new_url = f"http://127.0.0.1:{free_port()}"
+        body = json.dumps({"url": new_url}).encode()
+        code, _, answer = admin_call(self, self.lb, self.admin, "POST", "/backends", body,
+                                     {"Content-Type": "text/plain", "Origin": "http://evil.example"})
+        self.assertEqual(code, 403, answer)
+        code, _, answer = admin_call(self, self.lb, self.admin, "POST", "/backends", body,
+                                     {"Content-Type": "text/plain"})
+        self.assertEqual(code, 415, answer)
+        code, _, answer = admin_call(self, self.lb, self.admin, "POST", "/backends/1/maint", None,
+                                     {"Sec-Fetch-Site": "cross-site"})
+        self.assertEqual(code, 403, answer)
+        self.assertEqual(self.backends(), before)
+        code, _, answer = admin_call(self, self.lb, self.admin, "POST", "/backends", body,
+                                     {"Content-Type": "application/json",
+                                      "Origin": f"http://127.0.0.1:{self.admin}",
+                                      "Sec-Fetch-Site": "same-origin"})
+        self.assertEqual(code, 201, answer)
+        self.assertEqual(self.backends(), before + [(new_url, "up")])
+
+    def test_incomplete_requests_never_act_and_leave_no_traceback(self):
+        before = self.backends()
+        for data in (b"POST /backends/1/maint HTTP/1.1\r\nHost: x\r\n",
+                     b"DELETE /backends/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"):
+            with connect(self.admin, timeout=5) as sock:
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+                raw = read_until_close(sock, timeout=5)
+            self.assertNotRegex(raw, rb"^HTTP/1\.[01] 2", raw)
+        for _ in range(20):  # clients that reset mid-body, the issue's disconnect storm in small
+            sock = connect(self.admin, timeout=5)
+            sock.sendall(b"POST /backends HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"url\": ")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        self.assertEqual(self.backends(), before)
+        self.lb.stop()  # its stderr is then read to the end
+        log = self.lb.log_text()
+        self.assertNotIn("Traceback", log)
+        self.assertNotIn("ERROR", log)
+        self.assertNotIn("removed by the admin API", log)
+
+    def test_connection_cap_answers_503_then_recovers(self):
+        held = []
+        for _ in range(64):
+            sock = connect(self.admin, timeout=5)
+            self.addCleanup(sock.close)
+            held.append(sock)
+        # Connections are accepted in order: this one comes after the 64 held ones.
+        with connect(self.admin, timeout=5) as extra:
+            raw = read_until_close(extra, timeout=5)
+        self.assertTrue(raw.startswith(b"HTTP/1.1 503 "), raw[:200])
+        held.pop().close()
+
+        def serves() -> bool:
+            try:
+                return http_request(self.admin, "GET", "/status", timeout=5)[0] == 200
+            except OSError:
+                return False
+
+        wait_for(serves, 10, message="room for a new admin connection")
+        # A held connection is still served.
+        held[0].sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(held[0].recv(12).startswith(b"HTTP/1.1 200"))
 
 
 if __name__ == "__main__":
