@@ -159,7 +159,7 @@ class AdminHandler(BaseHTTPRequestHandler):
         # StreamRequestHandler.setup applies ``timeout`` to the socket: the
         # longest silence of a client, i.e. the idle keep-alive timeout (and
         # the longest a write may block on a client that does not read).
-        self.timeout = self.server.idle_timeout
+        self.timeout = self.server.idle_timeout  # type: ignore[misc]  # per connection
         super().setup()
 
     def expire(self) -> None:
@@ -211,7 +211,7 @@ class AdminHandler(BaseHTTPRequestHandler):
         incomplete (end of stream, deadline) is answered (400, 408, 413,
         431, 501) or simply closed, and never dispatched.
         """
-        if not self.rfile.peek(1):
+        if not self.rfile.peek(1):  # type: ignore[attr-defined]  # a BufferedReader
             return False  # the client closed an idle connection
         self.server.watch(self, time.monotonic() + self.server.header_timeout)
         try:
