@@ -14,6 +14,8 @@ from pathlib import Path
 
 import tls
 import tunnel
+import websocket
+from tests.support import DemoServer, read_head, wait_for
 from tunnel import Tunnel, TunnelCounters, TunnelEnd, TunnelResult
 
 CERTS = Path(__file__).resolve().parent / "certs"
@@ -135,6 +137,33 @@ class PlainRelayTest(RelayCase):
         self.assertEqual(result.end, TunnelEnd.BACKEND_ERROR)
         self.assertIn("reading", result.error or "")
 
+    def test_backpressure_stops_reading_a_side(self) -> None:
+        self.start()
+        self.client_peer.setblocking(False)
+        block, sent = b"x" * 65536, 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until the kernel buffers and the relay's are full
+            try:
+                sent += self.client_peer.send(block)
+            except BlockingIOError:
+                # The relay may still be draining into the backend's socket: wait for it to stall.
+                before = self.tunnel.up.delivered
+                if self.finished.wait(0.05) or self.tunnel.up.delivered == before:
+                    try:
+                        sent += self.client_peer.send(block)
+                    except BlockingIOError:
+                        break
+        self.assertLess(sent, 64 * 1024 * 1024, "the relay never pushed back")
+        self.assertLessEqual(len(self.tunnel.up.buffer), tunnel.BUFFER_LIMIT)
+        self.client_peer.setblocking(True)
+        self.client_peer.shutdown(socket.SHUT_WR)
+        got = 0
+        while chunk := self.backend_peer.recv(1 << 20):  # the backend reads: everything arrives
+            got += len(chunk)
+        self.assertEqual(got, sent)
+        self.backend_peer.shutdown(socket.SHUT_WR)
+        self.assertEqual(self.wait_result().client_to_backend, sent)
+
     def test_bad_timeout(self) -> None:
         a, b = socket.socketpair()
         with a, b, self.assertRaises(ValueError):
@@ -215,6 +244,36 @@ def tls_wrapper(test: unittest.TestCase):
     return wrap
 
 
+class WebSocketThroughTunnelTest(unittest.TestCase):
+    """What the proxy will do: bytes of a /ws session relayed to server.py unchanged."""
+
+    def test_ws_echo_through_relay(self) -> None:
+        server = DemoServer(name="ws-tunnel")
+        self.addCleanup(server.stop)
+        backend = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        client_peer, client_inner = tcp_pair()
+        for sock in (backend, client_peer, client_inner):
+            self.addCleanup(sock.close)
+        relay_result: list[TunnelResult] = []
+        worker = threading.Thread(target=lambda: relay_result.append(tunnel.relay(client_inner, backend, 10)))
+        worker.start()
+        self.addCleanup(worker.join, 10)
+        key = websocket.new_key()
+        client_peer.sendall((f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        reader = client_peer.makefile("rb")
+        self.addCleanup(reader.close)
+        self.assertEqual(read_head(reader).header("Sec-WebSocket-Accept"), websocket.accept_key(key))
+        client_peer.sendall(websocket.encode_frame(websocket.Opcode.TEXT, b"through the tunnel", mask=True))
+        self.assertEqual(websocket.read_frame(reader.read).payload, b"through the tunnel")
+        client_peer.sendall(websocket.encode_frame(websocket.Opcode.CLOSE, websocket.encode_close(1000), mask=True))
+        self.assertEqual(websocket.read_frame(reader.read).opcode, websocket.Opcode.CLOSE)
+        self.assertEqual(reader.read(1), b"")  # server.py closed, the relay passed EOF on
+        client_peer.shutdown(socket.SHUT_WR)
+        worker.join(10)
+        self.assertEqual(relay_result[0].end, TunnelEnd.CLOSED)
+
+
 class TlsRelayTest(RelayCase):
     def test_tls_client_side_bulk_and_half_close(self) -> None:
         self.start(client_wrap=tls_wrapper(self))
@@ -248,9 +307,7 @@ class TlsRelayTest(RelayCase):
         threads[1].join(30)
         self.assertEqual(bytes(echoed), payload + b"goodbye")  # then close_notify: b""
         self.client_peer.sendall(b"after your EOF")  # TLS half-close: the client may still send
-        wait = time.monotonic() + 10
-        while len(after) < 14 and time.monotonic() < wait:
-            time.sleep(0.01)
+        wait_for(lambda: len(after) >= 14, 10, message="the backend to get the bytes sent after EOF")
         self.assertEqual(bytes(after), b"after your EOF")
         self.client_peer.unwrap()  # the client's close_notify: EOF towards the backend
         threads[0].join(10)
