@@ -295,16 +295,21 @@ class TlsRelayTest(RelayCase):
                 after.extend(chunk)
 
         echoed = bytearray()
-
-        def client_read() -> None:
-            while chunk := self.client_peer.recv(256 * 1024):  # until close_notify
-                echoed.extend(chunk)
-
-        threads = [threading.Thread(target=backend), threading.Thread(target=client_read)]
-        for thread in threads:
-            thread.start()
-        self.client_peer.sendall(payload)  # both ways at once: TLS records, pending(), want-write
-        threads[1].join(30)
+        thread = threading.Thread(target=backend)
+        thread.start()
+        threads = [thread]
+        # One thread per SSL object (OpenSSL's SSL is not safe for concurrent use): the
+        # client sends 64 KiB at a time and keeps at most 128 KiB unanswered, so TLS
+        # records flow both ways at once (pending(), want-read/want-write in the relay).
+        with memoryview(payload) as view:
+            for offset in range(0, size, 65536):
+                self.client_peer.sendall(view[offset:offset + 65536])
+                while len(echoed) < offset - 128 * 1024:
+                    chunk = self.client_peer.recv(256 * 1024)
+                    self.assertTrue(chunk, "the tunnel closed early")
+                    echoed.extend(chunk)
+        while chunk := self.client_peer.recv(256 * 1024):  # until close_notify
+            echoed.extend(chunk)
         self.assertEqual(bytes(echoed), payload + b"goodbye")  # then close_notify: b""
         self.client_peer.sendall(b"after your EOF")  # TLS half-close: the client may still send
         wait_for(lambda: len(after) >= 14, 10, message="the backend to get the bytes sent after EOF")
