@@ -100,7 +100,9 @@ class TunnelResult:
 class _Direction:
     """One way of the tunnel: bytes read from ``src`` waiting to be written to ``dst``.
 
-    Owned by the tunnel's thread: no lock.
+    The bytes wait in ``buf[start:end]``, a buffer allocated once (no
+    allocation or copy per chunk: ``recv_into`` writes into it, ``send`` reads
+    a view of it).  Owned by the tunnel's thread: no lock.
     """
 
     name: str  # "client_to_backend" or "backend_to_client"
@@ -108,7 +110,9 @@ class _Direction:
     dst: socket.socket
     src_end: TunnelEnd  # the end reported if reading src fails
     dst_end: TunnelEnd  # ...if writing dst fails
-    buffer: bytearray
+    buf: bytearray
+    start: int = 0
+    end: int = 0
     eof: bool = False  # src sent EOF
     shut: bool = False  # dst's write half is shut (EOF passed on)
     delivered: int = 0  # bytes written to dst
@@ -117,12 +121,38 @@ class _Direction:
     retry_len: int = 0  # TLS: a write to repeat with exactly this length
 
     @property
+    def pending(self) -> int:
+        """Bytes read from src and not yet written to dst."""
+        return self.end - self.start
+
+    @property
     def can_read(self) -> bool:
-        return not self.eof and len(self.buffer) < BUFFER_LIMIT
+        return not self.eof and self.pending < BUFFER_LIMIT
 
     @property
     def done(self) -> bool:
-        return self.eof and not self.buffer and self.shut
+        return self.eof and not self.pending and self.shut
+
+    def compact(self) -> None:
+        """Move the pending bytes to the front, so the free space is in one piece."""
+        if self.start:
+            pending = self.pending
+            self.buf[:pending] = self.buf[self.start:self.end]
+            self.start, self.end = 0, pending
+
+    def append(self, data: bytes) -> None:
+        """Add bytes beyond the limit (a TLS drain): the buffer grows for them, once."""
+        self.compact()
+        del self.buf[self.end:]
+        self.buf += data
+        self.end = len(self.buf)
+
+
+def _new_direction(name: str, src: socket.socket, dst: socket.socket, src_end: TunnelEnd, dst_end: TunnelEnd,
+                   early: bytes) -> _Direction:
+    buf = bytearray(max(BUFFER_LIMIT, len(early)))
+    buf[:len(early)] = early
+    return _Direction(name, src, dst, src_end, dst_end, buf, end=len(early))
 
 
 class _Failed(Exception):
@@ -150,10 +180,15 @@ class Tunnel:
         self.client, self.backend = client, backend
         self.idle_timeout = idle_timeout
         self.counters = counters
-        self.up = _Direction("client_to_backend", client, backend, TunnelEnd.CLIENT_ERROR, TunnelEnd.BACKEND_ERROR,
-                             bytearray(to_backend))
-        self.down = _Direction("backend_to_client", backend, client, TunnelEnd.BACKEND_ERROR, TunnelEnd.CLIENT_ERROR,
-                               bytearray(to_client))
+        self.up = _new_direction("client_to_backend", client, backend, TunnelEnd.CLIENT_ERROR,
+                                 TunnelEnd.BACKEND_ERROR, to_backend)
+        self.down = _new_direction("backend_to_client", backend, client, TunnelEnd.BACKEND_ERROR,
+                                   TunnelEnd.CLIENT_ERROR, to_client)
+        # Readiness as last seen (set by the selector, cleared by a short read or write
+        # or EWOULDBLOCK): a socket is only tried when it may make progress, which saves
+        # a failing system call per chunk.
+        self._readable = {client: True, backend: True}
+        self._writable = {client: True, backend: True}
         self.lock = threading.Lock()
         self.stopped = False
         self._wake_r, self._wake_w = socket.socketpair()
@@ -214,7 +249,7 @@ class Tunnel:
             if remaining <= 0:
                 return TunnelEnd.IDLE_TIMEOUT
             self._update_interest(selector, registered)
-            selector.select(remaining)
+            self._mark_ready(selector.select(remaining))
             try:
                 self._wake_r.recv(16)
             except (BlockingIOError, InterruptedError):
@@ -226,7 +261,7 @@ class Tunnel:
         for direction in (self.up, self.down):
             if direction.src is sock and direction.can_read:
                 events |= selectors.EVENT_WRITE if direction.read_wants_write else selectors.EVENT_READ
-            if direction.dst is sock and direction.buffer and not direction.shut:
+            if direction.dst is sock and direction.pending and not direction.shut:
                 events |= selectors.EVENT_READ if direction.write_wants_read else selectors.EVENT_WRITE
         return events
 
@@ -243,6 +278,14 @@ class Tunnel:
                 selector.modify(sock, events)
             registered[sock] = events
 
+    def _mark_ready(self, ready: list[tuple[selectors.SelectorKey, int]]) -> None:
+        """Record what the selector reported.  Any event on a socket makes both of its
+        operations worth a try: a TLS read may wait for writability and vice versa."""
+        for key, _ in ready:
+            sock = key.fileobj
+            if sock in self._readable:
+                self._readable[sock] = self._writable[sock] = True  # type: ignore[index]
+
     @staticmethod
     def _tls_pending(direction: _Direction) -> bool:
         """Decrypted bytes wait inside OpenSSL: the selector would not see them."""
@@ -252,55 +295,71 @@ class Tunnel:
     def _pump(self, direction: _Direction) -> bool:
         """Read what can be read, write what can be written, pass EOF on; True if a byte moved."""
         moved = False
-        if direction.can_read:
+        if direction.can_read and (self._readable[direction.src] or self._tls_pending(direction)):
             moved |= self._read(direction)
-        if direction.buffer:
+        if direction.pending and self._writable[direction.dst]:
             moved |= self._write(direction)
-        if direction.eof and not direction.buffer and not direction.shut:
+        if direction.eof and not direction.pending and not direction.shut:
             self._shut_write(direction)
             moved = True
         return moved
 
     def _read(self, direction: _Direction) -> bool:
         direction.read_wants_write = False
+        src = direction.src
         try:
-            data = direction.src.recv(BUFFER_LIMIT - len(direction.buffer))
+            direction.compact()
+            wanted = BUFFER_LIMIT - direction.end  # > 0: can_read means pending < BUFFER_LIMIT
+            with memoryview(direction.buf) as view, view[direction.end:BUFFER_LIMIT] as room:
+                count = src.recv_into(room)
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+            self._readable[src] = False
             return False
         except ssl.SSLWantWriteError:
+            self._readable[src] = False
             direction.read_wants_write = True
             return False
         except ssl.SSLZeroReturnError:
-            # close_notify after we sent ours: CPython returns b"" for it only while
+            # close_notify after we sent ours: CPython returns 0 for it only while
             # our side has not shut down, and raises this once it has.
-            data = b""
+            count = 0
         except (OSError, ssl.SSLError) as error:
             raise _Failed(direction.src_end, f"reading: {error}") from None
-        if not data:
+        if not count:
             direction.eof = True
             return True
-        direction.buffer += data
+        direction.end += count
+        if count < wanted and not isinstance(src, ssl.SSLSocket):
+            self._readable[src] = False  # the kernel buffer is (very likely) empty now
         return True
 
     def _write(self, direction: _Direction) -> bool:
         direction.write_wants_read = False
-        length = direction.retry_len or min(len(direction.buffer), BUFFER_LIMIT)
+        dst = direction.dst
+        length = direction.retry_len or min(direction.pending, BUFFER_LIMIT)
         try:
-            with memoryview(direction.buffer) as view:
-                sent = direction.dst.send(view[:length])
+            with memoryview(direction.buf) as view, view[direction.start:direction.start + length] as data:
+                sent = dst.send(data)
         except (BlockingIOError, InterruptedError):
+            self._writable[dst] = False
             return False
         except ssl.SSLWantWriteError:
+            self._writable[dst] = False
             direction.retry_len = length
             return False
         except ssl.SSLWantReadError:
+            self._writable[dst] = False
             direction.retry_len, direction.write_wants_read = length, True
             return False
         except (OSError, ssl.SSLError) as error:
             raise _Failed(direction.dst_end, f"writing: {error}") from None
         direction.retry_len = 0
-        del direction.buffer[:sent]
+        direction.start += sent
         direction.delivered += sent
+        if direction.start == direction.end:
+            direction.start = direction.end = 0
+        if sent < length:
+            self._writable[dst] = False  # the kernel send buffer is full
         if self.counters is not None and sent:
             if direction is self.up:
                 self.counters.add_tunnel_bytes(sent, 0)
@@ -347,7 +406,7 @@ class Tunnel:
                 if not data:
                     reverse.eof = True
                     break
-                reverse.buffer += data
+                reverse.append(data)
         try:
             dst.unwrap()
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
