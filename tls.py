@@ -284,7 +284,8 @@ def server_context(certs: Sequence[LoadedCert], min_version: ssl.TLSVersion = ss
 class CertificateStore:
     """The listener's certificates, re-readable while it serves.
 
-    ``lock`` guards ``specs`` and ``certs`` (the SNI callback runs in
+    ``lock`` guards ``specs``, ``certs``, ``min_version`` and the front
+    context's ``minimum_version`` (the SNI callback runs in
     whichever thread does the handshake, a reload in the signal/main thread).
     ``context`` is created once and never replaced: wrap the listener (or each
     accepted socket) with it; handshakes started after a ``reload`` get the
@@ -304,20 +305,27 @@ class CertificateStore:
         with self.lock:
             return self.certs
 
-    def reload(self, specs: Sequence[CertSpec] | None = None) -> TLSConfigError | None:
+    def reload(self, specs: Sequence[CertSpec] | None = None,
+               min_version: ssl.TLSVersion | None = None) -> TLSConfigError | None:
         """Re-read ``specs`` (default: the same files); None if the new set is in force.
 
-        A bad new set changes nothing: the old certificates stay and the error
-        is returned (for the caller to log), never raised.  Loading happens
-        outside the lock, so handshakes are not held up by file reads.
+        ``min_version`` (default: unchanged) applies to handshakes that start
+        after the reload.  A bad new set changes nothing: the old certificates
+        (and version) stay and the error is returned, for the caller to log,
+        never raised.  Files are read outside the lock, so handshakes are not
+        held up by a reload.
         """
         new_specs = tuple(self.specs if specs is None else specs)
+        version = self.min_version if min_version is None else min_version
         try:
-            certs = tuple(load_certificates(new_specs, self.min_version))
+            certs = tuple(load_certificates(new_specs, version))
         except TLSConfigError as error:
             return error
         with self.lock:
-            self.specs, self.certs = new_specs, certs
+            self.specs, self.certs, self.min_version = new_specs, certs, version
+            # Version bounds are copied into each connection when it starts, from
+            # the front context, so this affects new handshakes only.
+            self.context.minimum_version = version
         return None
 
 

@@ -283,6 +283,15 @@ class CertificateStoreTest(unittest.TestCase):
         self.assertIsNone(store.reload())  # same files again
         self.assertEqual([c.spec for c in store.current()], [B, W])
 
+    def test_reload_can_raise_the_minimum_version(self) -> None:
+        store = CertificateStore([A])
+        tls12 = verifying_client()
+        tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+        self.assertEqual(handshake(store.context, tls12, "a.test").version, "TLSv1.2")
+        self.assertIsNone(store.reload(min_version=ssl.TLSVersion.TLSv1_3))
+        self.assertIsInstance(handshake(store.context, tls12, "a.test").client_error, ssl.SSLError)
+        self.assertEqual(handshake(store.context, verifying_client(), "a.test").version, "TLSv1.3")
+
     def test_bad_start(self) -> None:
         with self.assertRaisesRegex(TLSConfigError, r"expired\.pem: the certificate expired"):
             CertificateStore([A, EXPIRED])
