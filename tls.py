@@ -26,12 +26,15 @@ get the new certificates while established ones keep theirs.
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
+
+import socket_io
 
 # Mozilla server-side TLS guidelines, "intermediate" configuration (v5.7), TLS 1.2 suites.
 INTERMEDIATE_CIPHERS = ":".join([
@@ -359,6 +362,23 @@ def client_context(ca_file: str | None = None, insecure: bool = False) -> ssl.SS
     return context
 
 
+def set_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Read/write timeouts that work for TLS sockets too; use instead of ``socket_io.set_timeouts``.
+
+    ``socket_io`` uses kernel timeouts (``SO_RCVTIMEO``) on a socket in
+    blocking mode.  On an ``ssl.SSLSocket`` that hangs forever: OpenSSL sees
+    EAGAIN as "want read", and CPython, believing the socket blocking,
+    retries the read at once, again and again.  A Python-level timeout
+    (``settimeout``) makes CPython wait with ``poll()`` and raise
+    ``TimeoutError``, which ``socket_io.SocketReader``/``SocketWriter`` pass on
+    unchanged.  Plain sockets keep the cheaper kernel timeouts.
+    """
+    if isinstance(sock, ssl.SSLSocket):
+        sock.settimeout(seconds)
+    else:
+        socket_io.set_timeouts(sock, seconds)
+
+
 def describe_tls_error(error: BaseException) -> str:
     """One line for the log or a 502 reason: ``certificate verify failed: Hostname mismatch...``."""
     if isinstance(error, ssl.SSLCertVerificationError):
@@ -370,4 +390,5 @@ __all__ = [
     "ALPN_PROTOCOLS", "INTERMEDIATE_CIPHERS", "CertSpec", "CertificateStore", "LoadedCert", "TLSConfigError",
     "client_context", "decode_certificate", "describe_tls_error", "load_certificate", "load_certificates",
     "match_certificate", "normalise_server_name", "parse_cert_option", "parse_min_version", "server_context",
+    "set_timeouts",
 ]

@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import socket_io
 import tls
 from tls import CertSpec, CertificateStore, LoadedCert, TLSConfigError
 
@@ -295,6 +296,32 @@ class CertificateStoreTest(unittest.TestCase):
     def test_bad_start(self) -> None:
         with self.assertRaisesRegex(TLSConfigError, r"expired\.pem: the certificate expired"):
             CertificateStore([A, EXPIRED])
+
+
+class TimeoutsTest(unittest.TestCase):
+    def test_tls_socket_reads_time_out(self) -> None:
+        # With socket_io's kernel timeouts an SSLSocket read would retry forever.
+        server = tls.server_context(tls.load_certificates([LOCALHOST]))
+        left, right = socket.socketpair()
+        box: dict[str, ssl.SSLSocket] = {}
+        thread = threading.Thread(target=lambda: box.setdefault("s", server.wrap_socket(right, server_side=True)))
+        thread.start()
+        with tls.client_context(CA).wrap_socket(left, server_hostname="localhost") as client:
+            thread.join(5)
+            with box["s"] as served:
+                tls.set_timeouts(served, 0.05)
+                self.assertEqual(served.gettimeout(), 0.05)
+                with self.assertRaises(TimeoutError):
+                    socket_io.SocketReader(served).fill()
+                tls.set_timeouts(client, 0.05)
+                with self.assertRaises(TimeoutError):
+                    client.recv(1)
+        plain_a, plain_b = socket.socketpair()
+        with plain_a, plain_b:
+            tls.set_timeouts(plain_a, 0.05)
+            self.assertIsNone(plain_a.gettimeout())  # kernel timeouts, blocking mode
+            with self.assertRaises(TimeoutError):
+                socket_io.SocketReader(plain_a).fill()
 
 
 class ClientContextTest(unittest.TestCase):
