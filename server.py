@@ -5,6 +5,7 @@ Usage: python3 server.py PORT [--host HOST] [--name NAME] [--verbose]
 
 Every response is JSON, carries Content-Length and an X-Backend-Server header,
 and is written with a single socket write (no Nagle/delayed-ACK stalls).
+``/ws`` is a WebSocket echo endpoint (RFC 6455, see ``websocket.py``).
 """
 
 from __future__ import annotations
@@ -20,11 +21,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import websocket
+from websocket import CloseCode, ConnectionClosed, MessageAssembler, Opcode, ProtocolError
+
 DATA_FILE = Path(__file__).resolve().parent / "data.json"
 MAX_BODY = 16 * 1024 * 1024
 ITEM_ROUTE = re.compile(r"/(user|product)/([^/]+)")
 DIGITS = re.compile(r"[0-9]+")
 HEX = re.compile(rb"[0-9A-Fa-f]+")
+WS_PATH = "/ws"
+WS_MAX_MESSAGE = 16 * 1024 * 1024  # larger messages close with 1009 (RFC 6455 7.4.1)
+WS_IDLE_TIMEOUT = 600.0  # seconds a WebSocket may stay silent before the server drops it
 
 Reply = tuple[int, Any, dict[str, str]]  # status, JSON payload, extra headers
 
@@ -64,6 +71,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_request(self) -> None:
         """Read the body, route the request and send exactly one response."""
+        if self.path.partition("?")[0] == WS_PATH and self.headers.get("Upgrade") is not None:
+            self.websocket_echo()
+            return
         try:
             reply = self.route(self.read_body())
         except BadRequestBody as err:
@@ -76,6 +86,8 @@ class Handler(BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         if path == "/echo":
             return 200, self.echo(path, query, body), {}
+        if path == WS_PATH:  # a plain request (no Upgrade) to the WebSocket route
+            return 426, {"error": "this route needs Upgrade: websocket"}, {"Upgrade": "websocket"}
         data = self.server.data
         static = {"/": {"response": True}, "/health": {"status": "ok"},
                   "/users": data["users"], "/products": data["products"]}
@@ -101,6 +113,49 @@ class Handler(BaseHTTPRequestHandler):
         return {"method": self.command, "path": path, "query": query,
                 "headers": [[name, value] for name, value in self.headers.items()],
                 "body": body.decode("utf-8", errors="replace"), "server": self.server.name}
+
+    def websocket_echo(self) -> None:
+        """``/ws``: the RFC 6455 opening handshake, then echo every message until a close.
+
+        Text and binary messages come back whole (fragmented ones joined, RFC
+        6455 5.4) in one frame of the same type; a ping gets a pong with its
+        payload (5.5.3); a close gets a close with the same code (or none),
+        then the server closes the TCP connection first (7.1.1).  A protocol
+        error closes with its code (1002, 1007, 1009).
+        """
+        self.close_connection = True  # after a WebSocket, never another HTTP request
+        problem = websocket.handshake_problem(self.command, self.headers)  # type: ignore[arg-type]
+        if problem is not None:
+            status, reason = problem
+            extra = {"Sec-WebSocket-Version": websocket.VERSION} if status == 426 else {}
+            self.respond(status, {"error": reason}, extra)
+            return
+        accept = websocket.accept_key(self.headers["Sec-WebSocket-Key"])
+        head = ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Accept: {accept}\r\nX-Backend-Server: {self.server.name}\r\n\r\n")
+        self.wfile.write(head.encode("latin-1"))
+        self.log_request(101)
+        self.connection.settimeout(WS_IDLE_TIMEOUT)
+        assembler = MessageAssembler(WS_MAX_MESSAGE)
+        try:
+            while True:
+                frame = websocket.read_frame(self.rfile.read, require_mask=True, max_payload=WS_MAX_MESSAGE)
+                message = assembler.feed(frame)
+                if message is None or message.opcode == Opcode.PONG:
+                    continue
+                if message.opcode == Opcode.PING:
+                    self.wfile.write(websocket.encode_frame(Opcode.PONG, message.payload))
+                elif message.opcode == Opcode.CLOSE:
+                    code, _ = websocket.parse_close(message.payload)
+                    reply = b"" if code == CloseCode.NO_STATUS else websocket.encode_close(code)
+                    self.wfile.write(websocket.encode_frame(Opcode.CLOSE, reply))
+                    return
+                else:
+                    self.wfile.write(websocket.encode_frame(message.opcode, message.payload))
+        except ProtocolError as error:
+            self.wfile.write(websocket.encode_frame(Opcode.CLOSE, websocket.encode_close(error.code, str(error)[:100])))
+        except (ConnectionClosed, OSError):
+            pass  # the client went away (or stayed silent too long): nothing to answer
 
     def read_body(self) -> bytes:
         """Read the request body framed by Transfer-Encoding: chunked or Content-Length."""

@@ -1,0 +1,368 @@
+"""tls.py: option parsing, certificate checks, SNI choice, real handshakes, reload, backend contexts.
+
+Handshakes run over ``socket.socketpair()`` (no ports), the server side in a
+thread; the certificates are the committed ones in ``tests/certs`` (no openssl).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import tempfile
+import threading
+import unittest
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import socket_io
+import tls
+from tls import CertSpec, CertificateStore, LoadedCert, TLSConfigError
+
+CERTS = Path(__file__).resolve().parent / "certs"
+CA = str(CERTS / "ca.pem")
+LOCALHOST = CertSpec(str(CERTS / "localhost.pem"))
+A = CertSpec(str(CERTS / "a.test.pem"))
+B = CertSpec(str(CERTS / "b.test.pem"), str(CERTS / "b.test.key"))
+W = CertSpec(str(CERTS / "w.test.pem"))
+EXPIRED = CertSpec(str(CERTS / "expired.pem"))
+MISMATCHED = CertSpec(str(CERTS / "mismatched.pem"))
+
+
+@dataclass
+class Handshake:
+    """What one handshake produced on each side."""
+
+    served: str | None  # the client's view of the certificate's first DNS name
+    alpn: str | None
+    version: str | None
+    server_error: BaseException | None
+    client_error: BaseException | None
+
+
+def handshake(server: ssl.SSLContext, client: ssl.SSLContext, server_name: str | None) -> Handshake:
+    """One TLS handshake over a socketpair; each side's result or error."""
+    left, right = socket.socketpair()
+    outcome: dict[str, BaseException | None] = {"server": None}
+
+    def serve() -> None:
+        try:
+            with server.wrap_socket(right, server_side=True) as conn:
+                conn.recv(1)  # until the client closes
+        except (ssl.SSLError, OSError) as error:
+            outcome["server"] = error
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    left.settimeout(5)
+    served = alpn = version = None
+    client_error: BaseException | None = None
+    try:
+        with client.wrap_socket(left, server_hostname=server_name) as conn:
+            cert = conn.getpeercert()
+            names = [value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"]
+            served, alpn, version = (names[0] if names else None), conn.selected_alpn_protocol(), conn.version()
+    except (ssl.SSLError, OSError) as error:
+        client_error = error
+    finally:
+        left.close()
+        thread.join(5)
+        right.close()
+    return Handshake(served, alpn, version, outcome["server"], client_error)
+
+
+def verifying_client(check_hostname: bool = False) -> ssl.SSLContext:
+    """A client that trusts the test CA (and checks names only if asked)."""
+    context = ssl.create_default_context(cafile=CA)
+    context.check_hostname = check_hostname
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    return context
+
+
+def fake(name: str, *dns: str) -> LoadedCert:
+    """A LoadedCert for the pure matching table (no file, no context)."""
+    return LoadedCert(CertSpec(name), tuple(dns), (), 0.0, context=None)  # type: ignore[arg-type]
+
+
+class ParseOptionTest(unittest.TestCase):
+    def test_valid(self) -> None:
+        table = [
+            ("site.pem", CertSpec("site.pem")),
+            ("/etc/cclb/site.pem,key=/etc/cclb/site.key", CertSpec("/etc/cclb/site.pem", "/etc/cclb/site.key")),
+            (" site.pem , key = site.key ", CertSpec("site.pem", "site.key")),
+        ]
+        for text, expected in table:
+            with self.subTest(text=text):
+                self.assertEqual(tls.parse_cert_option(text), expected)
+        self.assertEqual(str(CertSpec("a.pem", "a.key")), "a.pem,key=a.key")
+
+    def test_invalid(self) -> None:
+        table = [
+            ("", "invalid TLS certificate '': expected PEM or PEM,key=KEYFILE"),
+            (",key=x.key", "invalid TLS certificate ',key=x.key': expected PEM or PEM,key=KEYFILE"),
+            ("a.pem,password=x", "invalid TLS certificate option 'password=x' in 'a.pem,password=x': expected key=KEYFILE"),
+            ("a.pem,key", "invalid TLS certificate option 'key' in 'a.pem,key': expected key=KEYFILE"),
+            ("a.pem,key=", "invalid TLS certificate 'a.pem,key=': expected PEM,key=KEYFILE"),
+            ("a.pem,key=b.key,key=c.key", "invalid TLS certificate 'a.pem,key=b.key,key=c.key': expected PEM,key=KEYFILE"),
+        ]
+        for text, message in table:
+            with self.subTest(text=text), self.assertRaises(ValueError) as caught:
+                tls.parse_cert_option(text)
+            self.assertEqual(str(caught.exception), message)
+
+    def test_min_version(self) -> None:
+        self.assertEqual(tls.parse_min_version("1.2"), ssl.TLSVersion.TLSv1_2)
+        self.assertEqual(tls.parse_min_version("1.3"), ssl.TLSVersion.TLSv1_3)
+        with self.assertRaisesRegex(ValueError, r"^invalid TLS version '1.1': expected 1.2 or 1.3$"):
+            tls.parse_min_version("1.1")
+
+
+class LoadCertificateTest(unittest.TestCase):
+    def setUp(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def test_good_certificates(self) -> None:
+        table = [(LOCALHOST, ("localhost",), ("127.0.0.1",)), (A, ("a.test",), ()),
+                 (B, ("b.test",), ()), (W, ("*.w.test",), ())]
+        for spec, dns, ips in table:
+            with self.subTest(spec=str(spec)):
+                cert = tls.load_certificate(spec)
+                self.assertEqual((cert.dns_names, cert.ip_addresses), (dns, ips))
+                self.assertGreater(cert.not_after, 2_000_000_000)  # ~20 years of validity
+                self.assertIsInstance(cert.context, ssl.SSLContext)
+
+    def write(self, name: str, text: str) -> str:
+        path = self.tmp / name
+        path.write_text(text)
+        return str(path)
+
+    def test_problems_are_one_line_naming_the_file(self) -> None:
+        a_text = Path(A.path).read_text()
+        cert_only = self.write("cert-only.pem", a_text.split("-----BEGIN PRIVATE KEY-----")[0])
+        key_only = self.write("key-only.pem", Path(B.key_path or "").read_text())
+        empty = self.write("empty.pem", "")
+        encrypted = self.write("encrypted.pem", a_text.replace("BEGIN PRIVATE KEY", "BEGIN ENCRYPTED PRIVATE KEY"))
+        missing = str(self.tmp / "missing.pem")
+        table = [
+            (CertSpec(missing), f"{missing}: certificate file not found"),
+            (CertSpec(str(self.tmp)), f"{self.tmp}: cannot read the certificate file: Is a directory"),
+            (CertSpec(A.path, missing), f"{missing}: key file not found"),
+            (CertSpec(empty), f"{empty}: no certificate found (expected a PEM 'BEGIN CERTIFICATE' block)"),
+            (CertSpec(key_only), f"{key_only}: no certificate found (expected a PEM 'BEGIN CERTIFICATE' block)"),
+            (CertSpec(cert_only), f"{cert_only}: no private key found (add it to the file or use PEM,key=KEYFILE)"),
+            (CertSpec(A.path, cert_only), f"{cert_only}: no private key found"),
+            (CertSpec(encrypted), f"{encrypted}: the private key is encrypted (a key without a passphrase is needed)"),
+            (MISMATCHED, f"{MISMATCHED.path}: the private key in {MISMATCHED.path} does not match the certificate"),
+            (CertSpec(A.path, B.key_path), f"{A.path}: the private key in {B.key_path} does not match the certificate"),
+            (EXPIRED, f"{EXPIRED.path}: the certificate expired on 2021-01-01 00:00:00 UTC"),
+        ]
+        for spec, message in table:
+            with self.subTest(spec=str(spec)), self.assertRaises(TLSConfigError) as caught:
+                tls.load_certificate(spec)
+            self.assertEqual(str(caught.exception), message)
+            self.assertNotIn("\n", message)
+
+    def test_expiry_is_checked_against_now(self) -> None:
+        cert = tls.load_certificate(A)
+        with self.assertRaisesRegex(TLSConfigError, r"the certificate expired on \d{4}-"):
+            tls.load_certificate(A, now=cert.not_after + 1)
+
+    def test_no_certificates(self) -> None:
+        with self.assertRaisesRegex(TLSConfigError, "^no TLS certificate given$"):
+            tls.load_certificates([])
+
+    def test_decode_needs_the_private_helper(self) -> None:
+        real = ssl._ssl._test_decode_cert  # type: ignore[attr-defined]
+        del ssl._ssl._test_decode_cert  # type: ignore[attr-defined]
+        try:
+            with self.assertRaisesRegex(TLSConfigError, r"a.test.pem: cannot read certificate details"):
+                tls.load_certificate(A)
+        finally:
+            ssl._ssl._test_decode_cert = real  # type: ignore[attr-defined]
+
+
+class MatchCertificateTest(unittest.TestCase):
+    def test_table(self) -> None:
+        first = fake("first", "localhost")
+        a, w, both = fake("a", "a.test"), fake("w", "*.w.test"), fake("both", "x.w.test", "b.test")
+        certs = [first, a, w, both]
+        table = [
+            (None, first), ("", first),
+            ("a.test", a), ("A.TEST", a), ("a.test.", a),
+            ("x.w.test", both),  # exact beats wildcard, even in a later certificate
+            ("y.w.test", w), ("Y.W.Test.", w),
+            ("w.test", first),  # a wildcard needs one more label
+            ("a.b.w.test", first),  # ...exactly one
+            ("b.test", both), ("unknown.test", first), ("localhost", first), ("*.w.test", w),
+        ]
+        for name, expected in table:
+            with self.subTest(name=name):
+                self.assertIs(tls.match_certificate(name, certs), expected)
+
+    def test_no_certificates(self) -> None:
+        with self.assertRaises(ValueError):
+            tls.match_certificate("a.test", [])
+
+
+class ServerContextTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.certs = tls.load_certificates([LOCALHOST, A, B, W])
+        cls.context = tls.server_context(cls.certs)
+
+    def test_sni_picks_the_certificate(self) -> None:
+        table = [(None, "localhost"), ("a.test", "a.test"), ("B.TEST", "b.test"), ("x.w.test", "*.w.test"),
+                 ("a.b.w.test", "localhost"), ("other.test", "localhost"), ("localhost", "localhost")]
+        for name, served in table:
+            with self.subTest(name=name):
+                result = handshake(self.context, verifying_client(), name)
+                self.assertIsNone(result.client_error)
+                self.assertEqual(result.served, served)
+
+    def test_hostname_checked_by_a_real_client(self) -> None:
+        for name in ("a.test", "b.test", "x.w.test", "localhost"):
+            with self.subTest(name=name):
+                self.assertIsNone(handshake(self.context, verifying_client(True), name).client_error)
+
+    def test_alpn_http11_and_tls12_minimum(self) -> None:
+        result = handshake(self.context, verifying_client(), "a.test")
+        self.assertEqual(result.alpn, "http/1.1")  # the client offered h2 first
+        self.assertIn(result.version, ("TLSv1.2", "TLSv1.3"))
+        tls12 = verifying_client()
+        tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+        self.assertEqual(handshake(self.context, tls12, "a.test").version, "TLSv1.2")
+
+    def test_tls11_refused(self) -> None:
+        old = verifying_client()
+        with warnings.catch_warnings():  # TLS 1.0/1.1 are deprecated: that is the point
+            warnings.simplefilter("ignore", DeprecationWarning)
+            old.minimum_version = ssl.TLSVersion.TLSv1
+            old.maximum_version = ssl.TLSVersion.TLSv1_1
+        old.set_ciphers("DEFAULT:@SECLEVEL=0")  # let the client try; the server must say no
+        result = handshake(self.context, old, "a.test")
+        self.assertIsInstance(result.client_error, ssl.SSLError)
+        self.assertIsInstance(result.server_error, ssl.SSLError)
+        self.assertIn("UNSUPPORTED_PROTOCOL", str(result.server_error))
+
+    def test_min_13_refuses_12(self) -> None:
+        context = tls.server_context(tls.load_certificates([A], ssl.TLSVersion.TLSv1_3), ssl.TLSVersion.TLSv1_3)
+        tls12 = verifying_client()
+        tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+        self.assertIsInstance(handshake(context, tls12, "a.test").client_error, ssl.SSLError)
+        self.assertEqual(handshake(context, verifying_client(), "a.test").version, "TLSv1.3")
+
+    def test_safe_options(self) -> None:
+        self.assertTrue(self.context.options & ssl.OP_NO_COMPRESSION)
+        self.assertTrue(self.context.options & ssl.OP_NO_RENEGOTIATION)
+        self.assertEqual(self.context.minimum_version, ssl.TLSVersion.TLSv1_2)
+        tls12 = {c["name"] for c in self.context.get_ciphers() if c["protocol"] == "TLSv1.2"}
+        self.assertTrue(tls12 <= set(tls.INTERMEDIATE_CIPHERS.split(":")), tls12)
+        with self.assertRaises(ValueError):
+            tls.server_context([])
+
+
+class CertificateStoreTest(unittest.TestCase):
+    def test_reload_swaps_for_new_connections_and_keeps_old_on_error(self) -> None:
+        store = CertificateStore([A])
+        context = store.context
+        self.assertEqual(handshake(context, verifying_client(), None).served, "a.test")
+        for bad, message in [([EXPIRED], "expired on 2021-01-01"), ([MISMATCHED], "does not match"),
+                             ([B, CertSpec("/nonexistent.pem")], "/nonexistent.pem: certificate file not found"),
+                             ([], "no TLS certificate given")]:
+            with self.subTest(bad=[str(s) for s in bad]):
+                error = store.reload(bad)
+                self.assertIsInstance(error, TLSConfigError)
+                self.assertIn(message, str(error))
+                self.assertEqual(store.specs, (A,))
+                self.assertEqual(handshake(context, verifying_client(), None).served, "a.test")
+        self.assertIsNone(store.reload([B, W]))
+        self.assertIs(store.context, context)
+        self.assertEqual(handshake(context, verifying_client(), None).served, "b.test")
+        self.assertEqual(handshake(context, verifying_client(), "q.w.test").served, "*.w.test")
+        self.assertIsNone(store.reload())  # same files again
+        self.assertEqual([c.spec for c in store.current()], [B, W])
+
+    def test_reload_can_raise_the_minimum_version(self) -> None:
+        store = CertificateStore([A])
+        tls12 = verifying_client()
+        tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+        self.assertEqual(handshake(store.context, tls12, "a.test").version, "TLSv1.2")
+        self.assertIsNone(store.reload(min_version=ssl.TLSVersion.TLSv1_3))
+        self.assertIsInstance(handshake(store.context, tls12, "a.test").client_error, ssl.SSLError)
+        self.assertEqual(handshake(store.context, verifying_client(), "a.test").version, "TLSv1.3")
+
+    def test_bad_start(self) -> None:
+        with self.assertRaisesRegex(TLSConfigError, r"expired\.pem: the certificate expired"):
+            CertificateStore([A, EXPIRED])
+
+
+class TimeoutsTest(unittest.TestCase):
+    def test_tls_socket_reads_time_out(self) -> None:
+        # With socket_io's kernel timeouts an SSLSocket read would retry forever.
+        server = tls.server_context(tls.load_certificates([LOCALHOST]))
+        left, right = socket.socketpair()
+        box: dict[str, ssl.SSLSocket] = {}
+        thread = threading.Thread(target=lambda: box.setdefault("s", server.wrap_socket(right, server_side=True)))
+        thread.start()
+        with tls.client_context(CA).wrap_socket(left, server_hostname="localhost") as client:
+            thread.join(5)
+            with box["s"] as served:
+                tls.set_timeouts(served, 0.05)
+                self.assertEqual(served.gettimeout(), 0.05)
+                with self.assertRaises(TimeoutError):
+                    socket_io.SocketReader(served).fill()
+                tls.set_timeouts(client, 0.05)
+                with self.assertRaises(TimeoutError):
+                    client.recv(1)
+        plain_a, plain_b = socket.socketpair()
+        with plain_a, plain_b:
+            tls.set_timeouts(plain_a, 0.05)
+            self.assertIsNone(plain_a.gettimeout())  # kernel timeouts, blocking mode
+            with self.assertRaises(TimeoutError):
+                socket_io.SocketReader(plain_a).fill()
+
+
+class ClientContextTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.server = tls.server_context(tls.load_certificates([LOCALHOST, A]))
+
+    def test_verifies_against_the_given_ca(self) -> None:
+        context = tls.client_context(CA)
+        self.assertTrue(context.check_hostname)
+        self.assertEqual(context.verify_mode, ssl.CERT_REQUIRED)
+        for name, served in [("localhost", "localhost"), ("127.0.0.1", "localhost"), ("a.test", "a.test")]:
+            with self.subTest(name=name):
+                result = handshake(self.server, context, name)
+                self.assertIsNone(result.client_error)
+                self.assertEqual((result.served, result.alpn), (served, "http/1.1"))
+
+    def test_wrong_name_fails_clearly(self) -> None:
+        result = handshake(self.server, tls.client_context(CA), "b.test")  # gets localhost's certificate
+        self.assertIsInstance(result.client_error, ssl.SSLCertVerificationError)
+        self.assertIn("certificate verify failed", str(result.client_error))
+        self.assertEqual(tls.describe_tls_error(result.client_error),  # type: ignore[arg-type]
+                         "certificate verify failed: Hostname mismatch, certificate is not valid for 'b.test'.")
+
+    def test_system_store_does_not_know_the_test_ca(self) -> None:
+        result = handshake(self.server, tls.client_context(), "a.test")
+        self.assertIsInstance(result.client_error, ssl.SSLCertVerificationError)
+        self.assertIn("certificate verify failed", str(result.client_error))
+
+    def test_insecure_skips_verification(self) -> None:
+        context = tls.client_context(insecure=True)
+        self.assertEqual(context.verify_mode, ssl.CERT_NONE)
+        result = handshake(self.server, context, "b.test")
+        self.assertIsNone(result.client_error)
+
+    def test_bad_ca_file(self) -> None:
+        with self.assertRaisesRegex(TLSConfigError, r"^/nonexistent/ca.pem: CA file not found$"):
+            tls.client_context("/nonexistent/ca.pem")
+        with self.assertRaisesRegex(TLSConfigError, r"b.test.key: no CA certificate found"):
+            tls.client_context(B.key_path)
+
+
+if __name__ == "__main__":
+    unittest.main()
