@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import socket_io
 
@@ -207,9 +207,9 @@ def _no_password() -> bytes:
 
 def _alt_names(details: dict[str, object]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(DNS names, IP addresses) of a decoded certificate's subjectAltName."""
-    entries = details.get("subjectAltName", ())
-    dns = tuple(str(value).lower() for kind, value in entries if kind == "DNS")  # type: ignore[union-attr]
-    ips = tuple(str(value) for kind, value in entries if kind == "IP Address")  # type: ignore[union-attr]
+    entries = cast("tuple[tuple[str, str], ...]", details.get("subjectAltName", ()))
+    dns = tuple(str(value).lower() for kind, value in entries if kind == "DNS")
+    ips = tuple(str(value) for kind, value in entries if kind == "IP Address")
     return dns, ips
 
 
