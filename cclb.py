@@ -42,7 +42,9 @@ from loggers import AccessLog, setup_app_logger
 from loops import LoopGuard
 from metrics import PROCESS
 from proxy import LoadBalancerServer
+from redirect_http import RedirectServer
 from settings import Config
+from tls import CertificateStore, TLSConfigError, load_certificates, parse_min_version
 
 HERE = Path(__file__).resolve().parent
 DEMO_PORTS = (7000, 7001, 7002)
@@ -51,7 +53,7 @@ DEMO_PORTS = (7000, 7001, 7002)
 DEMO_PORTS_ENV = "CCLB_DEMO_PORTS"
 
 # Settings that belong to the listening sockets: a reload cannot change them.
-RESTART_ONLY = ("host", "port", "workers", "admin_port", "admin_host")
+RESTART_ONLY = ("host", "port", "workers", "admin_port", "admin_host", "redirect_http")
 
 log = logging.getLogger("cclb")
 
@@ -90,6 +92,10 @@ def reload_config(old: Config) -> Config | None:
                 log.warning("reload: %s changed but needs a restart; keeping %r",
                             name, getattr(old, name))
                 kept[name] = getattr(old, name)
+        if bool(new.tls_certs) != bool(old.tls_certs):  # the listener's protocol itself
+            log.warning("reload: switching TLS on or off needs a restart; keeping it %s",
+                        "on" if old.tls_certs else "off")
+            kept["tls_certs"] = old.tls_certs
         new = replace(new, **kept)
         settings.validate(new.values)  # again: e.g. a kept admin_host needs its token
     except (settings.SettingsError, ValueError) as error:
@@ -116,6 +122,7 @@ class Process:
         self.cluster = ServerCluster.from_settings(pool)
         self.checker = HealthChecker(self.cluster, HealthSettings.of(pool), self.on_health_round)
         self.admin: AdminServer | None = None
+        self.redirect: RedirectServer | None = None
 
     def on_health_round(self) -> None:
         """Called by the health checker after each round."""
@@ -135,6 +142,14 @@ class Process:
                 raise listen_error("admin port ", self.config.admin_host,
                                    self.config.admin_port, error) from None
             spawn(self.admin.serve_forever, "admin")
+        if self.config.redirect_http is not None:
+            try:
+                self.redirect = RedirectServer((self.config.host, self.config.redirect_http),
+                                               self.port())
+            except OSError as error:
+                raise listen_error("the redirect port ", self.config.host,
+                                   self.config.redirect_http, error) from None
+            spawn(self.redirect.serve_forever, "redirect-http")
 
     def announce(self) -> None:
         if self.admin is not None:
@@ -197,9 +212,10 @@ class Process:
 
     def stop_checks_and_admin(self) -> None:
         self.checker.stop()
-        if self.admin is not None:
-            self.admin.shutdown()
-            self.admin.server_close()
+        for server in (self.admin, self.redirect):
+            if server is not None:
+                server.shutdown()
+                server.server_close()
 
 
 class Balancer(Process):
@@ -212,6 +228,7 @@ class Balancer(Process):
         self.on_supervisor_gone = on_supervisor_gone  # a worker stops without its supervisor
         self.server: LoadBalancerServer | None = None
         self.shared_listener = False  # --workers without SO_REUSEPORT: one socket for all
+        self.tls: CertificateStore | None = None  # the certificates, when the listener speaks TLS
         if role is Role.WORKER:
             self.cluster.transitions_level = logging.DEBUG  # the supervisor logs them once
         self.stopped = threading.Event()  # ends the worker's counter reports
@@ -224,10 +241,15 @@ class Balancer(Process):
             inherited_fd = int(os.environ[workers.FD_ENV]) if workers.FD_ENV in os.environ else None
             reuse_port = inherited_fd is None
             self.shared_listener = inherited_fd is not None
+        if config.tls_certs:
+            try:
+                self.tls = CertificateStore(config.tls_certs, parse_min_version(config.tls_min_version))
+            except TLSConfigError as error:
+                raise StartError(str(error), code=2) from None
         access_log = AccessLog("off")
         try:
             self.server = LoadBalancerServer(replace(config.listener, port=port), config, self.cluster,
-                                             access_log, reuse_port, inherited_fd)
+                                             access_log, reuse_port, inherited_fd, self.tls)
         except OSError as error:
             access_log.close()
             raise listen_error("", config.host, port, error) from None
@@ -257,7 +279,8 @@ class Balancer(Process):
             sys.stdout.flush()
         else:
             print(ready_line(self.server.server_name, self.server.server_port,
-                             len(self.config.backends)), flush=True)
+                             len(self.config.backends), scheme=self.config.listener.scheme),
+                  flush=True)
             super().announce()
         log.info("cclb %s (pid %d, %s, backends: %s)",
                  "worker started" if self.role is Role.WORKER else "started", os.getpid(),
@@ -272,6 +295,10 @@ class Balancer(Process):
     def apply(self, new: Config) -> None:
         assert self.server is not None
         old = self.config
+        if self.tls is not None:
+            error = self.tls.reload(new.tls_certs, parse_min_version(new.tls_min_version))
+            if error is not None:
+                log.error("reload: keeping the current TLS certificates: %s", error)
         if new.access_log not in ("-", "off") or (new.access_log, new.log_format) != (
                 old.access_log, old.log_format):
             # A log file is always reopened, so SIGHUP also serves log rotation.
@@ -364,7 +391,8 @@ class SupervisorProcess(Process):
 
     def announce(self) -> None:
         print(ready_line(self.config.host, self.supervisor.port, len(self.config.backends),
-                         f" ({self.config.workers} workers)"), flush=True)
+                         f" ({self.config.workers} workers)", self.config.listener.scheme),
+              flush=True)
         super().announce()
         log.info("cclb supervisor started (pid %d, %d workers)", os.getpid(), self.config.workers)
 
@@ -455,8 +483,9 @@ class Signals:
         return requested
 
 
-def ready_line(host: str, port: int, backends: int, extra: str = "") -> str:
-    return f"cclb listening on http://{host}:{port} -> {backends} backend{'s' * (backends != 1)}{extra}"
+def ready_line(host: str, port: int, backends: int, extra: str = "", scheme: str = "http") -> str:
+    return (f"cclb listening on {scheme}://{host}:{port} -> {backends} "
+            f"backend{'s' * (backends != 1)}{extra}")
 
 
 def make_process(config: Config, role: Role, argv: list[str],
@@ -583,8 +612,21 @@ def stop_children(children: list[subprocess.Popen[bytes]]) -> None:
             child.wait()
 
 
+def check_certificates(config: Config) -> str | None:
+    """The first problem with the configured certificates (one line), or None."""
+    try:
+        load_certificates(config.tls_certs, parse_min_version(config.tls_min_version))
+    except TLSConfigError as error:
+        return str(error)
+    return None
+
+
 def check(config: Config) -> int:
     """--check: what settings.load could not verify without side effects, then the summary."""
+    problem = check_certificates(config)
+    if problem is not None:
+        print(f"cclb: {problem}", file=sys.stderr)
+        return 2
     if config.access_log not in ("-", "off"):
         try:
             with open(config.access_log, "a", encoding="utf-8"):
@@ -606,6 +648,10 @@ def main(argv: list[str] | None = None) -> int:
     if config.check:
         return check(config)
     setup_app_logger(config.log_level)
+    problem = check_certificates(config) if not workers.is_worker() else None
+    if problem is not None:  # before any child process starts
+        print(f"cclb: {problem}", file=sys.stderr)
+        return 2
     if workers.is_worker():
         return serve(config, Role.WORKER, argv)
     role = Role.SUPERVISOR if config.workers > 1 else Role.SINGLE

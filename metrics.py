@@ -103,11 +103,16 @@ class ProcessMetrics:
         self.reloads = {"success": 0, "failure": 0}
         self.last_reload: float | None = None
         self.access_log_lost = 0  # lines that could not be written
+        self.tls_handshake_failures = 0
 
     def record_reload(self, ok: bool) -> None:
         with self.lock:
             self.reloads["success" if ok else "failure"] += 1
             self.last_reload = time.time()
+
+    def count_tls_handshake_failure(self) -> None:
+        with self.lock:
+            self.tls_handshake_failures += 1
 
     def count_access_log_loss(self, lines: int) -> None:
         with self.lock:
@@ -119,6 +124,7 @@ class ProcessMetrics:
             reloads = dict(self.reloads)
             last_reload = self.last_reload
             lost = self.access_log_lost
+            handshakes_failed = self.tls_handshake_failures
         times = os.times()
         result = [
             ("cclb_build_info", "gauge", "cclb's version and the Python running it (always 1).",
@@ -147,6 +153,9 @@ class ProcessMetrics:
         result.append(("cclb_access_log_lines_lost_total", "counter",
                        "Access log lines that could not be written (e.g. disk full).",
                        [f"cclb_access_log_lines_lost_total {lost}"]))
+        result.append(("cclb_tls_handshake_failures_total", "counter",
+                       "TLS handshakes that failed or were abandoned (plain HTTP, scanners, timeouts).",
+                       [f"cclb_tls_handshake_failures_total {handshakes_failed}"]))
         return result
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import ssl
 import threading
 import time
 import zlib
@@ -33,7 +34,9 @@ from loops import LoopGuard
 from message_reader import (BodyTooLarge, EmptyResponse, IncompleteHead, Limits, MalformedBody, ResponseHead,
                             TruncatedBody, iter_body, read_field_lines, read_response_head,
                             read_small_body)
-from socket_io import SocketReader, SocketWriter, set_timeouts
+from socket_io import SocketReader, SocketWriter
+from tls import CertificateStore, set_timeouts
+from metrics import PROCESS
 from settings import Config, Listener
 from upstream import UpstreamConnection, describe_error
 
@@ -60,8 +63,11 @@ def has_input(sock: socket.socket) -> bool:
     """Whether ``sock`` has bytes (or end of stream) to read now; True if it cannot tell.
 
     Its own poll object: ``select.poll`` objects must not be polled from two
-    threads at once, and the handler owns the connection's.
+    threads at once, and the handler owns the connection's.  A TLS socket may
+    hold decrypted bytes the kernel no longer shows (``pending``).
     """
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
     poller = select.poll()
     try:
         poller.register(sock, select.POLLIN)
@@ -155,8 +161,9 @@ class LoadBalancerServer(ThreadingHTTPServer):
 
     def __init__(self, listener: Listener, config: Config, cluster: ServerCluster,
                  access_log: AccessLog, reuse_port: bool = False,
-                 inherited_fd: int | None = None) -> None:
+                 inherited_fd: int | None = None, tls: CertificateStore | None = None) -> None:
         self.listener = listener
+        self.tls = tls  # the certificates when this listener speaks TLS (--tls-cert)
         self.config = config
         self.cluster = cluster
         self.access_log = access_log
@@ -177,6 +184,14 @@ class LoadBalancerServer(ThreadingHTTPServer):
             self.server_address = self.socket.getsockname()
             # Siblings share this socket: accept() must not block when another won.
             self.socket.setblocking(False)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept; a TLS listener wraps the socket here and handshakes in the handler's thread."""
+        sock, address = super().get_request()
+        if self.tls is not None:
+            sock = self.tls.context.wrap_socket(sock, server_side=True,
+                                                do_handshake_on_connect=False)
+        return sock, address
 
     def configure(self, config: Config) -> None:
         """Apply new settings (a reload); requests read them per request."""
@@ -244,13 +259,14 @@ class LoadBalancerServer(ThreadingHTTPServer):
 
     def reject_connection(self, request: socket.socket) -> None:
         """Answer a connection over the limit with a fast 503, from the accept thread."""
-        try:
-            request.setblocking(False)
-            request.send(error_response(503, "too many connections, try again later",
-                                        close=True, retry_after=1))
-            request.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        if not isinstance(request, ssl.SSLSocket):  # no handshake yet: nothing to say over TLS
+            try:
+                request.setblocking(False)
+                request.send(error_response(503, "too many connections, try again later",
+                                            close=True, retry_after=1))
+                request.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
         self.shutdown_request(request)
 
     def register(self, handler: ProxyHandler) -> None:
@@ -331,11 +347,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         # Instead of StreamRequestHandler's makefile() pair: see socket_io.
         self.connection = self.request
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.tls = isinstance(self.connection, ssl.SSLSocket)
+        self.handshake_failed = False
+        self.timed_out = False
+        if self.tls:
+            self.handshake_failed = not self.handshake()
         self.timeout_now = self.server.config.keepalive_timeout
         set_timeouts(self.connection, self.timeout_now)
         self.rfile = SocketReader(self.connection)
         self.wfile = SocketWriter(self.connection)
-        self.timed_out = False
         self.body_pending = False
         self.response_started = False
         self.client_ip = self.client_address[0]
@@ -345,6 +365,30 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.poller.register(self.connection, select.POLLIN)
         self.request_id = ""
         self.server.register(self)
+
+    def handshake(self) -> bool:
+        """The TLS handshake, within --header-timeout (the watchdog enforces the whole of it).
+
+        A failed or abandoned handshake (plain HTTP on the TLS port, a scanner,
+        a client that stalls) is counted and logged at DEBUG, never a traceback.
+        """
+        deadline = time.monotonic() + self.server.config.header_timeout
+        set_timeouts(self.connection, self.server.config.header_timeout)
+        self.server.watchdog.watch(self, deadline)
+        try:
+            self.connection.do_handshake()  # type: ignore[attr-defined]
+            return True
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            PROCESS.count_tls_handshake_failure()
+            log.debug("TLS handshake with %s failed: %s", self.client_address[0],
+                      "timed out" if self.timed_out else error)
+            return False
+        finally:
+            self.server.watchdog.unwatch(self)
+
+    def handle(self) -> None:
+        if not self.handshake_failed:
+            super().handle()
 
     def finish(self) -> None:
         self.rfile.close()
@@ -406,7 +450,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """
         if self.rfile.buffered:
             return True
-        if not self.poller.poll(timeout * 1000):
+        if self.tls and self.connection.pending():  # type: ignore[attr-defined]
+            pass  # decrypted bytes wait inside the TLS layer: the kernel shows nothing
+        elif not self.poller.poll(timeout * 1000):
             return False  # idle keep-alive timeout
         self.before_claim()
         with self.server.lock:
@@ -503,7 +549,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         elif request.framing.has_body:
             body = None  # streamed: cannot be replayed
         self.request_id = request_id_for(request.headers)
-        head = upstream_request_head(request, self.client_ip, "http", self.request_id)
+        head = upstream_request_head(request, self.client_ip, "https" if self.tls else "http",
+                                     self.request_id)
         tried: list[Backend] = []
         last_error: BackendError | None = None
         while True:
@@ -684,6 +731,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         plan = response_plan(request, response, self.request_id, config.gzip_level,
                              config.gzip_min_size, self.close_connection or self.server.draining,
                              BUFFER_LIMIT)
+        if self.tls and config.hsts:
+            hsts = ("Strict-Transport-Security", f"max-age={config.hsts}")
+            for headers in {id(plan.headers): plan.headers,
+                            id(plan.identity_headers): plan.identity_headers}.values():
+                headers.append(hsts)  # RFC 6797 7.1: sent over secure transport only
         self.close_connection = plan.close
         sent = 0
         try:
@@ -765,6 +817,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                  or error_closes_connection(status))
         if close:
             self.close_connection = True
+        if self.tls and self.server.config.hsts:
+            extra = [*extra, ("Strict-Transport-Security", f"max-age={self.server.config.hsts}")]
         try:
             self.wfile.write(error_response(status, message, close, retry_after, extra))
         except OSError:

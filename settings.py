@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from balancing import POLICIES
 from backend_urls import BackendSpec, parse_backend
+from tls import CertSpec, parse_cert_option
 
 VERSION = "0.2.0"
 
@@ -103,6 +104,11 @@ def _status_range(value: Any) -> tuple[int, int]:
     return low, high
 
 
+def _cert_specs(value: Any) -> list[CertSpec]:
+    items = value if isinstance(value, list) else [value]
+    return [parse_cert_option(_text(item)) for item in items]
+
+
 def _backends(value: Any) -> list[BackendSpec]:
     items = value if isinstance(value, list) else [value]
     if not items:
@@ -127,7 +133,7 @@ def _backends(value: Any) -> list[BackendSpec]:
 
 @dataclass(frozen=True)
 class Listener:
-    """Where clients connect.  Plain HTTP today; the TLS settings will join here."""
+    """Where clients connect, and whether they speak TLS there (``scheme`` "https")."""
 
     host: str
     port: int
@@ -260,6 +266,22 @@ class Config:
         ("--body-timeout",), 30.0, _number(float, 0.01, 86400),
         "seconds a client may stay silent while sending a body (408 after)",
         "SECONDS", "timeouts")
+    tls_certs: list[CertSpec] = option(
+        ("--tls-cert",), [], _cert_specs,
+        "serve TLS with this PEM file (certificate chain and key, or PEM,key=KEYFILE); repeat "
+        "for more certificates, chosen by SNI (the first one is the default)",
+        "PEM", "tls", repeat=True)
+    tls_min_version: str = option(
+        ("--tls-min-version",), "1.2", _choice("1.2", "1.3"),
+        "oldest TLS version accepted: 1.2 or 1.3", "VERSION", "tls")
+    hsts: int = option(
+        ("--hsts",), 0, _number(int, 0, 10 ** 9),
+        "add Strict-Transport-Security: max-age=SECONDS to responses sent over TLS (0: off)",
+        "SECONDS", "tls")
+    redirect_http: int | None = option(
+        ("--redirect-http",), None, _number(int, 0, 65535),
+        "also listen for plain HTTP on this port and redirect every request to https (308)",
+        "PORT", "tls")
     max_body_size: int = option(
         ("--max-body-size",), 10 * 1024 ** 2, parse_size,
         "largest request body accepted (413 beyond), e.g. 10M", "SIZE", "limits")
@@ -327,7 +349,7 @@ class Config:
 
     @property
     def listener(self) -> Listener:
-        return Listener(self.host, self.port)
+        return Listener(self.host, self.port, "https" if self.tls_certs else "http")
 
     @property
     def pools(self) -> dict[str, PoolSettings]:
@@ -499,6 +521,11 @@ def summary(config: Config) -> str:
                  f"request line {_size(config.max_request_line)}, {config.max_headers} fields")
     lines.append("gzip      " + (f"level {config.gzip_level} from {_size(config.gzip_min_size)}"
                                  if config.gzip_level else "off"))
+    if config.tls_certs:
+        lines.append(f"tls       TLS {config.tls_min_version}+ with " + ", ".join(map(str, config.tls_certs))
+                     + (f"; HSTS max-age={config.hsts}" if config.hsts else "")
+                     + (f"; plain HTTP on :{config.redirect_http} redirects here"
+                        if config.redirect_http is not None else ""))
     lines.append(f"upstream  reuse {config.upstream_reuse}")
     lines.append(f"logs      application {config.log_level} on stderr; access log "
                  f"{config.access_log} ({config.log_format})")

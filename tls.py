@@ -34,8 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence, cast
 
-import socket_io
-
 # Mozilla server-side TLS guidelines, "intermediate" configuration (v5.7), TLS 1.2 suites.
 INTERMEDIATE_CIPHERS = ":".join([
     "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
@@ -376,6 +374,7 @@ def set_timeouts(sock: socket.socket, seconds: float) -> None:
     if isinstance(sock, ssl.SSLSocket):
         sock.settimeout(seconds)
     else:
+        import socket_io  # here, so that settings can import this module without the socket layer
         socket_io.set_timeouts(sock, seconds)
 
 

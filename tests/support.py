@@ -156,7 +156,7 @@ class Balancer(ChildProcess):
         for backend in backends:
             args += ["-b", f"http://127.0.0.1:{backend}" if isinstance(backend, int) else backend]
         super().__init__(args + list(extra))
-        match = self.wait_line(r"listening on http://[^:]+:(\d+)", ready_timeout)
+        match = self.wait_line(r"listening on https?://[^:]+:(\d+)", ready_timeout)
         self.port = int(match[1])
 
 

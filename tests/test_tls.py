@@ -6,11 +6,16 @@ thread; the certificates are the committed ones in ``tests/certs`` (no openssl).
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 import unittest
 import warnings
 from dataclasses import dataclass
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import socket_io
 import tls
+from tests.support import ROOT, Balancer, RawBackend, free_port, read_until_close, wait_for
 from tls import CertSpec, CertificateStore, LoadedCert, TLSConfigError
 
 CERTS = Path(__file__).resolve().parent / "certs"
@@ -362,6 +368,117 @@ class ClientContextTest(unittest.TestCase):
             tls.client_context("/nonexistent/ca.pem")
         with self.assertRaisesRegex(TLSConfigError, r"b.test.key: no CA certificate found"):
             tls.client_context(B.key_path)
+
+
+class TLSListenerTests(unittest.TestCase):
+    """cclb.py --tls-cert end to end: real processes, real ``ssl`` clients."""
+
+    def setUp(self) -> None:
+        self.backend = RawBackend()
+        self.addCleanup(self.backend.stop)
+        self.folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.folder, True)
+
+    def start(self, *certs: CertSpec, extra: tuple[str, ...] = ()) -> Balancer:
+        args = [arg for cert in certs for arg in ("--tls-cert", str(cert))]
+        balancer = Balancer([self.backend.port], "--health-interval", "0", *args, *extra)
+        self.addCleanup(balancer.kill)
+        return balancer
+
+    def get(self, port: int, server_name: str, path: str = "/") -> tuple[str, bytes, dict]:
+        """GET over TLS with SNI ``server_name``: (status line + headers, body, peer certificate)."""
+        context = tls.client_context(CA)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname=server_name) as sock:
+                peer = sock.getpeercert()
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {server_name}\r\n"
+                             "Connection: close\r\n\r\n".encode())
+                data = read_until_close(sock)
+        head, _, body = data.partition(b"\r\n\r\n")
+        return head.decode("latin-1"), body, peer
+
+    def test_sni_picks_the_certificate_and_requests_are_forwarded_as_https(self) -> None:
+        balancer = self.start(LOCALHOST, A, extra=("--hsts", "600"))
+        for name, expected in (("localhost", "localhost"), ("a.test", "a.test")):
+            with self.subTest(name=name):
+                head, body, peer = self.get(balancer.port, name, f"/sni-{name}")
+                self.assertTrue(head.startswith("HTTP/1.1 200"), head)
+                self.assertIn(("DNS", expected), peer["subjectAltName"])
+                self.assertIn("Strict-Transport-Security: max-age=600", head)
+        seen = self.backend.received()
+        self.assertIn(b"X-Forwarded-Proto: https\r\n", seen)
+        self.assertIn(b"GET /sni-a.test HTTP/1.1\r\n", seen)
+        self.assertIn("listening on https://", balancer.log_text() + "".join(balancer.stdout))
+
+    def test_plain_http_on_the_tls_port_is_closed_and_cclb_keeps_serving(self) -> None:
+        balancer = self.start(LOCALHOST)
+        with socket.create_connection(("127.0.0.1", balancer.port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                answer = read_until_close(sock)
+            except ConnectionResetError:
+                answer = b""
+        self.assertFalse(answer.startswith(b"HTTP/1.1 200"), answer[:100])
+        head, _, _ = self.get(balancer.port, "localhost")
+        self.assertTrue(head.startswith("HTTP/1.1 200"), head)
+        self.assertEqual(balancer.stop(), 0)
+        self.assertNotIn("Traceback", balancer.log_text())
+
+    def test_a_stalled_handshake_does_not_hold_its_thread_past_the_header_timeout(self) -> None:
+        balancer = self.start(LOCALHOST, extra=("--header-timeout", "0.5"))
+        with socket.create_connection(("127.0.0.1", balancer.port), timeout=10) as sock:
+            sock.sendall(b"\x16\x03\x01")  # the start of a ClientHello, then nothing
+            started = time.monotonic()
+            try:
+                self.assertEqual(sock.recv(100), b"")
+            except ConnectionResetError:
+                pass
+            self.assertLess(time.monotonic() - started, 5)
+
+    def test_redirect_http_answers_308_to_the_tls_listener(self) -> None:
+        redirect_port = free_port()
+        balancer = self.start(LOCALHOST, extra=("--redirect-http", str(redirect_port)))
+        with socket.create_connection(("127.0.0.1", redirect_port), timeout=10) as sock:
+            sock.sendall(b"POST /a/b?c=1 HTTP/1.1\r\nHost: shop.example:8080\r\n"
+                         b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+            answer = read_until_close(sock).decode("latin-1")
+        self.assertTrue(answer.startswith("HTTP/1.1 308 Permanent Redirect\r\n"), answer)
+        self.assertIn(f"Location: https://shop.example:{balancer.port}/a/b?c=1\r\n", answer)
+
+    def test_bad_certificates_exit_2_with_one_line_naming_the_file(self) -> None:
+        for spec, problem in ((EXPIRED, "expired"), (MISMATCHED, "does not match"),
+                              (CertSpec("/nonexistent/x.pem"), "not found")):
+            for check in ((), ("--check",)):
+                with self.subTest(spec=spec.path, check=check):
+                    result = subprocess.run(
+                        [sys.executable, str(ROOT / "cclb.py"), "-p", "0", "--tls-cert", str(spec),
+                         *check], capture_output=True, text=True, timeout=20)
+                    self.assertEqual(result.returncode, 2, result.stderr)
+                    lines = result.stderr.strip().splitlines()
+                    self.assertEqual(len(lines), 1, lines)
+                    self.assertIn(spec.path, lines[0])
+                    self.assertIn(problem, lines[0])
+
+    def test_sighup_rereads_certificates_and_keeps_the_old_ones_when_the_new_are_bad(self) -> None:
+        path = str(Path(self.folder) / "site.pem")
+        shutil.copy(A.path, path)
+        balancer = self.start(CertSpec(path))
+        _, _, peer = self.get(balancer.port, "a.test")
+        self.assertIn(("DNS", "a.test"), peer["subjectAltName"])
+        shutil.copy(LOCALHOST.path, path + ".new")
+        os.replace(path + ".new", path)
+        balancer.signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in balancer.log_text(), 5, message="the reload")
+        _, _, peer = self.get(balancer.port, "localhost")
+        self.assertIn(("DNS", "localhost"), peer["subjectAltName"])
+        shutil.copy(EXPIRED.path, path + ".new")
+        os.replace(path + ".new", path)
+        balancer.signal(signal.SIGHUP)
+        wait_for(lambda: "keeping the current TLS certificates" in balancer.log_text(), 5,
+                 message="the refused reload")
+        _, _, peer = self.get(balancer.port, "localhost")
+        self.assertIn(("DNS", "localhost"), peer["subjectAltName"])
+        self.assertEqual(balancer.stop(), 0)
 
 
 if __name__ == "__main__":
