@@ -614,6 +614,8 @@ def stop_children(children: list[subprocess.Popen[bytes]]) -> None:
 
 def check_certificates(config: Config) -> str | None:
     """The first problem with the configured certificates (one line), or None."""
+    if not config.tls_certs:
+        return None
     try:
         load_certificates(config.tls_certs, parse_min_version(config.tls_min_version))
     except TLSConfigError as error:
