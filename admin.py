@@ -4,6 +4,7 @@ Routes:
     GET  /                         HTML dashboard (no external assets; polls /status)
     GET  /status                   JSON: backends, policy, settings in force
     GET  /metrics                  Prometheus text exposition format
+    HEAD on each GET route         the GET's status and headers (its Content-Length), no body
     POST /backends                 add a backend: {"url": "http://h:p", "weight": 1}
     DELETE /backends/<id>          remove a backend (in-flight requests finish)
     POST /backends/<id>/drain      no new requests; in-flight ones finish
@@ -311,6 +312,14 @@ class AdminHandler(BaseHTTPRequestHandler):
                        "text/plain; version=0.0.4; charset=utf-8")
         else:
             self.reply_json(404, {"error": "not found"})
+
+    def do_HEAD(self) -> None:
+        """HEAD on any GET route: the GET's status and headers, without the body.
+
+        The body is built as for GET (so Content-Length is the GET body's);
+        ``reply`` leaves it out for HEAD.
+        """
+        self.do_GET()
 
     def do_POST(self) -> None:
         # Writes are rare: close after each, so an unread or partly read body

@@ -223,6 +223,41 @@ class ReadTests(AdminTestCase):
         reply.content_type_is("text/html; charset=utf-8")
         self.assertIn(b"<html", reply.body.lower())
 
+    def test_head_on_every_get_route(self) -> None:
+        """HEAD /, /status, /metrics (and a 404): the GET's status and headers, no body.
+
+        Content-Length is the GET body's length; the connection stays usable
+        (a body sent after a HEAD head would be read as the next response).
+        """
+        self.cluster.acquire("c").done(200, 0.01)
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        self.addCleanup(connection.close)
+        for path, status in (("/", 200), ("/status", 200), ("/metrics", 200), ("/nope", 404)):
+            with self.subTest(path=path):
+                connection.request("GET", path)
+                got = connection.getresponse()
+                get_body = got.read()
+                connection.request("HEAD", path)
+                head = connection.getresponse()
+                self.assertEqual(head.read(), b"")
+                self.assertEqual((got.status, head.status), (status, status))
+                self.assertEqual(head.getheader("Content-Type"), got.getheader("Content-Type"))
+                self.assertEqual(head.getheader("Cache-Control"), "no-store")
+                length = int(head.getheader("Content-Length"))
+                self.assertGreater(length, 0)
+                if path != "/status":  # /status carries the time: its length may move by a byte
+                    self.assertEqual(length, len(get_body))
+                else:
+                    self.assertLess(abs(length - len(get_body)), 8)
+        # Raw bytes: nothing follows the HEAD answer's empty line.
+        sock = self.raw_connection()
+        sock.sendall(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data, closed = read_until_close(sock)
+        self.assertTrue(closed)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertEqual(rest, b"")
+
     def test_not_found(self) -> None:
         """Unknown paths, unknown ids and wrong action shapes answer 404 with a JSON error."""
         cases = [("GET", "/nope"), ("GET", "/status/extra"), ("POST", "/nope"),
