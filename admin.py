@@ -2,7 +2,8 @@
 
 Routes:
     GET  /                         HTML dashboard (no external assets; polls /status)
-    GET  /status                   JSON: backends, policy, settings in force
+    GET  /status                   JSON: backends, policy, settings in force, the last
+                                   15 minutes of traffic ("history"; metrics.TrafficHistory)
     GET  /metrics                  Prometheus text exposition format
     HEAD on each GET route         the GET's status and headers (its Content-Length), no body
     POST /backends                 add a backend: {"url": "http://h:p", "weight": 1}
@@ -305,8 +306,11 @@ class AdminHandler(BaseHTTPRequestHandler):
         if path == "/":
             self.reply(200, PAGE, "text/html; charset=utf-8")
         elif path == "/status":
-            self.reply_json(200, status_document(self.server.cluster.stats(),
-                                                 self.server.get_config()))
+            document = status_document(self.server.cluster.stats(), self.server.get_config())
+            document["history"] = self.server.history.to_json()
+            if self.server.frontend is not None:
+                document["frontend"] = self.server.frontend()
+            self.reply_json(200, document)
         elif path == "/metrics":
             self.reply(200, metrics.render(self.server.cluster.stats()).encode(),
                        "text/plain; version=0.0.4; charset=utf-8")
@@ -480,6 +484,9 @@ class AdminServer(ThreadingHTTPServer):
     header_timeout = 10.0  # seconds for a whole request, head and body (slowloris defence)
     idle_timeout = 30.0  # seconds of silence: idle keep-alive, or a client that stalls
     max_connections = 64  # beyond: a fast 503 from the accepting thread, no thread started
+    # Optional: the proxy's own numbers, shown by /status as "frontend" when set:
+    # {"open_connections": N, "rejected": {reason: N}}.
+    frontend: Callable[[], dict[str, Any]] | None = None
 
     def __init__(self, address: tuple[str, int], cluster: ServerCluster,
                  get_config: Callable[[], Config],
@@ -492,9 +499,19 @@ class AdminServer(ThreadingHTTPServer):
         self.connections: set[socket.socket] = set()
         self.deadlines: dict[AdminHandler, float] = {}
         self.last_refusal_log = -REFUSAL_LOG_INTERVAL
+        # The dashboard's 15 minutes of traffic; sampled while serve_forever runs.
+        self.history = metrics.TrafficHistory(cluster.stats)
         if ":" in address[0]:  # --admin-host ::1 is loopback too
             self.address_family = socket.AF_INET6
         super().__init__(address, AdminHandler)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Serve until ``shutdown``; the history sampler runs meanwhile and stops with it."""
+        self.history.start()
+        try:
+            super().serve_forever(poll_interval)
+        finally:
+            self.history.stop()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """An error that escaped a connection's handler: logged, the server carries on."""
@@ -558,6 +575,7 @@ class AdminServer(ThreadingHTTPServer):
         join: without this, one serving an idle keep-alive client (a
         dashboard tab) would outlive the server until the client left.
         """
+        self.history.stop()
         with self.lock:
             still_open = list(self.connections)
         for sock in still_open:
