@@ -414,6 +414,9 @@ class HistoryTests(unittest.TestCase):
 class StatusHistoryTests(AdminTestCase):
     def test_status_history_shape(self) -> None:
         """/status "history": interval, size, time and seconds columns, total and per-URL series."""
+        # The server's sampler takes its baseline (now) once: after it, times
+        # before now only start a new baseline.
+        wait_for(lambda: self.server.history.previous is not None, 5, message="the baseline")
         self.server.history.sample(2000.0)
         record(self.cluster, URL1, 200, 0.004, times=4)
         record(self.cluster, URL2, 503, 0.2)
