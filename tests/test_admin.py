@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import logging
+import re
 import select
 import socket
 import struct
@@ -222,11 +223,62 @@ class ReadTests(AdminTestCase):
         self.assertEqual(len(sockets), 1, "the same connection was used throughout")
 
     def test_dashboard(self) -> None:
-        """/ answers the HTML dashboard."""
+        """/ answers the HTML dashboard: SVG charts of the history, frontend row, admin buttons.
+
+        The page draws inline SVG from /status "history" (every series it
+        reads exists), shows the optional "frontend" numbers only when present,
+        and its buttons POST same-origin JSON, asking for the token on a 401.
+        """
         reply = self.request("GET", "/")
         self.assertEqual(reply.status, 200)
         reply.content_type_is("text/html; charset=utf-8")
-        self.assertIn(b"<html", reply.body.lower())
+        page = reply.body.decode()
+        self.assertIn("<html", page.lower())
+        self.assertNotRegex(page, r"<script[^>]+src|<link|@import|url\(")  # self-contained
+        self.assertNotIn("http://", page)
+        self.assertNotIn("https://", page)
+        # Charts: inline SVG paths drawn from the history the server keeps.
+        self.assertIn('createElementNS(SVG_NS, name)', page)
+        self.assertIn('svg("path"', page)
+        self.assertIn("viewBox:", page)
+        series = set(re.findall(r'\["(\w+)", "[^"]+", \d+\]', page))
+        self.assertEqual(series, {"rps", "p50_ms", "p99_ms", "error_rate"})
+        self.assertLessEqual(series, SERIES_KEYS)
+        self.assertIn("status.history", page)
+        self.assertIn("history.backends[b.url]", page)  # per-backend rate from the first paint
+        # Frontend row: unrouted today, the proxy's optional numbers behind "hidden".
+        self.assertIn("status.unrouted", page)
+        self.assertIn("status.frontend", page)
+        self.assertRegex(page, r'id="frontend-open" hidden')
+        self.assertRegex(page, r'id="frontend-rejected" hidden')
+        self.assertIn("frontend.open_connections", page)
+        self.assertIn("frontend.rejected", page)
+        # Buttons: drain / maint / ready POSTing JSON same-origin; token on 401.
+        self.assertIn('const ACTIONS = ["drain", "maint", "ready"];', page)
+        self.assertIn('"backends/" + id + "/" + action', page)
+        self.assertIn('method: "POST"', page)
+        self.assertIn('"Content-Type": "application/json"', page)
+        self.assertIn('mode: "same-origin"', page)
+        self.assertIn('"Bearer " + token', page)
+        self.assertIn("response.status === 401", page)
+        self.assertIn("window.prompt(", page)
+        self.assertNotIn("localStorage", page)  # the token stays in memory
+        self.assertNotIn("sessionStorage", page)
+        # Responsive: a viewport and a narrow-screen layout.
+        self.assertIn('name="viewport"', page)
+        self.assertRegex(page, r"@media \(max-width:\d+px\)")
+
+    def test_dashboard_buttons_requests_are_accepted(self) -> None:
+        """What a button sends (same origin, JSON, "{}") is accepted; without the token: 401."""
+        headers = {"Origin": f"http://127.0.0.1:{self.port}", "Sec-Fetch-Site": "same-origin",
+                   "Content-Type": "application/json"}
+        reply = self.request("POST", "/backends/1/drain", "{}", headers)
+        self.assertEqual((reply.status, reply.json()["state"]), (200, "drain"))
+        self.config = settings.load(BASE_ARGS + ["--admin-token", "s3cret"])
+        self.assertEqual(self.request("POST", "/backends/1/ready", "{}", headers).status, 401)
+        reply = self.request("POST", "/backends/1/ready", "{}",
+                             dict(headers, Authorization="Bearer s3cret"))
+        self.assertEqual((reply.status, reply.json()["state"]), (200, "up"))
 
     def test_head_on_every_get_route(self) -> None:
         """HEAD /, /status, /metrics (and a 404): the GET's status and headers, no body.
