@@ -43,7 +43,7 @@ PAGE = b"""<!doctype html>
  table{border-collapse:collapse;width:100%;background:#fff;box-shadow:0 1px 3px #0002}
  th,td{padding:.4rem .5rem;text-align:left;border-bottom:1px solid #eee}
  th{background:#f0f0f0;font-weight:600;white-space:nowrap} td.n{text-align:right;font-variant-numeric:tabular-nums}
- td.url{word-break:break-all;min-width:9rem} td.check{max-width:14rem;overflow-wrap:anywhere}
+ td.url{white-space:nowrap} td.check{max-width:14rem;overflow-wrap:anywhere}
  .state{display:inline-block;padding:.1rem .5rem;border-radius:1rem;color:#fff;font-weight:600}
  .for{color:#666;font-size:.8rem;margin-left:.3rem;white-space:nowrap}
  .up{background:#2a8f3c}.down{background:#c0392b}.drain{background:#d68910}.maint{background:#7f8c8d}
@@ -59,7 +59,7 @@ PAGE = b"""<!doctype html>
   table{box-shadow:none;background:none}
   tr{background:#fff;box-shadow:0 1px 3px #0002;border-radius:.4rem;margin-bottom:.7rem;padding:.3rem .2rem}
   td{display:flex;justify-content:space-between;gap:1rem;border:0;padding:.2rem .6rem;text-align:right}
-  td.n{text-align:right} td.url,td.check{max-width:none;min-width:0}
+  td.n{text-align:right} td.url,td.check{max-width:none;white-space:normal;overflow-wrap:anywhere}
   td::before{content:attr(data-label);color:#666;text-align:left;white-space:nowrap}
   .bar{display:none}
  }
@@ -113,8 +113,8 @@ function svg(name, attributes) { const node = document.createElementNS(SVG_NS, n
   for (const key in attributes) node.setAttribute(key, attributes[key]); return node; }
 function nice(max) { if (!(max > 0)) return 1; const p = Math.pow(10, Math.floor(Math.log10(max)));
   for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= max) return m * p; return 10 * p; }
-function label(value) { return value >= 100 ? value.toFixed(0) : value >= 10 ? value.toFixed(1)
-  : +value.toPrecision(2) + ""; }
+function label(value) { return Number.isInteger(value) ? String(value) : value >= 10
+  ? value.toFixed(1) : +value.toPrecision(2) + ""; }
 
 // One chart: the total (dark, thick) and one line per backend, over the history's window.
 function chart(history, end, key, title, scale) {
