@@ -308,8 +308,12 @@ class AdminHandler(BaseHTTPRequestHandler):
         elif path == "/status":
             document = status_document(self.server.cluster.stats(), self.server.get_config())
             document["history"] = self.server.history.to_json()
-            if self.server.frontend is not None:
-                document["frontend"] = self.server.frontend()
+            frontend = self.server.frontend
+            if frontend is not None:
+                try:
+                    document["frontend"] = frontend()
+                except Exception as error:  # the rest of /status still answers
+                    self.server.guard.report(error)
             self.reply_json(200, document)
         elif path == "/metrics":
             self.reply(200, metrics.render(self.server.cluster.stats()).encode(),
@@ -484,9 +488,6 @@ class AdminServer(ThreadingHTTPServer):
     header_timeout = 10.0  # seconds for a whole request, head and body (slowloris defence)
     idle_timeout = 30.0  # seconds of silence: idle keep-alive, or a client that stalls
     max_connections = 64  # beyond: a fast 503 from the accepting thread, no thread started
-    # Optional: the proxy's own numbers, shown by /status as "frontend" when set:
-    # {"open_connections": N, "rejected": {reason: N}}.
-    frontend: Callable[[], dict[str, Any]] | None = None
 
     def __init__(self, address: tuple[str, int], cluster: ServerCluster,
                  get_config: Callable[[], Config],
@@ -501,6 +502,9 @@ class AdminServer(ThreadingHTTPServer):
         self.last_refusal_log = -REFUSAL_LOG_INTERVAL
         # The dashboard's 15 minutes of traffic; sampled while serve_forever runs.
         self.history = metrics.TrafficHistory(cluster.stats)
+        # Optional, set by the process: the proxy's own numbers, shown by /status as
+        # "frontend" ({"open_connections": N, "rejected": {reason: N}}) when set.
+        self.frontend: Callable[[], dict[str, Any]] | None = None
         if ":" in address[0]:  # --admin-host ::1 is loopback too
             self.address_family = socket.AF_INET6
         super().__init__(address, AdminHandler)

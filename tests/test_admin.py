@@ -501,6 +501,16 @@ class StatusHistoryTests(AdminTestCase):
         self.assertEqual(self.request("GET", "/status").json()["frontend"],
                          {"open_connections": 3, "rejected": {"busy": 2}})
 
+        def failing() -> dict[str, Any]:
+            raise RuntimeError("injected frontend failure")
+
+        self.server.frontend = failing
+        with self.assertLogs("cclb", logging.ERROR):
+            reply = self.request("GET", "/status")
+        self.assertEqual(reply.status, 200)
+        self.assertNotIn("frontend", reply.json())
+        self.assertEqual(self.server.guard.failures, 1)
+
 
 class WriteTests(AdminTestCase):
     def test_add_backend(self) -> None:
