@@ -36,7 +36,7 @@ PAGE = b"""<!doctype html>
  .chart{background:#fff;box-shadow:0 1px 3px #0002;border-radius:.4rem;padding:.4rem .5rem .2rem}
  .chart h3{font-size:.85rem;margin:0;font-weight:600;color:#444}
  .chart svg{display:block;width:100%;height:auto}
- .chart path{fill:none;stroke-width:1.4;stroke-linejoin:round} .chart path.total{stroke:#222;stroke-width:2.2}
+ .chart path{fill:none;stroke-width:1.4;stroke-linejoin:round;stroke-opacity:.85} .chart path.total{stroke:#222;stroke-width:2.2}
  .chart text{font-size:10px;fill:#777} .chart line{stroke:#eee}
  .legend{display:flex;flex-wrap:wrap;gap:.3rem 1rem;margin:.5rem 0 0;font-size:.85rem;color:#444}
  .legend i{display:inline-block;width:1.2rem;height:.25rem;vertical-align:middle;margin-right:.3rem;border-radius:.1rem}
@@ -272,7 +272,7 @@ async function refresh() {
       fill.style.width = (4 * rates[b.id] / maxRate) + "rem"; rate.appendChild(fill);
       const r = b.responses;
       const check = b.last_check ? b.last_check + (b.last_check_latency_ms != null
-        ? " (" + b.last_check_latency_ms + " ms)" : "") : "-";
+        ? " (" + b.last_check_latency_ms + "\u00a0ms)" : "") : "-";
       const url = cell(b.url, "url", "backend"); url.style.borderLeft = "4px solid " + color(b.url);
       tr.append(cell(b.id, "", "#"), url, state, cell(b.weight, "n", "weight"),
         cell(b.in_flight, "n", "in flight"), rate, cell(b.requests, "n", "requests"),
