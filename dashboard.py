@@ -1,6 +1,7 @@
 """The admin dashboard: one self-contained HTML page (no external assets, no JS library).
 
-It polls ``/status`` every second and draws:
+It polls ``/status`` every second and draws (live rates are computed over the
+polls of the last 5 seconds; before that, the server's last interval):
 
 - a summary line and a frontend row: requests/s, latency and error rate of
   the last interval, answers given without a backend (``unrouted``, by
@@ -95,7 +96,8 @@ const COLORS = ["#3b7dd8", "#e67e22", "#8e44ad", "#16a085", "#c0392b", "#b7950b"
 const CHARTS = [["rps", "requests/s", 1], ["p50_ms", "p50 latency (ms)", 1],
   ["p99_ms", "p99 latency (ms)", 1], ["error_rate", "error rate (%)", 100]];
 const ACTIONS = ["drain", "maint", "ready"];
-let previous = null;
+const RATE_WINDOW = 5;  // seconds of polls the live req/s is computed over
+const polls = [];  // the /status documents of the last RATE_WINDOW seconds, oldest first
 let token = null;  // the admin token: asked for once, when a write answers 401; memory only
 const colorOf = {};  // backend URL -> its line color, stable while the page is open
 
@@ -252,13 +254,17 @@ async function refresh() {
     const rows = document.getElementById("rows");
     const rates = {};
     let maxRate = 1, total = 0;
+    // Rates over the polls of the last few seconds (one poll apart is too noisy); until
+    // they span RATE_WINDOW / 2, from the first paint: the server's last interval.
+    if (polls.length && status.time < polls[polls.length - 1].time) polls.length = 0;  // clock set back
+    polls.push(status);
+    while (polls.length > 2 && status.time - polls[1].time >= RATE_WINDOW) polls.shift();
+    const base = polls[0], dt = status.time - base.time;
     for (const b of status.backends) {
-      const before = previous && previous.backends.find(p => p.id === b.id);
-      const dt = previous ? status.time - previous.time : 0;
-      // From the first paint: the server's last interval until two polls give a fresher rate.
+      const before = base.backends.find(p => p.id === b.id);
       const sampled = history.backends[b.url] ? last(history.backends[b.url].rps) : null;
-      rates[b.id] = before && dt > 0 ? Math.max(0, (b.requests - before.requests) / dt)
-        : sampled || 0;
+      rates[b.id] = before && dt >= RATE_WINDOW / 2
+        ? Math.max(0, (b.requests - before.requests) / dt) : sampled || 0;
       maxRate = Math.max(maxRate, rates[b.id]); total += rates[b.id];
     }
     rows.replaceChildren(...status.backends.map(b => {
@@ -288,7 +294,6 @@ async function refresh() {
       status.backends.length + " backends up \\u00b7 " + total.toFixed(1) + " req/s \\u00b7 updated " +
       new Date(status.time * 1000).toLocaleTimeString();
     document.getElementById("error").textContent = "";
-    previous = status;
   } catch (error) {
     document.getElementById("error").textContent = "cannot reach cclb: " + error;
   }
