@@ -2,8 +2,10 @@
 
 Routes:
     GET  /                         HTML dashboard (no external assets; polls /status)
-    GET  /status                   JSON: backends, policy, settings in force
+    GET  /status                   JSON: backends, policy, settings in force, the last
+                                   15 minutes of traffic ("history"; metrics.TrafficHistory)
     GET  /metrics                  Prometheus text exposition format
+    HEAD on each GET route         the GET's status and headers (its Content-Length), no body
     POST /backends                 add a backend: {"url": "http://h:p", "weight": 1}
     DELETE /backends/<id>          remove a backend (in-flight requests finish)
     POST /backends/<id>/drain      no new requests; in-flight ones finish
@@ -304,13 +306,28 @@ class AdminHandler(BaseHTTPRequestHandler):
         if path == "/":
             self.reply(200, PAGE, "text/html; charset=utf-8")
         elif path == "/status":
-            self.reply_json(200, status_document(self.server.cluster.stats(),
-                                                 self.server.get_config()))
+            document = status_document(self.server.cluster.stats(), self.server.get_config())
+            document["history"] = self.server.history.to_json()
+            frontend = self.server.frontend
+            if frontend is not None:
+                try:
+                    document["frontend"] = frontend()
+                except Exception as error:  # the rest of /status still answers
+                    self.server.guard.report(error)
+            self.reply_json(200, document)
         elif path == "/metrics":
             self.reply(200, metrics.render(self.server.cluster.stats()).encode(),
                        "text/plain; version=0.0.4; charset=utf-8")
         else:
             self.reply_json(404, {"error": "not found"})
+
+    def do_HEAD(self) -> None:
+        """HEAD on any GET route: the GET's status and headers, without the body.
+
+        The body is built as for GET (so Content-Length is the GET body's);
+        ``reply`` leaves it out for HEAD.
+        """
+        self.do_GET()
 
     def do_POST(self) -> None:
         # Writes are rare: close after each, so an unread or partly read body
@@ -483,9 +500,22 @@ class AdminServer(ThreadingHTTPServer):
         self.connections: set[socket.socket] = set()
         self.deadlines: dict[AdminHandler, float] = {}
         self.last_refusal_log = -REFUSAL_LOG_INTERVAL
+        # The dashboard's 15 minutes of traffic; sampled while serve_forever runs.
+        self.history = metrics.TrafficHistory(cluster.stats)
+        # Optional, set by the process: the proxy's own numbers, shown by /status as
+        # "frontend" ({"open_connections": N, "rejected": {reason: N}}) when set.
+        self.frontend: Callable[[], dict[str, Any]] | None = None
         if ":" in address[0]:  # --admin-host ::1 is loopback too
             self.address_family = socket.AF_INET6
         super().__init__(address, AdminHandler)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Serve until ``shutdown``; the history sampler runs meanwhile and stops with it."""
+        self.history.start()
+        try:
+            super().serve_forever(poll_interval)
+        finally:
+            self.history.stop()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """An error that escaped a connection's handler: logged, the server carries on."""
@@ -549,6 +579,7 @@ class AdminServer(ThreadingHTTPServer):
         join: without this, one serving an idle keep-alive client (a
         dashboard tab) would outlive the server until the client left.
         """
+        self.history.stop()
         with self.lock:
             still_open = list(self.connections)
         for sock in still_open:

@@ -6,7 +6,8 @@ the layout of a backend's traffic counters (``TrafficCounters``: what a
 worker reports, what the supervisor adds up, what /status and /metrics
 show) and renders a consistent copy (``cluster.ClusterStats``) as
 Prometheus text (format version 0.0.4: ``# HELP``/``# TYPE`` lines, then
-samples).
+samples).  ``TrafficHistory`` keeps the last 15 minutes of per-interval
+samples for the dashboard (``/status`` ``"history"``).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import resource
 import threading
 import time
 from bisect import bisect_left
+from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from loops import LoopGuard
 from settings import VERSION
 
 if TYPE_CHECKING:
@@ -229,3 +232,205 @@ def render(stats: ClusterStats) -> str:
     for name, kind, help_text, process_samples in PROCESS.families():
         family(name, kind, help_text, process_samples)
     return "\n".join(lines) + "\n"
+
+
+# --- history for the dashboard ----------------------------------------------------
+
+HISTORY_INTERVAL = 5.0  # seconds between two samples
+HISTORY_SIZE = 180  # samples kept: 15 minutes
+
+
+def quantile(counts: list[int], q: float) -> float | None:
+    """The ``q`` quantile (0..1), in seconds, estimated from one histogram's bucket counts.
+
+    ``counts`` are per bucket (not cumulative), laid out as ``Histogram.counts``
+    (``BUCKETS`` then +Inf).  As Prometheus' ``histogram_quantile``: linear
+    interpolation inside the bucket holding the rank, from 0 for the first
+    bucket; a rank in the +Inf bucket answers the highest finite bound.
+    None when there is no observation.
+    """
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = q * total
+    seen = 0
+    for index, count in enumerate(counts):
+        if count > 0 and seen + count >= rank:
+            if index >= len(BUCKETS):
+                return BUCKETS[-1]
+            lower = BUCKETS[index - 1] if index > 0 else 0.0
+            return lower + (BUCKETS[index] - lower) * max(0.0, rank - seen) / count
+        seen += count
+    return BUCKETS[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """Cumulative counters of one backend (or of all) at one moment, as the sampler keeps them."""
+
+    requests: int
+    errors: int  # 5xx responses
+    latency: tuple[int, ...]  # per-bucket counts, as Histogram.counts
+
+
+def _delta(now: Totals, before: Totals | None) -> Totals:
+    """What happened between two cumulative readings.
+
+    A counter that went down was reset (a backend removed and added again,
+    a worker's counters replaced): everything since the reset is ``now``.
+    """
+    if before is None or now.requests < before.requests or now.errors < before.errors or any(
+            a < b for a, b in zip(now.latency, before.latency)):
+        return now
+    return Totals(now.requests - before.requests, now.errors - before.errors,
+                  tuple(a - b for a, b in zip(now.latency, before.latency)))
+
+
+@dataclass(frozen=True, slots=True)
+class Interval:
+    """One sample: what happened during ``seconds`` seconds up to ``time`` (Unix seconds)."""
+
+    time: float
+    seconds: float
+    total: Totals  # every backend, plus the answers given without one (no latency)
+    backends: dict[str, Totals]  # backend URL -> its traffic in the interval
+
+
+def _series(totals: list[Totals | None], seconds: list[float]) -> dict[str, list[Any]]:
+    """Columns for one line of the charts; None where there is nothing to show."""
+    requests, errors, rate, error_rate, p50, p99 = [], [], [], [], [], []
+    for entry, dt in zip(totals, seconds):
+        if entry is None:
+            for column in (requests, errors, rate, error_rate, p50, p99):
+                column.append(None)
+            continue
+        requests.append(entry.requests)
+        errors.append(entry.errors)
+        rate.append(round(entry.requests / dt, 3))
+        error_rate.append(round(entry.errors / entry.requests, 4) if entry.requests else None)
+        for column, q in ((p50, 0.5), (p99, 0.99)):
+            value = quantile(list(entry.latency), q)
+            column.append(None if value is None else round(value * 1000, 3))
+    return {"requests": requests, "errors": errors, "rps": rate, "error_rate": error_rate,
+            "p50_ms": p50, "p99_ms": p99}
+
+
+class TrafficHistory:
+    """The last ``size`` per-interval samples of the cluster's traffic (15 minutes by default).
+
+    ``sample(now)`` reads the cumulative counters (``source()``, a
+    ``ClusterStats``) and records what changed since the previous call:
+    requests, 5xx responses and the latency histogram, in total and per
+    backend (by URL).  A daemon thread (``start``/``stop``) calls it every
+    ``interval`` seconds under a ``LoopGuard``, so a failing round is logged
+    and the next one runs.  ``lock`` guards ``samples`` and ``previous``
+    (the last cumulative reading and its time).
+    """
+
+    def __init__(self, source: Callable[[], ClusterStats], interval: float = HISTORY_INTERVAL,
+                 size: int = HISTORY_SIZE) -> None:
+        self.source = source
+        self.interval = interval
+        self.size = size
+        self.lock = threading.Lock()
+        self.samples: deque[Interval] = deque(maxlen=size)
+        self.previous: tuple[float, Totals, dict[str, Totals]] | None = None
+        self.guard = LoopGuard("dashboard history")
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def sample(self, now: float) -> Interval | None:
+        """Record the traffic since the previous call; returns the new sample.
+
+        The first call (or one whose clock went backwards) only takes the
+        baseline and returns None.
+        """
+        stats = self.source()
+        backends: dict[str, Totals] = {}
+        latency = [0] * (len(BUCKETS) + 1)
+        for backend in stats.backends:
+            traffic = backend.traffic
+            backends[backend.url] = Totals(
+                sum(traffic.responses.values()),
+                sum(n for code, n in traffic.responses.items() if 500 <= code <= 599),
+                tuple(traffic.latency.counts))
+            latency = [a + b for a, b in zip(latency, traffic.latency.counts)]
+        unrouted = stats.unrouted
+        total = Totals(sum(b.requests for b in backends.values()) + sum(unrouted.values()),
+                       sum(b.errors for b in backends.values())
+                       + sum(n for code, n in unrouted.items() if 500 <= code <= 599),
+                       tuple(latency))
+        with self.lock:
+            previous, self.previous = self.previous, (now, total, backends)
+            if previous is None or now <= previous[0]:
+                return None
+            before_time, before_total, before_backends = previous
+            # The total is the sum of its parts' deltas: a backend removed
+            # in between must not make it go down.
+            parts = {url: _delta(now_totals, before_backends.get(url))
+                     for url, now_totals in backends.items()}
+            unrouted_before = (before_total.requests - sum(b.requests for b in before_backends.values()),
+                               before_total.errors - sum(b.errors for b in before_backends.values()))
+            unrouted_now = (total.requests - sum(b.requests for b in backends.values()),
+                            total.errors - sum(b.errors for b in backends.values()))
+            unrouted_delta = [a - b if a >= b else a  # went down: reset
+                              for a, b in zip(unrouted_now, unrouted_before)]
+            interval_total = Totals(
+                sum(p.requests for p in parts.values()) + unrouted_delta[0],
+                sum(p.errors for p in parts.values()) + unrouted_delta[1],
+                tuple(map(sum, zip(*(p.latency for p in parts.values()))))
+                if parts else (0,) * (len(BUCKETS) + 1))
+            entry = Interval(now, now - before_time, interval_total, parts)
+            self.samples.append(entry)
+            return entry
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``/status`` ``"history"`` document: columns, oldest sample first.
+
+        ``{"interval": 5.0, "size": 180, "time": [t, ...], "seconds": [dt, ...],
+        "total": SERIES, "backends": {url: SERIES}}`` where SERIES is
+        ``{"requests": [...], "errors": [...], "rps": [...], "error_rate": [...],
+        "p50_ms": [...], "p99_ms": [...]}``, every list as long as ``time``;
+        ``null`` where a backend did not exist, and for the error rate and
+        latencies of an interval without requests.
+        """
+        with self.lock:
+            samples = list(self.samples)
+        seconds = [entry.seconds for entry in samples]
+        urls: dict[str, None] = {}
+        for entry in samples:
+            urls.update(dict.fromkeys(entry.backends))
+        return {
+            "interval": self.interval, "size": self.size,
+            "time": [round(entry.time, 3) for entry in samples],
+            "seconds": [round(dt, 3) for dt in seconds],
+            "total": _series([entry.total for entry in samples], seconds),
+            "backends": {url: _series([entry.backends.get(url) for entry in samples], seconds)
+                         for url in urls},
+        }
+
+    # --- the sampling thread ---------------------------------------------------
+
+    def start(self) -> None:
+        """Start the daemon thread that samples every ``interval`` seconds (once)."""
+        with self.lock:
+            if self.thread is not None:
+                return
+            self.thread = threading.Thread(target=self.run, name="dashboard-history", daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        """Take the baseline, then one sample per interval until ``stop``; survives failures."""
+        with self.guard:
+            self.sample(time.time())
+        while not self.stopped.wait(self.interval):
+            with self.guard:
+                self.sample(time.time())
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it (a round in progress finishes)."""
+        self.stopped.set()
+        with self.lock:
+            thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)

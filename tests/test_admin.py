@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import logging
+import re
 import select
 import socket
 import struct
@@ -28,7 +29,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import admin  # noqa: E402
+import metrics  # noqa: E402
 import settings  # noqa: E402
+from backend_urls import parse_backend  # noqa: E402
 from cluster import ServerCluster  # noqa: E402
 from tests.support import wait_for  # noqa: E402
 
@@ -88,6 +91,8 @@ class AdminTestCase(unittest.TestCase):
                 self.ended += 1
 
         self.server.shutdown_request = counting_shutdown_request  # type: ignore[method-assign]
+        # The sampler takes its baseline, then waits: tests drive ``sample`` themselves.
+        self.server.history.interval = 3600.0
         self.port = self.server.server_address[1]
         thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
                                   name="admin-test", daemon=True)
@@ -162,7 +167,8 @@ class ReadTests(AdminTestCase):
         self.assertEqual(reply.headers["Cache-Control"], "no-store")
         self.assertEqual(int(reply.headers["Content-Length"]), len(reply.body))
         document = reply.json()
-        self.assertEqual(set(document), {"policy", "backends", "unrouted", "settings", "time"})
+        self.assertEqual(set(document), {"policy", "backends", "unrouted", "settings", "time",
+                                         "history"})
         self.assertEqual(document["policy"], "round-robin")
         self.assertEqual(document["unrouted"], {"503": 1})
         self.assertIsInstance(document["time"], float)
@@ -217,11 +223,97 @@ class ReadTests(AdminTestCase):
         self.assertEqual(len(sockets), 1, "the same connection was used throughout")
 
     def test_dashboard(self) -> None:
-        """/ answers the HTML dashboard."""
+        """/ answers the HTML dashboard: SVG charts of the history, frontend row, admin buttons.
+
+        The page draws inline SVG from /status "history" (every series it
+        reads exists), shows the optional "frontend" numbers only when present,
+        and its buttons POST same-origin JSON, asking for the token on a 401.
+        """
         reply = self.request("GET", "/")
         self.assertEqual(reply.status, 200)
         reply.content_type_is("text/html; charset=utf-8")
-        self.assertIn(b"<html", reply.body.lower())
+        page = reply.body.decode()
+        self.assertIn("<html", page.lower())
+        self.assertNotRegex(page, r"<script[^>]+src|<link|@import|url\(")  # self-contained
+        self.assertNotIn("http://", page)
+        self.assertNotIn("https://", page)
+        # Charts: inline SVG paths drawn from the history the server keeps.
+        self.assertIn('createElementNS(SVG_NS, name)', page)
+        self.assertIn('svg("path"', page)
+        self.assertIn("viewBox:", page)
+        series = set(re.findall(r'\["(\w+)", "[^"]+", \d+\]', page))
+        self.assertEqual(series, {"rps", "p50_ms", "p99_ms", "error_rate"})
+        self.assertLessEqual(series, SERIES_KEYS)
+        self.assertIn("status.history", page)
+        self.assertIn("history.backends[b.url]", page)  # per-backend rate from the first paint
+        # Frontend row: unrouted today, the proxy's optional numbers behind "hidden".
+        self.assertIn("status.unrouted", page)
+        self.assertIn("status.frontend", page)
+        self.assertRegex(page, r'id="frontend-open" hidden')
+        self.assertRegex(page, r'id="frontend-rejected" hidden')
+        self.assertIn("frontend.open_connections", page)
+        self.assertIn("frontend.rejected", page)
+        # Buttons: drain / maint / ready POSTing JSON same-origin; token on 401.
+        self.assertIn('const ACTIONS = ["drain", "maint", "ready"];', page)
+        self.assertIn('"backends/" + id + "/" + action', page)
+        self.assertIn('method: "POST"', page)
+        self.assertIn('"Content-Type": "application/json"', page)
+        self.assertIn('mode: "same-origin"', page)
+        self.assertIn('"Bearer " + token', page)
+        self.assertIn("response.status === 401", page)
+        self.assertIn("window.prompt(", page)
+        self.assertNotIn("localStorage", page)  # the token stays in memory
+        self.assertNotIn("sessionStorage", page)
+        # Responsive: a viewport and a narrow-screen layout.
+        self.assertIn('name="viewport"', page)
+        self.assertRegex(page, r"@media \(max-width:\d+px\)")
+
+    def test_dashboard_buttons_requests_are_accepted(self) -> None:
+        """What a button sends (same origin, JSON, "{}") is accepted; without the token: 401."""
+        headers = {"Origin": f"http://127.0.0.1:{self.port}", "Sec-Fetch-Site": "same-origin",
+                   "Content-Type": "application/json"}
+        reply = self.request("POST", "/backends/1/drain", "{}", headers)
+        self.assertEqual((reply.status, reply.json()["state"]), (200, "drain"))
+        self.config = settings.load(BASE_ARGS + ["--admin-token", "s3cret"])
+        self.assertEqual(self.request("POST", "/backends/1/ready", "{}", headers).status, 401)
+        reply = self.request("POST", "/backends/1/ready", "{}",
+                             dict(headers, Authorization="Bearer s3cret"))
+        self.assertEqual((reply.status, reply.json()["state"]), (200, "up"))
+
+    def test_head_on_every_get_route(self) -> None:
+        """HEAD /, /status, /metrics (and a 404): the GET's status and headers, no body.
+
+        Content-Length is the GET body's length; the connection stays usable
+        (a body sent after a HEAD head would be read as the next response).
+        """
+        self.cluster.acquire("c").done(200, 0.01)
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        self.addCleanup(connection.close)
+        for path, status in (("/", 200), ("/status", 200), ("/metrics", 200), ("/nope", 404)):
+            with self.subTest(path=path):
+                connection.request("GET", path)
+                got = connection.getresponse()
+                get_body = got.read()
+                connection.request("HEAD", path)
+                head = connection.getresponse()
+                self.assertEqual(head.read(), b"")
+                self.assertEqual((got.status, head.status), (status, status))
+                self.assertEqual(head.getheader("Content-Type"), got.getheader("Content-Type"))
+                self.assertEqual(head.getheader("Cache-Control"), "no-store")
+                length = int(head.getheader("Content-Length"))
+                self.assertGreater(length, 0)
+                if path != "/status":  # /status carries the time: its length may move by a byte
+                    self.assertEqual(length, len(get_body))
+                else:
+                    self.assertLess(abs(length - len(get_body)), 8)
+        # Raw bytes: nothing follows the HEAD answer's empty line.
+        sock = self.raw_connection()
+        sock.sendall(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data, closed = read_until_close(sock)
+        self.assertTrue(closed)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertEqual(rest, b"")
 
     def test_not_found(self) -> None:
         """Unknown paths, unknown ids and wrong action shapes answer 404 with a JSON error."""
@@ -236,6 +328,188 @@ class ReadTests(AdminTestCase):
                 self.assertIn("error", reply.json())
         self.assertEqual(len(self.cluster.snapshot()), 2)
         self.assertEqual(self.changes, 0)
+
+
+SERIES_KEYS = {"requests", "errors", "rps", "error_rate", "p50_ms", "p99_ms"}
+
+
+def record(cluster: ServerCluster, url: str, status: int, duration: float, times: int = 1) -> None:
+    """``times`` responses of ``url`` with ``status`` after ``duration`` seconds, as the proxy records them."""
+    for _ in range(times):
+        others = tuple(b for b in cluster.snapshot() if b.url != url)
+        attempt = cluster.acquire("client", exclude=others)
+        assert attempt is not None and attempt.backend.url == url
+        attempt.done(status, duration)
+
+
+class HistoryTests(unittest.TestCase):
+    """``metrics.TrafficHistory`` driven directly: recorded traffic, chosen times, no sleeps."""
+
+    def setUp(self) -> None:
+        self.config = settings.load(BASE_ARGS)
+        self.cluster = ServerCluster.from_settings(self.config.pools["default"])
+        self.addCleanup(self.cluster.close)
+        self.history = metrics.TrafficHistory(self.cluster.stats)
+
+    def test_first_sample_is_the_baseline(self) -> None:
+        """Traffic before the first sample is not shown as a burst in the first interval."""
+        record(self.cluster, URL1, 200, 0.01, times=50)
+        self.assertIsNone(self.history.sample(1000.0))
+        document = self.history.to_json()
+        self.assertEqual((document["time"], document["total"]["requests"]), ([], []))
+        record(self.cluster, URL1, 200, 0.01, times=2)
+        self.history.sample(1005.0)
+        self.assertEqual(self.history.to_json()["total"]["requests"], [2])
+
+    def test_intervals_hold_deltas_rates_error_rates_and_percentiles(self) -> None:
+        """Per interval: requests, 5xx (unrouted 503s in the total), rps, p50/p99 from buckets."""
+        self.history.sample(1000.0)
+        record(self.cluster, URL1, 200, 0.002, times=3)  # bucket (1 ms, 2.5 ms]
+        record(self.cluster, URL1, 502, 0.3)  # bucket (250 ms, 500 ms]
+        record(self.cluster, URL2, 404, 0.02)  # bucket (10 ms, 25 ms]
+        self.cluster.count_unrouted(503)
+        self.cluster.count_unrouted(503)
+        sample = self.history.sample(1005.0)
+        self.assertIsNotNone(sample)
+        self.history.sample(1010.0)  # an interval without traffic
+        document = self.history.to_json()
+        self.assertEqual(document["interval"], metrics.HISTORY_INTERVAL)
+        self.assertEqual(document["size"], metrics.HISTORY_SIZE)
+        self.assertEqual(document["time"], [1005.0, 1010.0])
+        self.assertEqual(document["seconds"], [5.0, 5.0])
+        total = document["total"]
+        self.assertEqual(set(total), SERIES_KEYS)
+        self.assertEqual(total["requests"], [7, 0])
+        self.assertEqual(total["errors"], [3, 0])
+        self.assertEqual(total["rps"], [1.4, 0.0])
+        self.assertEqual(total["error_rate"], [round(3 / 7, 4), None])
+        self.assertEqual(total["p50_ms"][1], None)
+        self.assertEqual(list(document["backends"]), [URL1, URL2])
+        one = document["backends"][URL1]
+        self.assertEqual((one["requests"], one["errors"], one["error_rate"]),
+                         ([4, 0], [1, 0], [0.25, None]))
+        # rank 2 of 4 in (1 ms, 2.5 ms] holding 3: 1 + 1.5 * 2/3 = 2 ms;
+        # rank 3.96 in (250 ms, 500 ms] holding 1: 250 + 250 * 0.96 = 490 ms.
+        self.assertEqual(one["p50_ms"], [2.0, None])
+        self.assertEqual(one["p99_ms"], [490.0, None])
+        two = document["backends"][URL2]
+        self.assertEqual((two["requests"], two["errors"], two["p50_ms"]), ([1, 0], [0, 0], [17.5, None]))
+        json.dumps(document, allow_nan=False)  # plain JSON
+
+    def test_ring_buffer_keeps_the_last_size_samples(self) -> None:
+        """Only the last ``size`` intervals are kept, oldest first."""
+        history = metrics.TrafficHistory(self.cluster.stats, size=3)
+        for step in range(6):
+            record(self.cluster, URL2, 200, 0.001, times=step)
+            history.sample(1000.0 + 5 * step)
+        document = history.to_json()
+        self.assertEqual(document["time"], [1015.0, 1020.0, 1025.0])
+        self.assertEqual(document["total"]["requests"], [3, 4, 5])
+
+    def test_backends_that_come_go_or_restart_their_counters(self) -> None:
+        """A backend added later is null before it existed; one removed and added again
+        (new counters) counts from zero, never a negative delta; clock going back: no sample."""
+        self.history.sample(1000.0)
+        record(self.cluster, URL1, 200, 0.01, times=5)
+        self.history.sample(1005.0)
+        backend = next(b for b in self.cluster.snapshot() if b.url == URL1)
+        self.cluster.remove(backend)
+        self.history.sample(1010.0)
+        self.cluster.add(parse_backend(URL3))
+        self.cluster.add(parse_backend(URL1))
+        record(self.cluster, URL1, 200, 0.01, times=2)
+        record(self.cluster, URL3, 500, 0.01)
+        self.history.sample(1015.0)
+        self.assertIsNone(self.history.sample(1012.0))  # the clock went back: a new baseline
+        document = self.history.to_json()
+        self.assertEqual(document["time"], [1005.0, 1010.0, 1015.0])
+        self.assertEqual(document["backends"][URL1]["requests"], [5, None, 2])
+        self.assertEqual(document["backends"][URL3]["requests"], [None, None, 1])
+        self.assertEqual(document["backends"][URL2]["requests"], [0, 0, 0])
+        self.assertEqual(document["total"]["requests"], [5, 0, 3])
+        self.assertEqual(document["total"]["errors"], [0, 0, 1])
+        for series in document["backends"].values():
+            self.assertTrue(all(n is None or n >= 0 for n in series["requests"]))
+
+    def test_quantile_estimates(self) -> None:
+        """Interpolated inside the bucket; +Inf answers the last finite bound; empty is None."""
+        empty = [0] * (len(metrics.BUCKETS) + 1)
+        self.assertIsNone(metrics.quantile(empty, 0.5))
+        first = list(empty)
+        first[0] = 4
+        self.assertAlmostEqual(metrics.quantile(first, 0.5), 0.0005)
+        slow = list(empty)
+        slow[-1] = 1
+        self.assertEqual(metrics.quantile(slow, 0.99), metrics.BUCKETS[-1])
+
+    def test_sampler_thread_survives_a_failing_round_and_stops(self) -> None:
+        """A round that raises is logged (LoopGuard) and the next rounds still sample; stop joins."""
+        calls = [0]
+
+        def flaky_stats():
+            calls[0] += 1
+            if calls[0] == 2:
+                raise RuntimeError("injected sampler failure")
+            return self.cluster.stats()
+
+        history = metrics.TrafficHistory(flaky_stats, interval=0.01)
+        self.addCleanup(history.stop)
+        with self.assertLogs("cclb", logging.ERROR) as captured:
+            history.start()
+            wait_for(lambda: len(history.to_json()["time"]) >= 2, 10, message="two samples")
+        history.stop()
+        self.assertFalse(history.thread.is_alive())
+        self.assertEqual(history.guard.failures, 1)
+        self.assertIn("injected sampler failure", "\n".join(captured.output))
+
+
+class StatusHistoryTests(AdminTestCase):
+    def test_status_history_shape(self) -> None:
+        """/status "history": interval, size, time and seconds columns, total and per-URL series."""
+        # The server's sampler takes its baseline (now) once: after it, times
+        # before now only start a new baseline.
+        wait_for(lambda: self.server.history.previous is not None, 5, message="the baseline")
+        self.server.history.sample(2000.0)
+        record(self.cluster, URL1, 200, 0.004, times=4)
+        record(self.cluster, URL2, 503, 0.2)
+        self.server.history.sample(2005.0)
+        history = self.request("GET", "/status").json()["history"]
+        self.assertEqual(set(history), {"interval", "size", "time", "seconds", "total", "backends"})
+        self.assertEqual(history["time"][-1], 2005.0)
+        self.assertEqual(set(history["backends"]), {URL1, URL2})
+        for series in [history["total"], *history["backends"].values()]:
+            self.assertEqual(set(series), SERIES_KEYS)
+            for column in series.values():
+                self.assertEqual(len(column), len(history["time"]))
+        self.assertEqual(history["total"]["rps"][-1], 1.0)
+        self.assertEqual(history["total"]["error_rate"][-1], 0.2)
+        self.assertEqual(history["backends"][URL2]["p50_ms"][-1], 175.0)
+
+    def test_the_server_runs_the_sampler_while_it_serves(self) -> None:
+        """serve_forever starts the sampler (its baseline), shutdown stops its thread."""
+        wait_for(lambda: self.server.history.previous is not None, 5, message="the baseline")
+        thread = self.server.history.thread
+        self.assertTrue(thread is not None and thread.is_alive())
+        self.server.shutdown()
+        thread.join(5)
+        self.assertFalse(thread.is_alive())
+
+    def test_frontend_only_when_the_proxy_reports_it(self) -> None:
+        """No "frontend" key by default; the proxy's numbers when AdminServer.frontend is set."""
+        self.assertNotIn("frontend", self.request("GET", "/status").json())
+        self.server.frontend = lambda: {"open_connections": 3, "rejected": {"busy": 2}}
+        self.assertEqual(self.request("GET", "/status").json()["frontend"],
+                         {"open_connections": 3, "rejected": {"busy": 2}})
+
+        def failing() -> dict[str, Any]:
+            raise RuntimeError("injected frontend failure")
+
+        self.server.frontend = failing
+        with self.assertLogs("cclb", logging.ERROR):
+            reply = self.request("GET", "/status")
+        self.assertEqual(reply.status, 200)
+        self.assertNotIn("frontend", reply.json())
+        self.assertEqual(self.server.guard.failures, 1)
 
 
 class WriteTests(AdminTestCase):
