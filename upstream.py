@@ -12,12 +12,18 @@ at all: it opens a new connection per request and follows redirects.
 from __future__ import annotations
 
 import http.client
+import logging
 import select
+import selectors
 import socket
+import struct
 import threading
 import time
 
+from loops import LoopGuard
 from socket_io import SocketReader, SocketWriter, set_timeouts
+
+log = logging.getLogger("cclb")
 
 
 def describe_error(error: BaseException) -> str:
@@ -35,13 +41,73 @@ def describe_error(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-class UpstreamConnection(http.client.HTTPConnection):
-    """One connection to a backend, with a persistent buffered reader."""
+class HeadDeadlineReader(SocketReader):
+    """A ``SocketReader`` whose reads can be held to a deadline: the response head's.
 
-    reader: SocketReader
+    The socket's kernel receive timeout bounds each ``recv``, not a whole
+    head: a backend sending one byte just within it would never time out.
+    While ``deadline`` (a ``time.monotonic()`` value; 0.0 = none) is set,
+    every further ``recv`` waits at most until the deadline, and one that
+    would start after it raises ``TimeoutError``.  Cheap when the head
+    arrives in one segment (the usual case): the first ``recv`` starts right
+    after the deadline was set, so the kernel timeout needs no change and no
+    extra system call is made; only a head in several segments shrinks the
+    timeout (one ``setsockopt`` per further read) and ``end_deadline``
+    restores it (one more).  Owned by the connection's thread, like its base.
+    """
+
+    __slots__ = ("deadline", "read_timeout", "kernel_timeout")
+
+    # A read starting less than this before the kernel timeout would have
+    # expired anyway overshoots the deadline by at most this much: not worth
+    # a system call.
+    SLACK = 0.005
+
+    def __init__(self, sock: socket.socket, read_timeout: float) -> None:
+        super().__init__(sock)
+        self.deadline = 0.0
+        self.read_timeout = read_timeout  # the per-read timeout (set_timeouts)
+        self.kernel_timeout = read_timeout  # SO_RCVTIMEO as it is now
+
+    def fill(self) -> bool:
+        deadline = self.deadline
+        if deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("timed out")
+            if remaining < self.kernel_timeout - self.SLACK:
+                self._set_receive_timeout(remaining)
+        return SocketReader.fill(self)
+
+    def end_deadline(self) -> None:
+        """Back to the per-read timeout (the body has no whole-body deadline)."""
+        self.deadline = 0.0
+        if self.kernel_timeout != self.read_timeout:
+            self._set_receive_timeout(self.read_timeout)
+
+    def _set_receive_timeout(self, seconds: float) -> None:
+        # A zero timeval means "no timeout" to the kernel: never set less than 1 ms.
+        seconds = max(seconds, 0.001)
+        whole = int(seconds)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                             struct.pack("ll", whole, int((seconds - whole) * 1_000_000)))
+        self.kernel_timeout = seconds
+
+
+class UpstreamConnection(http.client.HTTPConnection):
+    """One connection to a backend, with a persistent buffered reader.
+
+    ``owner`` is the token of the client connection it serves or last
+    served (``ConnectionPool.acquire``); ``generation`` the pool's
+    generation when it was opened.  Both are written only by the thread
+    that holds the connection (or under the pool's lock while it is idle).
+    """
+
+    reader: HeadDeadlineReader
     writer: SocketWriter
     idle_since: float = 0.0
     generation: int = 0  # the pool's generation when this connection was opened
+    owner: int = 0  # the client connection it serves or last served (0: none yet)
 
     def __init__(self, host: str, port: int, connect_timeout: float, read_timeout: float) -> None:
         super().__init__(host, port, timeout=connect_timeout)
@@ -51,7 +117,7 @@ class UpstreamConnection(http.client.HTTPConnection):
         super().connect()  # sets TCP_NODELAY too; timeout = connect timeout
         assert self.sock is not None
         set_timeouts(self.sock, self.read_timeout)
-        self.reader = SocketReader(self.sock)
+        self.reader = HeadDeadlineReader(self.sock, self.read_timeout)
         self.writer = SocketWriter(self.sock)
         self.poller = select.poll()
         self.poller.register(self.sock, select.POLLIN)
@@ -88,48 +154,214 @@ class UpstreamConnection(http.client.HTTPConnection):
         return self.reader.buffered > 0
 
 
+class IdleWatcher:
+    """One daemon thread watching every idle pooled connection of every pool.
+
+    An idle keep-alive connection must have nothing to read: bytes arriving
+    while no request is outstanding answer no request (a backend sending an
+    unsolicited or extra response), and EOF means the backend closed it.
+    Either way it must never carry another request, or the next client gets
+    someone else's answer (RFC 9112 9.3: a response belongs to the request
+    it follows on the connection).  The acquire-time ``looks_stale`` poll
+    catches what arrived before a connection is handed out; the watcher
+    closes such a connection as soon as the kernel reports it readable (as
+    nginx's upstream keepalive module does), so it also stops being a
+    candidate for reuse, and it frees the backend's side at once.
+
+    Locks: ``lock`` guards the selector's registration table and the
+    thread's start.  ``watch``/``unwatch`` are called with the owning pool's
+    lock held, so "in the pool's idle list" and "registered here" always
+    change together (lock order: pool lock, then ``lock``): a connection is
+    never handed out while watched.  ``select`` runs without ``lock`` (the
+    kernel's epoll/kqueue/poll tolerate registration from other threads, and
+    the selector's table lookup is one dict operation); each event is then
+    re-checked under the pool's lock (``ConnectionPool.discard_if_stale``),
+    so an event for a connection handed out meanwhile, or for a descriptor
+    number already reused by another socket, closes nothing.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.selector: selectors.BaseSelector | None = None
+        self.wake_reader: socket.socket | None = None
+        self.wake_writer: socket.socket | None = None
+        self.thread: threading.Thread | None = None
+        self.stopped = threading.Event()
+        self.guard = LoopGuard("upstream idle watcher")
+        self.discarded = 0  # connections closed because they became readable; guarded by lock
+
+    def watch(self, pool: ConnectionPool, conn: UpstreamConnection) -> bool:
+        """Watch idle ``conn`` of ``pool``; False if it cannot be (then do not pool it).
+
+        The caller holds ``pool.lock``.
+        """
+        with self.lock:
+            if self.selector is None:
+                if self.stopped.is_set():
+                    return False
+                self._start()
+            assert self.selector is not None
+            sock = conn.sock
+            fd = sock.fileno() if sock is not None else -1
+            if fd < 0:
+                return False  # closed
+            try:
+                self.selector.register(fd, selectors.EVENT_READ, (pool, conn))
+            except KeyError:
+                # The number is registered for a connection whose socket was
+                # closed without leaving its pool (the kernel dropped it from
+                # the selector then): replace that stale entry.
+                self.selector.unregister(fd)
+                self.selector.register(fd, selectors.EVENT_READ, (pool, conn))
+            except (ValueError, OSError):
+                return False
+        return True
+
+    def unwatch(self, conn: UpstreamConnection) -> None:
+        """Stop watching ``conn`` (it is being handed out or closed); caller holds its pool's lock."""
+        sock = conn.sock
+        fd = sock.fileno() if sock is not None else -1
+        with self.lock:
+            if self.selector is not None and fd >= 0:
+                try:
+                    self.selector.unregister(fd)
+                except (KeyError, ValueError):
+                    pass
+
+    def watched(self) -> int:
+        """How many connections are watched now (for tests and diagnostics)."""
+        with self.lock:
+            return 0 if self.selector is None else len(self.selector.get_map()) - 1
+
+    def start(self) -> None:
+        """Start the thread now (the server does, so that no request pays for it)."""
+        with self.lock:
+            if self.selector is None and not self.stopped.is_set():
+                self._start()
+
+    def _start(self) -> None:
+        # caller holds self.lock
+        self.selector = selectors.DefaultSelector()
+        self.wake_reader, self.wake_writer = socket.socketpair()
+        self.wake_reader.setblocking(False)
+        self.selector.register(self.wake_reader, selectors.EVENT_READ, None)
+        self.thread = threading.Thread(target=self.run, args=(self.selector,),
+                                       name="upstream-idle-watcher", daemon=True)
+        self.thread.start()
+
+    def run(self, selector: selectors.BaseSelector) -> None:
+        while not self.stopped.is_set():
+            with self.guard:
+                # The timeout only matters for selectors that do not see a
+                # registration made while they wait (poll); epoll and kqueue do.
+                for key, _ in selector.select(timeout=1.0):
+                    if key.data is None:
+                        self._drain_wake()
+                        continue
+                    pool, conn = key.data
+                    if pool.discard_if_stale(conn):
+                        with self.lock:
+                            self.discarded += 1
+
+    def _drain_wake(self) -> None:
+        try:
+            assert self.wake_reader is not None
+            while self.wake_reader.recv(64):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def stop(self) -> None:
+        """End the thread and close the selector (tests; the shared watcher lives as long as the process)."""
+        with self.lock:
+            self.stopped.set()
+            thread, writer = self.thread, self.wake_writer
+        if writer is not None:
+            try:
+                writer.send(b"x")
+            except OSError:
+                pass
+        if thread is not None:
+            thread.join(timeout=5)
+        with self.lock:
+            if self.selector is not None:
+                self.selector.close()
+            for sock in (self.wake_reader, self.wake_writer):
+                if sock is not None:
+                    sock.close()
+
+
+# The watcher of every pool that is not given its own (tests give their own).
+SHARED_IDLE_WATCHER = IdleWatcher()
+
+
 class ConnectionPool:
     """Idle keep-alive connections to one backend, most recently used first.
 
-    ``lock`` guards ``idle``, ``generation`` and ``retired``.  Connections are
-    handed out exclusively: a connection is either in ``idle`` or owned by
-    exactly one request.  ``close_all`` (the backend went down) starts a new
-    generation: a connection opened before it and released after it by a
-    request that was still in flight is closed, not pooled.  ``retire`` (the
-    backend was removed) does the same for good.
+    ``lock`` guards ``idle``, ``generation`` and ``retired``, and the idle
+    connections' registration with ``watcher`` (see ``IdleWatcher``).
+    Connections are handed out exclusively: a connection is either in
+    ``idle`` (and watched) or owned by exactly one request.  ``close_all``
+    (the backend went down) starts a new generation: a connection opened
+    before it and released after it by a request that was still in flight
+    is closed, not pooled.  ``retire`` (the backend was removed) does the
+    same for good.
     """
 
     def __init__(self, host: str, port: int, connect_timeout: float,
-                 read_timeout: float, max_idle: int = 64, idle_timeout: float = 30.0) -> None:
+                 read_timeout: float, max_idle: int = 64, idle_timeout: float = 30.0,
+                 watcher: IdleWatcher | None = None) -> None:
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
+        self.watcher = watcher or SHARED_IDLE_WATCHER
         self.lock = threading.Lock()
         self.idle: list[UpstreamConnection] = []
         self.generation = 0
         self.retired = False
 
-    def acquire(self) -> tuple[UpstreamConnection, bool]:
-        """A connection and whether it was reused from the pool.
+    def acquire(self, owner: int = 0, own_only: bool = False) -> tuple[UpstreamConnection, bool]:
+        """A connection for a request of client connection ``owner``, and whether it was reused.
 
-        A pooled connection is polled first (one system call): anything
-        readable on an idle connection (EOF, or bytes nobody asked for) makes
-        it unusable.  A new connection is connected here; OSError (refused,
-        timeout) is the caller's to handle.
+        ``own_only`` (``--upstream-reuse safe`` for a client connection's
+        first request, HAProxy's ``http-reuse safe``): only an idle
+        connection that ``owner`` itself used before may be reused, never
+        one another client connection used, so a backend that answers a
+        request twice cannot hand its extra answer to a newcomer.  Otherwise
+        the most recently used idle connection.
+
+        A pooled connection is polled first (one system call, the last line
+        of defence behind the ``IdleWatcher``): anything readable on an idle
+        connection (EOF, or bytes nobody asked for) makes it unusable.  A new
+        connection is connected here; OSError (refused, timeout) is the
+        caller's to handle.
         """
         now = time.monotonic()
         while True:
             with self.lock:
-                conn = self.idle.pop() if self.idle else None
+                idle = self.idle
+                conn = None
+                if idle:
+                    if not own_only:
+                        conn = idle.pop()
+                    else:
+                        for index in range(len(idle) - 1, -1, -1):
+                            if idle[index].owner == owner:
+                                conn = idle.pop(index)
+                                break
+                    if conn is not None:
+                        self.watcher.unwatch(conn)
             if conn is None:
                 break
             if now - conn.idle_since < self.idle_timeout and not conn.looks_stale():
+                conn.owner = owner
                 return conn, True
             conn.close()
         conn = UpstreamConnection(self.host, self.port, self.connect_timeout, self.read_timeout)
+        conn.owner = owner
         with self.lock:
             conn.generation = self.generation
         try:
@@ -140,20 +372,37 @@ class ConnectionPool:
         return conn, False
 
     def release(self, conn: UpstreamConnection) -> None:
-        """Return a connection whose last response was read completely."""
+        """Return a connection whose last response was read completely; it is watched while idle."""
         conn.idle_since = time.monotonic()
         with self.lock:
             if (len(self.idle) < self.max_idle and not self.retired
-                    and conn.generation == self.generation):
+                    and conn.generation == self.generation and self.watcher.watch(self, conn)):
                 self.idle.append(conn)
                 return
         conn.close()
+
+    def discard_if_stale(self, conn: UpstreamConnection) -> bool:
+        """Close ``conn`` if it is still idle here and has something to read; whether it did.
+
+        Called by the ``IdleWatcher`` when ``conn`` became readable.  The
+        check is made under ``lock``: a connection handed out meanwhile is
+        not idle any more and is left alone.
+        """
+        with self.lock:
+            if conn not in self.idle or not conn.looks_stale():
+                return False
+            self.idle.remove(conn)
+            self.watcher.unwatch(conn)
+        conn.close()
+        return True
 
     def close_all(self) -> None:
         """Close the idle connections, and those in use when they come back."""
         with self.lock:
             idle, self.idle = self.idle, []
             self.generation += 1
+            for conn in idle:
+                self.watcher.unwatch(conn)
         for conn in idle:
             conn.close()
 
@@ -162,4 +411,3 @@ class ConnectionPool:
         with self.lock:
             self.retired = True
         self.close_all()
-

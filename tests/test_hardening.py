@@ -1545,6 +1545,12 @@ def bad_inputs() -> list[tuple[str, bytes]]:
 class RobustnessTest(ScriptedCase):
     balancer_args = ("--access-log", "-")
 
+    def open_backend_connections(self) -> int:
+        """Backend connections still open (each has a live RawBackend thread)."""
+        with self.backend.lock:
+            threads = list(self.backend.threads)
+        return sum(thread.is_alive() for thread in threads)
+
     def test_burst_of_bad_requests_leaves_no_trace(self) -> None:
         pid = self.balancer.pid
         client = Client(self, self.port)
@@ -1553,6 +1559,7 @@ class RobustnessTest(ScriptedCase):
         client.close()
         wait_for(lambda: process_threads(pid) < with_handler, 5, message="warm-up thread to end")
         threads_before, fds_before = process_threads(pid), process_fds(pid)
+        pooled_before = self.open_backend_connections()
         cases = bad_inputs()
         burst = (cases * (200 // len(cases) + 1))[:max(200, len(cases))]
         errors: list[str] = []
@@ -1583,8 +1590,13 @@ class RobustnessTest(ScriptedCase):
         client.close()
         wait_for(lambda: process_threads(pid) <= threads_before, 5,
                  message=f"threads back to {threads_before} (now {process_threads(pid)})")
-        wait_for(lambda: process_fds(pid) <= fds_before + 3, 5,
-                 message=f"fds back to {fds_before} (now {process_fds(pid)})")
+        # Backend connections the balancer keeps pooled are not a leak: with
+        # --upstream-reuse safe each client connection's first forwarded
+        # request opens one (see test_upstream), so count them out.
+        wait_for(lambda: process_fds(pid) <= fds_before + 3 + self.open_backend_connections()
+                 - pooled_before, 5,
+                 message=f"fds back to {fds_before} (now {process_fds(pid)}, "
+                         f"{self.open_backend_connections()} backend connections open)")
         log = self.balancer.log_text()
         self.assertNotIn("Traceback", log, log[-3000:])
 
