@@ -1006,6 +1006,82 @@ class HeadLeftoverTest(ScriptedCase):
                         self.assert_own_answer(Client(self, self.port), f"{prefix}/later")
 
 
+EXTRA_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 4\r\n\r\nEVIL"
+
+
+def answer_then_extra(conn: socket.socket, seen: Seen) -> bool:
+    """Answer (the body is the target), then after ?d= seconds an unsolicited extra response."""
+    delay = float(seen.path.partition("?d=")[2].partition("&")[0] or 0)
+    body = seen.path.encode()
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(body), body))
+    if delay:
+        time.sleep(delay)  # the behaviour under test: the extra answer comes a little later
+    conn.sendall(EXTRA_RESPONSE)
+    return True
+
+
+class ExtraResponseTest(BalancerCase):
+    """A backend's unsolicited extra response never reaches another client connection.
+
+    Task 1 of the upstream-safety work: such a backend used to poison the
+    pooled connection for whichever client came next (34-100 % of tries for
+    delays of 5-200 ms).  With the default --upstream-reuse safe, a client
+    connection's first request never goes over a backend connection another
+    client connection used, and the idle watcher closes a pooled connection
+    on which anything arrives.
+    """
+
+    routes = {"/poison": answer_then_extra}
+    DELAYS = (0.0, 0.005, 0.02, 0.05, 0.2)
+    TRIES = 200
+    CONCURRENCY = 10  # pairs in flight at once, to keep the test short
+
+    def one_pair(self, delay: float, index: int) -> str | None:
+        """A's request gets an extra answer; then B, a new client connection: what went wrong.
+
+        Both are first requests of their client connections, so each may
+        only get its own answer (A could otherwise get the previous pair's
+        extra one).
+        """
+        first = http_exchange(self.port, get(f"/poison?d={delay}&i={index}"))
+        if first.body != f"/poison?d={delay}&i={index}".encode():
+            return f"A got {first.status} {first.body[:60]!r}"
+        path = f"/victim?d={delay}&i={index}"
+        second = http_exchange(self.port, get(path))
+        try:
+            own = second.status == 200 and echo_of(second)["path"] == path
+        except ValueError:  # not the echo's JSON: someone else's answer
+            own = False
+        return None if own else f"B got {second.status} {second.body[:60]!r}"
+
+    def test_extra_response_never_reaches_the_next_client(self) -> None:
+        for delay in self.DELAYS:
+            with self.subTest(delay=delay):
+                wrong: list[str] = []
+                errors: list[BaseException] = []
+
+                def worker(indexes: range) -> None:
+                    for index in indexes:
+                        try:
+                            problem = self.one_pair(delay, index)
+                        except (OSError, ValueError) as error:
+                            errors.append(error)
+                            return
+                        if problem is not None:
+                            wrong.append(problem)
+                workers = [threading.Thread(target=worker,
+                                            args=(range(n, self.TRIES, self.CONCURRENCY),))
+                           for n in range(self.CONCURRENCY)]
+                for thread in workers:
+                    thread.start()
+                for thread in workers:
+                    thread.join(60)
+                self.assertEqual(errors, [])
+                self.assertEqual(wrong, [], f"delay {delay * 1000:g} ms: {len(wrong)} of "
+                                            f"{self.TRIES} pairs got a wrong answer")
+
+
 # --- backend failures that must not take a backend DOWN ------------------------------
 
 class TwoBackendCase(BalancerCase):
