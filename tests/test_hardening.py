@@ -1457,6 +1457,73 @@ class TimeoutsTest(ScriptedCase):
         self.assert_echo(response, "/after-hang")
 
 
+DRIBBLE_STOP = threading.Event()  # set at class cleanup: frees a dribbling responder
+
+
+def dribble_head(conn: socket.socket, seen: Seen) -> bool:
+    """A response head sent one byte every 0.2 s, each byte well within --read-timeout."""
+    head = b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 200 + b"\r\nContent-Length: 2\r\n\r\nok"
+    for byte in head:
+        try:
+            conn.sendall(bytes([byte]))
+        except OSError:
+            return False  # the balancer gave up: what the test wants
+        if DRIBBLE_STOP.wait(0.2):  # the dribbling pace is the behaviour under test
+            return False
+    return True
+
+
+def slow_body(conn: socket.socket, seen: Seen) -> bool:
+    """A prompt head, then a 10-byte body over ~1.5 s (each gap well within --read-timeout)."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+    for digit in b"0123456789":
+        if DRIBBLE_STOP.wait(0.15):  # the pace is the behaviour under test
+            return False
+        conn.sendall(bytes([digit]))
+    return True
+
+
+class HeadDeadlineTest(BalancerCase):
+    """--read-timeout is a deadline for the whole response head (Task 2).
+
+    The old code restarted the timeout at every byte: this backend's
+    ~45 s head (one byte every 0.2 s) went through, and HAProxy-like
+    behaviour is a 504 after the timeout.
+    """
+
+    balancer_args = ("--read-timeout", "1")
+    routes = {"/dribble": dribble_head, "/slow-body": slow_body}
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        DRIBBLE_STOP.clear()
+        super().setUpClass()
+        cls.addClassCleanup(DRIBBLE_STOP.set)  # runs first: the responder ends
+
+    def test_a_dribbled_response_head_gets_504_at_the_deadline(self) -> None:
+        client = Client(self, self.port, timeout=30)
+        started = time.monotonic()
+        response = client.request(get("/dribble"))
+        elapsed = time.monotonic() - started
+        self.assertEqual(response.status, 504, response.raw_head + response.body)
+        self.assertGreater(elapsed, 0.9, "answered before the deadline")
+        # ~1 s plus scheduling; generous for a loaded 2-core machine (the old code: ~45 s).
+        self.assertLess(elapsed, 4.0, "each byte of the head restarted the timeout")
+        self.assert_backend_connection_closed("/dribble")
+        try:
+            response = client.request(get("/after-dribble"))
+        except (ConnectionError, OSError):
+            response = http_exchange(self.port, get("/after-dribble"))
+        self.assert_echo(response, "/after-dribble")
+
+    def test_a_prompt_head_with_a_slow_body_is_not_cut_off(self) -> None:
+        """The deadline covers the head only: the body keeps per-read timeouts."""
+        client = Client(self, self.port, timeout=30)
+        response = client.request(get("/slow-body"))
+        self.assertEqual(response.status, 200, response.raw_head)
+        self.assertEqual(response.body, b"0123456789")
+
+
 class Blackhole:
     """A listener whose accept queue is full: connecting to it times out (SYN dropped)."""
 
