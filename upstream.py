@@ -154,6 +154,14 @@ class UpstreamConnection(http.client.HTTPConnection):
         return self.reader.buffered > 0
 
 
+# epoll interest sets of a watched connection (Linux).  Armed while idle:
+# readable (bytes or EOF) or hung up, reported once (ONESHOT), so an event
+# the watcher declines can never make it spin.  Disarmed while in use: no
+# events (an error or hang-up is reported at most once, then it is disarmed).
+_ARMED = getattr(select, "EPOLLIN", 0) | getattr(select, "EPOLLRDHUP", 0) | getattr(select, "EPOLLONESHOT", 0)
+_DISARMED = getattr(select, "EPOLLONESHOT", 0)
+
+
 class IdleWatcher:
     """One daemon thread watching every idle pooled connection of every pool.
 
@@ -165,56 +173,78 @@ class IdleWatcher:
     it follows on the connection).  The acquire-time ``looks_stale`` poll
     catches what arrived before a connection is handed out; the watcher
     closes such a connection as soon as the kernel reports it readable (as
-    nginx's upstream keepalive module does), so it also stops being a
-    candidate for reuse, and it frees the backend's side at once.
+    nginx's upstream keepalive module does), so it stops being a candidate
+    for reuse and the backend's side is freed at once.
 
-    Locks: ``lock`` guards the selector's registration table and the
-    thread's start.  ``watch``/``unwatch`` are called with the owning pool's
-    lock held, so "in the pool's idle list" and "registered here" always
-    change together (lock order: pool lock, then ``lock``): a connection is
-    never handed out while watched.  ``select`` runs without ``lock`` (the
-    kernel's epoll/kqueue/poll tolerate registration from other threads, and
-    the selector's table lookup is one dict operation); each event is then
-    re-checked under the pool's lock (``ConnectionPool.discard_if_stale``),
-    so an event for a connection handed out meanwhile, or for a descriptor
-    number already reused by another socket, closes nothing.
+    Cost on the request path (Linux): one ``epoll_ctl(MOD)`` on release (arm)
+    and one on acquire (disarm), ~1 us each; a connection is added to the
+    epoll set once, when it is first pooled, and the kernel drops it when it
+    is closed.  Elsewhere a ``selectors`` selector is used (register on
+    release, unregister on acquire).
+
+    Locks: ``lock`` guards ``entries`` (descriptor -> (pool, connection) last
+    watched under that number), the selector or epoll object's registrations
+    and the thread's start.  ``watch``/``unwatch`` are called with the owning
+    pool's lock held, so "in the pool's idle list" and "armed here" change
+    together (lock order: pool lock, then ``lock``): a connection is never
+    handed out while armed.  The wait itself runs without ``lock``; each
+    event is re-checked under the pool's lock
+    (``ConnectionPool.discard_if_stale``), so an event for a connection
+    handed out meanwhile, or for a descriptor number already reused by
+    another socket, closes nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, use_epoll: bool = hasattr(select, "epoll")) -> None:
+        self.use_epoll = use_epoll  # False: the portable selectors path (tests use both)
         self.lock = threading.Lock()
-        self.selector: selectors.BaseSelector | None = None
+        self.epoll: select.epoll | None = None  # Linux
+        self.selector: selectors.BaseSelector | None = None  # elsewhere
+        self.entries: dict[int, tuple[ConnectionPool, UpstreamConnection]] = {}
+        self.armed: set[int] = set()  # descriptors armed now (idle connections)
         self.wake_reader: socket.socket | None = None
         self.wake_writer: socket.socket | None = None
         self.thread: threading.Thread | None = None
         self.stopped = threading.Event()
         self.guard = LoopGuard("upstream idle watcher")
-        self.discarded = 0  # connections closed because they became readable; guarded by lock
+        self.discarded = 0  # connections closed because they became readable
 
     def watch(self, pool: ConnectionPool, conn: UpstreamConnection) -> bool:
         """Watch idle ``conn`` of ``pool``; False if it cannot be (then do not pool it).
 
         The caller holds ``pool.lock``.
         """
+        sock = conn.sock
+        fd = sock.fileno() if sock is not None else -1
+        if fd < 0:
+            return False  # closed
         with self.lock:
-            if self.selector is None:
+            if self.epoll is None and self.selector is None:
                 if self.stopped.is_set():
                     return False
                 self._start()
-            assert self.selector is not None
-            sock = conn.sock
-            fd = sock.fileno() if sock is not None else -1
-            if fd < 0:
-                return False  # closed
             try:
-                self.selector.register(fd, selectors.EVENT_READ, (pool, conn))
-            except KeyError:
-                # The number is registered for a connection whose socket was
-                # closed without leaving its pool (the kernel dropped it from
-                # the selector then): replace that stale entry.
-                self.selector.unregister(fd)
-                self.selector.register(fd, selectors.EVENT_READ, (pool, conn))
-            except (ValueError, OSError):
+                if self.epoll is not None:
+                    entry = self.entries.get(fd)
+                    if entry is not None and entry[1] is conn:
+                        self.epoll.modify(fd, _ARMED)  # re-arm: the usual case
+                    else:
+                        # First pooling of this connection; an entry under the
+                        # same number belonged to a socket since closed (the
+                        # kernel dropped it from the set then).
+                        try:
+                            self.epoll.register(fd, _ARMED)
+                        except FileExistsError:
+                            self.epoll.modify(fd, _ARMED)
+                        self.entries[fd] = (pool, conn)
+                else:
+                    assert self.selector is not None
+                    if fd in self.armed:  # a stale registration of a socket closed while idle
+                        self.selector.unregister(fd)
+                    self.selector.register(fd, selectors.EVENT_READ)
+                    self.entries[fd] = (pool, conn)
+            except (OSError, ValueError, KeyError):
                 return False
+            self.armed.add(fd)
         return True
 
     def unwatch(self, conn: UpstreamConnection) -> None:
@@ -222,46 +252,72 @@ class IdleWatcher:
         sock = conn.sock
         fd = sock.fileno() if sock is not None else -1
         with self.lock:
-            if self.selector is not None and fd >= 0:
-                try:
+            if fd not in self.armed:
+                return
+            self.armed.discard(fd)
+            try:
+                if self.epoll is not None:
+                    self.epoll.modify(fd, _DISARMED)
+                elif self.selector is not None:
                     self.selector.unregister(fd)
-                except (KeyError, ValueError):
-                    pass
+                    del self.entries[fd]
+            except (OSError, ValueError, KeyError):
+                pass
 
     def watched(self) -> int:
         """How many connections are watched now (for tests and diagnostics)."""
         with self.lock:
-            return 0 if self.selector is None else len(self.selector.get_map()) - 1
+            return len(self.armed)
 
     def start(self) -> None:
         """Start the thread now (the server does, so that no request pays for it)."""
         with self.lock:
-            if self.selector is None and not self.stopped.is_set():
+            if self.epoll is None and self.selector is None and not self.stopped.is_set():
                 self._start()
 
     def _start(self) -> None:
         # caller holds self.lock
-        self.selector = selectors.DefaultSelector()
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.wake_reader.setblocking(False)
-        self.selector.register(self.wake_reader, selectors.EVENT_READ, None)
-        self.thread = threading.Thread(target=self.run, args=(self.selector,),
-                                       name="upstream-idle-watcher", daemon=True)
+        if self.use_epoll:
+            self.epoll = select.epoll()
+            self.epoll.register(self.wake_reader.fileno(), select.EPOLLIN)
+        else:
+            self.selector = selectors.DefaultSelector()
+            self.selector.register(self.wake_reader.fileno(), selectors.EVENT_READ)
+        self.thread = threading.Thread(target=self.run, name="upstream-idle-watcher", daemon=True)
         self.thread.start()
 
-    def run(self, selector: selectors.BaseSelector) -> None:
+    def run(self) -> None:
+        wake = self.wake_reader.fileno() if self.wake_reader is not None else -1
         while not self.stopped.is_set():
             with self.guard:
-                # The timeout only matters for selectors that do not see a
-                # registration made while they wait (poll); epoll and kqueue do.
-                for key, _ in selector.select(timeout=1.0):
-                    if key.data is None:
+                if self.epoll is not None:
+                    ready = [fd for fd, _ in self.epoll.poll(1.0)]
+                else:
+                    assert self.selector is not None
+                    # The timeout matters for selectors that do not see a
+                    # registration made while they wait (poll); kqueue does.
+                    ready = [key.fd for key, _ in self.selector.select(1.0)]
+                for fd in ready:
+                    if fd == wake:
                         self._drain_wake()
                         continue
-                    pool, conn = key.data
-                    if pool.discard_if_stale(conn):
-                        with self.lock:
-                            self.discarded += 1
+                    with self.lock:
+                        entry = self.entries.get(fd)
+                    if entry is not None:
+                        # One connection's fault must not spare the others of
+                        # this round.  Its event is spent (ONESHOT) and it is
+                        # not re-armed, so a fault that repeats cannot spin;
+                        # the acquire-time poll still keeps it from reuse.
+                        with self.guard:
+                            self.check(*entry)
+
+    def check(self, pool: ConnectionPool, conn: UpstreamConnection) -> None:
+        """``conn`` was reported readable: close it if it is idle and stale, else re-arm it if idle."""
+        if pool.discard_if_stale(conn):
+            with self.lock:
+                self.discarded += 1
 
     def _drain_wake(self) -> None:
         try:
@@ -272,7 +328,7 @@ class IdleWatcher:
             pass
 
     def stop(self) -> None:
-        """End the thread and close the selector (tests; the shared watcher lives as long as the process)."""
+        """End the thread and close what it used (tests; the shared watcher lives as long as the process)."""
         with self.lock:
             self.stopped.set()
             thread, writer = self.thread, self.wake_writer
@@ -284,11 +340,15 @@ class IdleWatcher:
         if thread is not None:
             thread.join(timeout=5)
         with self.lock:
+            if self.epoll is not None:
+                self.epoll.close()
             if self.selector is not None:
                 self.selector.close()
             for sock in (self.wake_reader, self.wake_writer):
                 if sock is not None:
                     sock.close()
+            self.entries.clear()
+            self.armed.clear()
 
 
 # The watcher of every pool that is not given its own (tests give their own).
@@ -389,7 +449,12 @@ class ConnectionPool:
         not idle any more and is left alone.
         """
         with self.lock:
-            if conn not in self.idle or not conn.looks_stale():
+            if conn not in self.idle:
+                return False
+            if not conn.looks_stale():
+                # A spurious report (the armed event fires once): keep watching.
+                self.watcher.unwatch(conn)
+                self.watcher.watch(self, conn)
                 return False
             self.idle.remove(conn)
             self.watcher.unwatch(conn)

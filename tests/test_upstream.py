@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import queue
+import select
 import selectors
 import socket
 import struct
@@ -89,9 +90,11 @@ class PoolTestCase(unittest.TestCase):
         self.peer = TcpPeer()
         self.addCleanup(self.peer.stop)
 
+    use_epoll = hasattr(select, "epoll")
+
     def make_pool(self, **options: float) -> ConnectionPool:
         """A pool with an idle watcher of its own (stopped at cleanup, after the pool retires)."""
-        self.watcher = IdleWatcher()
+        self.watcher = IdleWatcher(self.use_epoll)
         self.addCleanup(self.watcher.stop)
         pool = ConnectionPool("127.0.0.1", self.peer.port, connect_timeout=2.0,
                               read_timeout=2.0, watcher=self.watcher, **options)
@@ -391,26 +394,40 @@ class IdleWatcherTests(PoolTestCase):
         wait_for(lambda: second.sock is None, 5, message="the watcher to drop the successor")
 
     def test_the_watcher_survives_a_fault_and_stops(self) -> None:
+        """A fault while checking one connection is logged; the next one is still dropped,
+        and the faulted one is still never handed out (the acquire-time poll)."""
         pool = self.make_pool()
-        conn, _ = self.acquire(pool)
-        server_side = self.peer.next_accepted()
-        calls: list[int] = []
+        faulted, _ = self.acquire(pool)
+        faulted_side = self.peer.next_accepted()
+        later, _ = self.acquire(pool)
+        later_side = self.peer.next_accepted()
         original = pool.discard_if_stale
 
         def faulty(target: UpstreamConnection) -> bool:
-            calls.append(1)
-            if len(calls) == 1:
+            if target is faulted:
                 raise RuntimeError("injected fault")
             return original(target)
         pool.discard_if_stale = faulty  # type: ignore[method-assign]
         with self.assertLogs("cclb", "ERROR") as logs:
-            pool.release(conn)
-            server_side.sendall(b"x")
-            wait_for(lambda: conn.sock is None, 5, message="the next round to drop the connection")
+            pool.release(faulted)
+            faulted_side.sendall(b"x")
+            wait_for(lambda: self.watcher.guard.failures, 5, message="the fault")
+            pool.release(later)
+            later_side.sendall(b"x")
+            wait_for(lambda: later.sock is None, 5, message="the next event to drop its connection")
         self.assertIn("RuntimeError: injected fault", "\n".join(logs.output))
+        fresh, reused = self.acquire(pool)
+        self.assertFalse(reused, "the connection with unread bytes was handed out")
+        self.assertIsNot(fresh, faulted)
         thread = self.watcher.thread
         self.watcher.stop()
         self.assertFalse(thread is not None and thread.is_alive())
+
+
+class PortableIdleWatcherTests(IdleWatcherTests):
+    """The same, on the selectors path used where there is no epoll."""
+
+    use_epoll = False
 
 
 class OwnerRuleTests(PoolTestCase):
