@@ -288,17 +288,25 @@ class IdleWatcher:
         self.thread = threading.Thread(target=self.run, name="upstream-idle-watcher", daemon=True)
         self.thread.start()
 
+    # Seconds between two sweeps for connections idle longer than their pool's idle_timeout.
+    sweep_period = 1.0
+
     def run(self) -> None:
         wake = self.wake_reader.fileno() if self.wake_reader is not None else -1
+        next_sweep = time.monotonic() + self.sweep_period
         while not self.stopped.is_set():
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + self.sweep_period
+                with self.guard:
+                    self.sweep()
             with self.guard:
                 if self.epoll is not None:
-                    ready = [fd for fd, _ in self.epoll.poll(1.0)]
+                    ready = [fd for fd, _ in self.epoll.poll(self.sweep_period)]
                 else:
                     assert self.selector is not None
                     # The timeout matters for selectors that do not see a
                     # registration made while they wait (poll); kqueue does.
-                    ready = [key.fd for key, _ in self.selector.select(1.0)]
+                    ready = [key.fd for key, _ in self.selector.select(self.sweep_period)]
                 for fd in ready:
                     if fd == wake:
                         self._drain_wake()
@@ -312,6 +320,20 @@ class IdleWatcher:
                         # the acquire-time poll still keeps it from reuse.
                         with self.guard:
                             self.check(*entry)
+
+    def sweep(self) -> None:
+        """Close idle connections past their pool's ``idle_timeout``.
+
+        Otherwise a connection nobody takes (e.g. with ``--upstream-reuse
+        safe`` and only ``Connection: close`` clients, whose every request
+        is a first one) would hold a backend connection, and often a backend
+        thread, until the backend closes it.
+        """
+        with self.lock:
+            pools = {id(pool): pool for fd, (pool, _) in self.entries.items() if fd in self.armed}
+        now = time.monotonic()
+        for pool in pools.values():
+            pool.expire_idle(now)
 
     def check(self, pool: ConnectionPool, conn: UpstreamConnection) -> None:
         """``conn`` was reported readable: close it if it is idle and stale, else re-arm it if idle."""
@@ -440,6 +462,19 @@ class ConnectionPool:
                 self.idle.append(conn)
                 return
         conn.close()
+
+    def expire_idle(self, now: float) -> int:
+        """Close the idle connections unused for ``idle_timeout`` seconds; how many."""
+        with self.lock:
+            expired = [conn for conn in self.idle if now - conn.idle_since >= self.idle_timeout]
+            if not expired:
+                return 0
+            self.idle = [conn for conn in self.idle if now - conn.idle_since < self.idle_timeout]
+            for conn in expired:
+                self.watcher.unwatch(conn)
+        for conn in expired:
+            conn.close()
+        return len(expired)
 
     def discard_if_stale(self, conn: UpstreamConnection) -> bool:
         """Close ``conn`` if it is still idle here and has something to read; whether it did.

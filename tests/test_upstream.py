@@ -393,6 +393,21 @@ class IdleWatcherTests(PoolTestCase):
         server_side.sendall(b"x")
         wait_for(lambda: second.sock is None, 5, message="the watcher to drop the successor")
 
+    def test_connections_idle_too_long_are_swept(self) -> None:
+        """Past idle_timeout, the watcher closes an idle connection nobody took."""
+        pool = self.make_pool(idle_timeout=30.0)
+        self.watcher.sweep_period = 0.05
+        old, _ = self.acquire(pool)
+        old_side = self.peer.next_accepted()
+        recent, _ = self.acquire(pool)
+        pool.release(old)
+        pool.release(recent)
+        old.idle_since -= 60  # idle for a minute, well past 30 s
+        self.assertTrue(peer_sees_eof(old_side), "the backend saw the old connection close")
+        self.assertEqual(pool.idle, [recent])
+        self.assertIsNone(old.sock)
+        self.assertEqual(self.watcher.watched(), 1)
+
     def test_the_watcher_survives_a_fault_and_stops(self) -> None:
         """A fault while checking one connection is logged; the next one is still dropped,
         and the faulted one is still never handed out (the acquire-time poll)."""
