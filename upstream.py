@@ -183,8 +183,10 @@ class IdleWatcher:
     release, unregister on acquire).
 
     Locks: ``lock`` guards ``entries`` (descriptor -> (pool, connection) last
-    watched under that number), the selector or epoll object's registrations
-    and the thread's start.  ``watch``/``unwatch`` are called with the owning
+    watched under that number; with epoll an entry may outlive its closed
+    connection until the number is reused, which is harmless: the kernel
+    dropped the closed socket from the set, so no event names it), ``armed``,
+    the selector or epoll object's registrations and the thread's start.  ``watch``/``unwatch`` are called with the owning
     pool's lock held, so "in the pool's idle list" and "armed here" change
     together (lock order: pool lock, then ``lock``): a connection is never
     handed out while armed.  The wait itself runs without ``lock``; each
