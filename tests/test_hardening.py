@@ -1058,6 +1058,16 @@ class ExtraResponseTest(BalancerCase):
             own = False
         return None if own else f"B got {second.status} {second.body[:60]!r}"
 
+    def test_the_idle_watcher_closes_the_connection_when_the_extra_answer_arrives(self) -> None:
+        """No further request needed: the pooled connection is closed as soon as the
+        unsolicited bytes arrive (the old code kept it open until the next acquire)."""
+        for delay in (0.0, 0.05):
+            with self.subTest(delay=delay):
+                path = f"/poison?d={delay}&i=alone"
+                response = http_exchange(self.port, get(path))
+                self.assertEqual(response.body, path.encode())
+                self.assert_backend_connection_closed(path)
+
     def test_extra_response_never_reaches_the_next_client(self) -> None:
         for delay in self.DELAYS:
             with self.subTest(delay=delay):
