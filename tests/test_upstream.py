@@ -95,6 +95,7 @@ class PoolTestCase(unittest.TestCase):
     def make_pool(self, **options: float) -> ConnectionPool:
         """A pool with an idle watcher of its own (stopped at cleanup, after the pool retires)."""
         self.watcher = IdleWatcher(self.use_epoll)
+        self.watcher.start()
         self.addCleanup(self.watcher.stop)
         pool = ConnectionPool("127.0.0.1", self.peer.port, connect_timeout=2.0,
                               read_timeout=2.0, watcher=self.watcher, **options)
@@ -318,18 +319,35 @@ class GenerationTests(PoolTestCase):
 class IdleWatcherTests(PoolTestCase):
     """The idle watcher closes a pooled connection that becomes readable, and only an idle one."""
 
-    def test_release_watches_and_acquire_unwatches(self) -> None:
+    def test_an_idle_connection_is_armed_and_disarmed_when_handed_out(self) -> None:
         pool = self.make_pool()
         conn, _ = self.acquire(pool)
         self.assertEqual(self.watcher.watched(), 0)
         pool.release(conn)
-        self.assertEqual(self.watcher.watched(), 1)
+        wait_for(lambda: self.watcher.watched() == 1, 5, message="the watcher to arm it")
         again, reused = self.acquire(pool)
         self.assertTrue(reused)
+        self.assertFalse(again.watched)
         self.assertEqual(self.watcher.watched(), 0, "a handed-out connection is not watched")
         pool.release(again)
+        wait_for(lambda: self.watcher.watched() == 1, 5, message="the watcher to arm it again")
         pool.close_all()
         self.assertEqual(self.watcher.watched(), 0, "close_all stops watching what it closes")
+
+    def test_a_connection_reused_at_once_costs_no_arming(self) -> None:
+        """release and acquire never arm or disarm by themselves (the hot path): only the
+        watcher's rounds do (here there are none: its thread is not started)."""
+        watcher = IdleWatcher()
+        self.addCleanup(watcher.stop)
+        pool = ConnectionPool("127.0.0.1", self.peer.port, 2.0, 2.0, watcher=watcher)
+        self.addCleanup(pool.retire)
+        conn, _ = self.acquire(pool)
+        for _ in range(3):
+            pool.release(conn)
+            conn, reused = self.acquire(pool)
+            self.assertTrue(reused)
+        self.assertFalse(conn.watched)
+        self.assertEqual(watcher.entries, {}, "no system call spent on it")
 
     def test_unsolicited_bytes_on_an_idle_connection_close_it_at_once(self) -> None:
         """Bytes arrive while idle: the watcher closes it (no acquire needed) and the backend sees EOF."""
@@ -469,7 +487,6 @@ class OwnerRuleTests(PoolTestCase):
         self.assertTrue(reused)
         self.assertIs(again, mine)
         self.assertEqual(pool.idle, [theirs])
-        self.assertEqual(self.watcher.watched(), 1)
 
     def test_later_requests_reuse_any_connection(self) -> None:
         """Without own_only (a later request, or --upstream-reuse always): most recently used."""
