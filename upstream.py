@@ -408,10 +408,11 @@ SHARED_IDLE_WATCHER = IdleWatcher()
 class ConnectionPool:
     """Idle keep-alive connections to one backend, most recently used first.
 
-    ``lock`` guards ``idle``, ``generation`` and ``retired``, and the idle
-    connections' registration with ``watcher`` (see ``IdleWatcher``).
-    Connections are handed out exclusively: a connection is either in
-    ``idle`` (and watched) or owned by exactly one request.  ``close_all``
+    ``lock`` guards ``idle``, ``generation`` and ``retired``, and each idle
+    connection's ``watched`` flag and arming in ``watcher`` (see
+    ``IdleWatcher``).  Connections are handed out exclusively: a connection
+    is either in ``idle`` (armed in the watcher once idle for a moment) or
+    owned by exactly one request (never armed).  ``close_all``
     (the backend went down) starts a new generation: a connection opened
     before it and released after it by a request that was still in flight
     is closed, not pooled.  ``retire`` (the backend was removed) does the
