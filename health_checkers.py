@@ -113,8 +113,10 @@ def probe(backend: Backend, settings: HealthSettings) -> tuple[bool, str, float 
 class HealthChecker(threading.Thread):
     """Daemon thread checking every backend of ``cluster`` every interval."""
 
-    # A check gets its timeout plus this margin before it is cut off.
-    cut_off_margin = 1.0
+    # A check gets its timeout plus this margin before it is cut off: none, so
+    # that --health-timeout bounds the whole exchange (connect, request,
+    # answer), as HAProxy's "timeout check" does, not just each read.
+    cut_off_margin = 0.0
 
     def __init__(self, cluster: ServerCluster, settings: HealthSettings,
                  on_round: Callable[[], None] | None = None) -> None:
@@ -140,9 +142,11 @@ class HealthChecker(threading.Thread):
 
         The socket timeout bounds each read, not a whole check: a backend that
         dribbles bytes would keep its thread.  Checks still running at the
-        deadline are cut off (they report a timeout).
+        deadline, counted from before the first probe starts, are cut off
+        (they report a timeout).
         """
         settings = self.settings
+        deadline = time.monotonic() + settings.timeout + self.cut_off_margin
         checks = []
         for backend in self.cluster.snapshot():
             probe = Probe(backend, settings)
@@ -150,7 +154,6 @@ class HealthChecker(threading.Thread):
                                       name=f"health-{backend.id}", daemon=True)
             thread.start()
             checks.append((thread, probe))
-        deadline = time.monotonic() + settings.timeout + self.cut_off_margin
         for thread, probe in checks:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():

@@ -11,6 +11,7 @@ are safe to retry go to the next backend.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import select
 import socket
@@ -22,7 +23,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import TCPServer
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import http11
 from cluster import Attempt, Backend, ServerCluster
@@ -38,7 +39,7 @@ from socket_io import SocketReader, SocketWriter
 from tls import CertificateStore, set_timeouts
 from metrics import PROCESS
 from settings import Config, Listener
-from upstream import UpstreamConnection, describe_error
+from upstream import SHARED_IDLE_WATCHER, UpstreamConnection, describe_error
 
 log = logging.getLogger("cclb")
 
@@ -57,6 +58,11 @@ RESPONSE_LIMITS = Limits(max_line=16 * 1024, max_header_bytes=128 * 1024, max_fi
 # buffered) until its answer is written.  RECLAIMED: the server closed it
 # while idle; the handler ends quietly.
 IDLE, BUSY, RECLAIMED = "idle", "busy", "reclaimed"
+
+# Tokens naming client connections, for ``ConnectionPool.acquire``'s owner
+# rule (``--upstream-reuse safe``).  ``next()`` on a count is atomic under
+# the GIL, so handler threads need no lock to draw one.
+_client_tokens = itertools.count(1)
 
 
 def has_input(sock: socket.socket) -> bool:
@@ -92,13 +98,23 @@ class ClientError(Exception):
         self.status = status
 
 
+class Truncated(NamedTuple):
+    """A response whose body ended short, held back so that it can be retried."""
+
+    message: bytes  # the head (with the declared Content-Length) and the bytes that came
+    status: int
+    body_bytes: int
+
+
 class BackendError(Exception):
     """An attempt failed on the backend side."""
 
-    def __init__(self, message: str, sent: bool, stale: bool = False) -> None:
+    def __init__(self, message: str, sent: bool, stale: bool = False,
+                 truncated: Truncated | None = None) -> None:
         super().__init__(message)
         self.sent = sent  # did any byte of the request reach the backend
         self.stale = stale  # a reused connection that the backend had closed
+        self.truncated = truncated  # the cut-off response, relayed if no retry answers
 
 
 class Watchdog(threading.Thread):
@@ -204,6 +220,7 @@ class LoadBalancerServer(ThreadingHTTPServer):
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
+        SHARED_IDLE_WATCHER.start()  # the process's idle pooled backend connections
         self.watchdog.start()
         try:
             super().serve_forever(poll_interval)
@@ -364,6 +381,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.poller = select.poll()
         self.poller.register(self.connection, select.POLLIN)
         self.request_id = ""
+        self.token = next(_client_tokens)  # this client connection, as backend connections' owner
+        self.first_request = True  # no request of this connection has been forwarded yet
         self.server.register(self)
 
     def handshake(self) -> bool:
@@ -425,6 +444,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             # http.server's idiom: do_<METHOD> where one exists, else forward.
             getattr(self, f"do_{request.method}", self.forward)(request)
         finally:
+            self.first_request = False
             self.end_request()
 
     def end_request(self) -> None:
@@ -553,10 +573,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                      self.request_id)
         tried: list[Backend] = []
         last_error: BackendError | None = None
+        truncated: tuple[Truncated, Backend] | None = None
         while True:
             attempt = cluster.acquire(self.client_ip, tuple(tried))
             if attempt is None:
-                if last_error is not None and last_error.sent:
+                if truncated is not None:
+                    self.relay_truncated(request, *truncated)
+                elif last_error is not None and last_error.sent:
                     # A backend took the request and failed: a gateway error.
                     self.send_error_response(502, f"backend {tried[-1].url} failed: {last_error}")
                     cluster.count_unrouted(502)
@@ -572,12 +595,29 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 retry = http11.may_retry(request.method, error.sent, False, body is not None)
                 # A dead idle connection says nothing of the backend.
                 attempt.failed(None if error.stale else str(error), retried=retry)
+            if error.truncated is not None:
+                truncated = (error.truncated, backend)
             if not retry:
                 self.send_error_response(502, f"backend {backend.url} failed: {error}")
                 self.log_request_done(request, 502, 0, backend)
                 return
             tried.append(backend)
             last_error = error
+
+    def relay_truncated(self, request: Request, truncated: Truncated, backend: Backend) -> None:
+        """Send a response that was cut short and could not be retried, then close.
+
+        Like nginx and HAProxy: when no other backend answered in its place,
+        the client gets the message as it arrived, under its declared
+        Content-Length, and the connection closes, so it can tell the
+        message is incomplete (RFC 9112 8); never a complete-looking short 200.
+        """
+        self.close_connection = True
+        try:
+            self.write(truncated.message)
+        except ClientError:
+            pass
+        self.log_request_done(request, truncated.status, truncated.body_bytes, backend)
 
     def try_backend(self, request: Request, attempt: Attempt, head: bytes,
                     body: bytes | None) -> BackendError | None:
@@ -615,8 +655,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         retry (it then ends ``attempt``); everything else is answered and ended here.
         """
         backend = attempt.backend
+        # --upstream-reuse safe: a client connection's first request gets a
+        # backend connection no other client connection has used.
+        own_only = self.first_request and self.server.config.upstream_reuse == "safe"
         try:
-            conn, reused = backend.pool.acquire()
+            conn, reused = backend.pool.acquire(self.token, own_only)
         except OSError as error:
             raise BackendError(describe_error(error), sent=False) from None
         status = 0
@@ -683,7 +726,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     # early (413, 401...).  Relay that; the client's unread rest
                     # of the body means this connection must close afterwards.
                     self.close_connection = True
-            return read_response_head(conn.reader, request.method, limits)
+            # --read-timeout bounds the whole response head from here, not
+            # each read: a backend dribbling its head gets no more time.
+            reader = conn.reader
+            reader.deadline = time.monotonic() + conn.read_timeout
+            try:
+                return read_response_head(reader, request.method, limits)
+            finally:
+                reader.end_deadline()
         except EmptyResponse as error:
             raise BackendError(str(error), sent=sent, stale=reused) from None
         except IncompleteHead as error:
@@ -746,13 +796,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 try:
                     data = read_small_body(conn.reader, length)
                 except TruncatedBody as error:
+                    message = plan.identity_head(length) + error.partial
                     if http11.may_retry(request.method, True, False, replayable):
-                        # Nothing reached the client yet: try another backend.
+                        # Nothing reached the client yet: try another backend;
+                        # ``forward`` relays this message if none answers.
                         conn.close()
-                        raise BackendError(str(error), sent=True) from None
+                        raise BackendError(str(error), sent=True, truncated=Truncated(
+                            message, response.status, len(error.partial))) from None
                     # What arrived, under the declared length, then a close:
                     # the client sees an incomplete message, never a short 200.
-                    self.write(plan.identity_head(length) + error.partial)
+                    sent = len(error.partial)
+                    self.write(message)
                     raise
                 if plan.gzip:
                     data = http11.gzip_compress(data, config.gzip_level)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 import unittest
 
 from backend_urls import parse_backend
@@ -140,6 +141,40 @@ class CutOffTests(unittest.TestCase):
         self.assertEqual(row.state, "down")
         self.assertEqual(row.last_check, "no answer within 0.3s")
         self.assertIn("no answer within 0.3s", "\n".join(logs.output))
+        wait_for(lambda: not any(t.name.startswith("health-") for t in threading.enumerate()),
+                 5, message="the cut-off probe thread to end")
+
+
+class DeadlineTests(unittest.TestCase):
+
+    def test_health_timeout_bounds_the_whole_check(self) -> None:
+        """A backend dribbling its head (each byte within the read timeout) is cut off at
+        --health-timeout itself, not a second later (the old margin)."""
+        stop = threading.Event()
+
+        def dribble(head: bytes, conn: socket.socket, reader) -> bool:
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not stop.is_set():
+                try:
+                    conn.sendall(b"X")  # never a complete field line
+                except OSError:
+                    return False
+                stop.wait(0.05)  # the dribbling pace is the behaviour under test
+            return False
+        backend = RawBackend(dribble)
+        self.addCleanup(backend.stop)
+        self.addCleanup(stop.set)
+        cluster = cluster_for(backend.port)
+        checker = HealthChecker(cluster, HealthSettings(timeout=0.5))
+        started = time.monotonic()
+        with self.assertLogs("cclb", logging.WARNING):
+            checker.check_all()
+            elapsed = time.monotonic() - started
+            wait_for(lambda: cluster.stats().backends[0].last_check, 5,
+                     message="the cut-off check to report")
+        self.assertGreaterEqual(elapsed, 0.45)
+        self.assertLess(elapsed, 1.2, "cut off well after --health-timeout (old margin: 1 s)")
+        self.assertEqual(cluster.stats().backends[0].last_check, "no answer within 0.5s")
         wait_for(lambda: not any(t.name.startswith("health-") for t in threading.enumerate()),
                  5, message="the cut-off probe thread to end")
 

@@ -651,9 +651,12 @@ class KeepAliveTests(ProxyTestCase):
                              f"{len(backend.connections)} backend connections for 20 requests")
 
     def test_fresh_client_connections_share_pooled_backend_connection(self):
-        """10 requests on 10 separate client connections still reuse the backend connection."""
+        """With --upstream-reuse always, 10 requests on 10 separate client connections
+        still reuse the backend connection (the default, safe, gives each client
+        connection's first request a connection of its own: see test_upstream)."""
         backend = self.start_raw()
-        balancer = self.start_balancer([backend.port], "--health-interval", "0", "--access-log", "off")
+        balancer = self.start_balancer([backend.port], "--health-interval", "0", "--access-log", "off",
+                                       "--upstream-reuse", "always")
         for i in range(10):
             self.assertEqual(http_request(balancer.port, "GET", f"/fresh/{i}")[0], 200)
         self.assertEqual(len(backend.heads), 10)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import http.client
 import queue
+import select
 import selectors
 import socket
+import struct
 import sys
 import threading
 import time
@@ -22,7 +24,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.support import free_port, wait_for  # noqa: E402
-from upstream import ConnectionPool, UpstreamConnection, describe_error  # noqa: E402
+from upstream import (ConnectionPool, HeadDeadlineReader, IdleWatcher, UpstreamConnection,  # noqa: E402
+                      describe_error)
 
 
 class TcpPeer:
@@ -87,14 +90,21 @@ class PoolTestCase(unittest.TestCase):
         self.peer = TcpPeer()
         self.addCleanup(self.peer.stop)
 
+    use_epoll = hasattr(select, "epoll")
+
     def make_pool(self, **options: float) -> ConnectionPool:
+        """A pool with an idle watcher of its own (stopped at cleanup, after the pool retires)."""
+        self.watcher = IdleWatcher(self.use_epoll)
+        self.watcher.start()
+        self.addCleanup(self.watcher.stop)
         pool = ConnectionPool("127.0.0.1", self.peer.port, connect_timeout=2.0,
-                              read_timeout=2.0, **options)
+                              read_timeout=2.0, watcher=self.watcher, **options)
         self.addCleanup(pool.retire)
         return pool
 
-    def acquire(self, pool: ConnectionPool) -> tuple[UpstreamConnection, bool]:
-        conn, reused = pool.acquire()
+    def acquire(self, pool: ConnectionPool, owner: int = 0,
+                own_only: bool = False) -> tuple[UpstreamConnection, bool]:
+        conn, reused = pool.acquire(owner, own_only)
         self.addCleanup(conn.close)
         return conn, reused
 
@@ -304,6 +314,248 @@ class GenerationTests(PoolTestCase):
         pool.release(later)
         self.assertIsNone(later.sock)
         self.assertEqual(pool.idle, [])
+
+
+class IdleWatcherTests(PoolTestCase):
+    """The idle watcher closes a pooled connection that becomes readable, and only an idle one."""
+
+    def test_an_idle_connection_is_armed_and_disarmed_when_handed_out(self) -> None:
+        pool = self.make_pool()
+        conn, _ = self.acquire(pool)
+        self.assertEqual(self.watcher.watched(), 0)
+        pool.release(conn)
+        wait_for(lambda: self.watcher.watched() == 1, 5, message="the watcher to arm it")
+        again, reused = self.acquire(pool)
+        self.assertTrue(reused)
+        self.assertFalse(again.watched)
+        self.assertEqual(self.watcher.watched(), 0, "a handed-out connection is not watched")
+        pool.release(again)
+        wait_for(lambda: self.watcher.watched() == 1, 5, message="the watcher to arm it again")
+        pool.close_all()
+        self.assertEqual(self.watcher.watched(), 0, "close_all stops watching what it closes")
+
+    def test_a_connection_reused_at_once_costs_no_arming(self) -> None:
+        """release and acquire never arm or disarm by themselves (the hot path): only the
+        watcher's rounds do (here there are none: its thread is not started)."""
+        watcher = IdleWatcher()
+        self.addCleanup(watcher.stop)
+        pool = ConnectionPool("127.0.0.1", self.peer.port, 2.0, 2.0, watcher=watcher)
+        self.addCleanup(pool.retire)
+        conn, _ = self.acquire(pool)
+        for _ in range(3):
+            pool.release(conn)
+            conn, reused = self.acquire(pool)
+            self.assertTrue(reused)
+        self.assertFalse(conn.watched)
+        self.assertEqual(watcher.entries, {}, "no system call spent on it")
+
+    def test_unsolicited_bytes_on_an_idle_connection_close_it_at_once(self) -> None:
+        """Bytes arrive while idle: the watcher closes it (no acquire needed) and the backend sees EOF."""
+        pool = self.make_pool()
+        conn, _ = self.acquire(pool)
+        server_side = self.peer.next_accepted()
+        pool.release(conn)
+        server_side.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
+        wait_for(lambda: pool.idle == [], 5, message="the watcher to drop the connection")
+        self.assertIsNone(conn.sock, "the dropped connection was closed")
+        self.assertTrue(peer_sees_eof(server_side))
+        self.assertEqual(self.watcher.discarded, 1)
+        self.assertEqual(self.watcher.watched(), 0)
+        fresh, reused = self.acquire(pool)
+        self.assertFalse(reused)
+        self.assertIsNot(fresh, conn)
+
+    def test_backend_closing_an_idle_connection_closes_ours(self) -> None:
+        pool = self.make_pool()
+        conn, _ = self.acquire(pool)
+        server_side = self.peer.next_accepted()
+        pool.release(conn)
+        server_side.close()
+        wait_for(lambda: conn.sock is None, 5, message="the watcher to close the connection")
+        self.assertEqual(pool.idle, [])
+
+    def test_a_connection_in_use_is_never_touched(self) -> None:
+        """Bytes on a handed-out connection are its response: the watcher leaves it alone.
+
+        A second, idle connection receiving bytes bounds the wait: once the
+        watcher has dropped it, it has seen every readable descriptor.
+        """
+        pool = self.make_pool()
+        busy, _ = self.acquire(pool)
+        busy_side = self.peer.next_accepted()
+        idle, _ = self.acquire(pool)
+        idle_side = self.peer.next_accepted()
+        pool.release(idle)
+        busy_side.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+        idle_side.sendall(b"x")
+        wait_for(lambda: idle.sock is None, 5, message="the watcher to drop the idle connection")
+        self.assertIsNotNone(busy.sock, "the watcher closed a connection in use")
+        self.assertEqual(busy.reader.readline(), b"HTTP/1.1 204 No Content\r\n")
+        self.assertEqual(self.watcher.discarded, 1)
+
+    def test_a_descriptor_closed_behind_the_pools_back_does_not_block_its_successor(self) -> None:
+        """A socket closed while pooled (a bug elsewhere) leaves a stale entry; its number's
+        next owner is still watched."""
+        pool = self.make_pool()
+        first, _ = self.acquire(pool)
+        self.peer.next_accepted()  # accepted before the number is freed
+        pool.release(first)
+        number = first.sock.fileno()
+        first.sock.close()  # behind the pool's back: the entry for `number` is stale
+        pool.idle.clear()
+        second, _ = self.acquire(pool)
+        self.assertEqual(second.sock.fileno(), number, "the kernel reused the lowest free number")
+        server_side = self.peer.next_accepted()
+        pool.release(second)
+        self.assertEqual(pool.idle, [second])
+        server_side.sendall(b"x")
+        wait_for(lambda: second.sock is None, 5, message="the watcher to drop the successor")
+
+    def test_connections_idle_too_long_are_swept(self) -> None:
+        """Past idle_timeout, the watcher closes an idle connection nobody took."""
+        pool = self.make_pool(idle_timeout=30.0)
+        self.watcher.sweep_period = 0.05
+        old, _ = self.acquire(pool)
+        old_side = self.peer.next_accepted()
+        recent, _ = self.acquire(pool)
+        pool.release(old)
+        pool.release(recent)
+        old.idle_since -= 60  # idle for a minute, well past 30 s
+        self.assertTrue(peer_sees_eof(old_side), "the backend saw the old connection close")
+        self.assertEqual(pool.idle, [recent])
+        self.assertIsNone(old.sock)
+        self.assertEqual(self.watcher.watched(), 1)
+
+    def test_the_watcher_survives_a_fault_and_stops(self) -> None:
+        """A fault while checking one connection is logged; the next one is still dropped,
+        and the faulted one is still never handed out (the acquire-time poll)."""
+        pool = self.make_pool()
+        faulted, _ = self.acquire(pool)
+        faulted_side = self.peer.next_accepted()
+        later, _ = self.acquire(pool)
+        later_side = self.peer.next_accepted()
+        original = pool.discard_if_stale
+
+        def faulty(target: UpstreamConnection) -> bool:
+            if target is faulted:
+                raise RuntimeError("injected fault")
+            return original(target)
+        pool.discard_if_stale = faulty  # type: ignore[method-assign]
+        with self.assertLogs("cclb", "ERROR") as logs:
+            pool.release(faulted)
+            faulted_side.sendall(b"x")
+            wait_for(lambda: self.watcher.guard.failures, 5, message="the fault")
+            pool.release(later)
+            later_side.sendall(b"x")
+            wait_for(lambda: later.sock is None, 5, message="the next event to drop its connection")
+        self.assertIn("RuntimeError: injected fault", "\n".join(logs.output))
+        fresh, reused = self.acquire(pool)
+        self.assertFalse(reused, "the connection with unread bytes was handed out")
+        self.assertIsNot(fresh, faulted)
+        thread = self.watcher.thread
+        self.watcher.stop()
+        self.assertFalse(thread is not None and thread.is_alive())
+
+
+class PortableIdleWatcherTests(IdleWatcherTests):
+    """The same, on the selectors path used where there is no epoll."""
+
+    use_epoll = False
+
+
+class OwnerRuleTests(PoolTestCase):
+    """--upstream-reuse safe: a client connection's first request only reuses its own connections."""
+
+    def test_own_only_never_hands_out_another_clients_connection(self) -> None:
+        pool = self.make_pool()
+        mine, _ = self.acquire(pool, owner=1)
+        self.assertEqual(mine.owner, 1)
+        pool.release(mine)
+        other, reused = self.acquire(pool, owner=2, own_only=True)
+        self.assertFalse(reused)
+        self.assertIsNot(other, mine)
+        self.assertEqual(other.owner, 2)
+        self.assertEqual(pool.idle, [mine], "client 1's connection stays pooled")
+
+    def test_own_only_reuses_the_owners_connection_even_if_not_the_newest(self) -> None:
+        pool = self.make_pool()
+        mine, _ = self.acquire(pool, owner=1)
+        theirs, _ = self.acquire(pool, owner=2)
+        pool.release(mine)
+        pool.release(theirs)  # most recently used
+        again, reused = self.acquire(pool, owner=1, own_only=True)
+        self.assertTrue(reused)
+        self.assertIs(again, mine)
+        self.assertEqual(pool.idle, [theirs])
+
+    def test_later_requests_reuse_any_connection(self) -> None:
+        """Without own_only (a later request, or --upstream-reuse always): most recently used."""
+        pool = self.make_pool()
+        theirs, _ = self.acquire(pool, owner=2)
+        pool.release(theirs)
+        again, reused = self.acquire(pool, owner=1)
+        self.assertTrue(reused)
+        self.assertIs(again, theirs)
+        self.assertEqual(again.owner, 1, "the connection now serves client 1")
+
+
+class HeadDeadlineReaderTests(unittest.TestCase):
+    """A whole-head deadline over per-read kernel timeouts."""
+
+    def pair(self, read_timeout: float) -> tuple[socket.socket, socket.socket, HeadDeadlineReader]:
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        from socket_io import set_timeouts
+        set_timeouts(ours, read_timeout)
+        return ours, theirs, HeadDeadlineReader(ours, read_timeout)
+
+    def kernel_timeout(self, sock: socket.socket) -> float:
+        seconds, micros = struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+        return seconds + micros / 1e6
+
+    def test_a_dribbled_head_times_out_at_the_deadline(self) -> None:
+        ours, theirs, reader = self.pair(read_timeout=2.0)
+        stop = threading.Event()
+
+        def dribble() -> None:
+            while not stop.is_set():
+                try:
+                    theirs.send(b"X")  # never a line end
+                except OSError:
+                    return
+                stop.wait(0.05)  # the dribbling pace is the behaviour under test
+        thread = threading.Thread(target=dribble, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        self.addCleanup(stop.set)  # runs first
+        started = time.monotonic()
+        reader.deadline = started + 0.4
+        with self.assertRaises(TimeoutError):
+            reader.readline(65536)
+        elapsed = time.monotonic() - started
+        self.assertGreaterEqual(elapsed, 0.39)
+        self.assertLess(elapsed, 1.5, "each byte restarted the per-read timeout")
+        reader.end_deadline()
+        self.assertAlmostEqual(self.kernel_timeout(ours), 2.0, places=2)
+
+    def test_a_head_in_one_segment_changes_no_timeout(self) -> None:
+        ours, theirs, reader = self.pair(read_timeout=2.0)
+        theirs.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+        reader.deadline = time.monotonic() + 2.0
+        self.assertEqual(reader.readline(), b"HTTP/1.1 204 No Content\r\n")
+        self.assertEqual(reader.kernel_timeout, 2.0, "no setsockopt on the fast path")
+        reader.end_deadline()
+        self.assertEqual(reader.deadline, 0.0)
+
+    def test_a_silent_peer_times_out_at_the_deadline_too(self) -> None:
+        ours, theirs, reader = self.pair(read_timeout=5.0)
+        theirs.sendall(b"HTTP/1.1 ")
+        started = time.monotonic()
+        reader.deadline = started + 0.3
+        with self.assertRaises(TimeoutError):
+            reader.readline()
+        self.assertLess(time.monotonic() - started, 1.5)
 
 
 class DescribeErrorTests(unittest.TestCase):
