@@ -298,11 +298,16 @@ class Interval:
 
 def _series(totals: list[Totals | None], seconds: list[float]) -> dict[str, list[Any]]:
     """Columns for one line of the charts; None where there is nothing to show."""
-    requests, errors, rate, error_rate, p50, p99 = [], [], [], [], [], []
+    requests: list[int | None] = []
+    errors: list[int | None] = []
+    rate: list[float | None] = []
+    error_rate: list[float | None] = []
+    p50: list[float | None] = []
+    p99: list[float | None] = []
     for entry, dt in zip(totals, seconds):
         if entry is None:
             for column in (requests, errors, rate, error_rate, p50, p99):
-                column.append(None)
+                column.append(None)  # type: ignore[attr-defined]
             continue
         requests.append(entry.requests)
         errors.append(entry.errors)

@@ -14,7 +14,6 @@ import math
 import os
 import queue
 import re
-import shutil
 import signal
 import socket
 import struct
