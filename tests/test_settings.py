@@ -223,7 +223,7 @@ class ConfigFileTest(ConfigFiles):
             ('gzip_level = 10\n', "gzip_level", 1),
             ('backends = []\n', "backends", 1),
             ('backends = 5\n', "backends", 1),
-            ('backends = ["https://127.0.0.1:7000"]\n', "backends", 1),
+            ('backends = ["ftp://127.0.0.1:7000"]\n', "backends", 1),
             ('backends = ["127.0.0.1:99999"]\n', "backends", 1),
             ('backends = ["127.0.0.1"]\n', "backends", 1),
             ('port = 1\n\n[[backends]]\nurl = "127.0.0.1:7000"\nweight = 0\n', "backends", 3),
