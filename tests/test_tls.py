@@ -488,6 +488,7 @@ class _TLSBackendHandler(BaseHTTPRequestHandler):
     """Answers every GET with its path; keep-alive (HTTP/1.1 with Content-Length)."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # head and body are two writes: no 40 ms delayed-ACK stall
     server: TLSBackend
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
