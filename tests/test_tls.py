@@ -7,6 +7,7 @@ thread; the certificates are the committed ones in ``tests/certs`` (no openssl).
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import shutil
 import signal
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import socket_io
 import tls
-from tests.support import (ROOT, Balancer, RawBackend, admin_status, free_port, http_request, read_until_close,
+from tests.support import (ROOT, Balancer, RawBackend, admin_call, admin_status, free_port, http_request, read_until_close,
                            wait_admin_port, wait_for)
 from tls import CertSpec, CertificateStore, LoadedCert, TLSConfigError
 
@@ -646,6 +647,22 @@ class HTTPSBackendTests(unittest.TestCase):
         self.assertEqual(len(warning), 1, balancer.log_text())
         self.assertIn("WARNING", warning[0])
         self.assertIn("NOT verified", warning[0])
+
+    def test_an_https_backend_added_with_the_admin_api_uses_the_same_tls_settings(self) -> None:
+        backend = self.backend()
+        url = f"https://localhost:{backend.port}"
+        balancer, admin_port = self.balancer(f"http://127.0.0.1:{free_port()}", "--backend-ca", CA)
+        status, _, body = admin_call(self, balancer, admin_port, "POST", "/backends",
+                                     json.dumps({"url": url}).encode(), {"Content-Type": "application/json"})
+        self.assertEqual(status, 201, body)
+
+        def added_and_up() -> bool:
+            rows = admin_status(self, balancer, admin_port)["backends"]
+            return any(row["url"] == url and row["last_check"] == "HTTP 200" for row in rows)
+        wait_for(added_and_up, 10, message="the added https backend to pass its check")
+        for _ in range(3):  # the dead http backend is down: every request goes over TLS
+            status, _, body = http_request(balancer.port, "GET", "/added", timeout=10)
+            self.assertEqual((status, body), (200, b"tls backend saw /added"))
 
     def test_a_bad_backend_ca_exits_2_with_one_line_naming_the_file(self) -> None:
         for path, problem in (("/nonexistent/ca.pem", "not found"), (str(B.key_path), "no CA certificate")):

@@ -722,6 +722,22 @@ class TLSPoolTests(PoolTestCase):
         self.assertIsInstance(bad.exception, OSError)  # the proxy's connect-failure path
         self.assertIn("/nonexistent/ca.pem", describe_error(bad.exception))
 
+    def test_https_pools_get_the_clusters_settings_and_a_reload_replaces_them(self) -> None:
+        import settings
+        from cluster import ServerCluster
+        argv = ["-b", "https://localhost:1", "-b", "http://localhost:2"]
+        old = settings.load(argv).pools["default"]
+        new = settings.load(argv + ["--backend-ca", CA]).pools["default"]
+        cluster = ServerCluster.from_settings(old)
+        self.addCleanup(lambda: [backend.pool.retire() for backend in cluster.snapshot()])
+        secure, plain = cluster.snapshot()
+        self.assertIs(secure.pool.tls, cluster.backend_tls)
+        self.assertEqual((secure.pool.tls.ca_file, secure.pool.tls.insecure), (None, False))
+        self.assertIsNone(plain.pool.tls)
+        cluster.apply_settings(old, new)
+        self.assertEqual(secure.pool.tls.ca_file, CA)  # new connections use the new CA file
+        self.assertIsNone(plain.pool.tls)
+
     def test_one_context_per_settings_and_a_warning_when_insecure(self) -> None:
         backend_tls = BackendTLS(CA)
         self.assertIs(backend_tls.context(), backend_tls.context())
