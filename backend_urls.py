@@ -1,4 +1,4 @@
-"""Backend addresses as configured: ``[http://]host:port[,weight=N]``, parsed and checked.
+"""Backend addresses as configured: ``[http[s]://]host:port[,weight=N]``, parsed and checked.
 
 Pure: no sockets, no shared state.  Settings, the admin API and the
 workers' state snapshots all read backends through ``parse_backend``, so
@@ -26,16 +26,31 @@ def _is_ip(host: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class BackendSpec:
-    """A backend as configured: ``http://host:port`` plus options."""
+    """A backend as configured: ``http://host:port`` or ``https://host:port`` plus options.
+
+    ``url`` keeps the scheme (it is the backend's name everywhere: logs,
+    ``/status``, metrics, snapshots), so the same host and port over http
+    and over https are two different backends.
+    """
 
     url: str
     host: str
     port: int
     weight: int = 1
+    scheme: str = "http"  # "http" or "https" (TLS to the backend)
+
+    @property
+    def tls(self) -> bool:
+        """True for an ``https://`` backend."""
+        return self.scheme == "https"
 
 
 def parse_backend(text: str) -> BackendSpec:
-    """Parse ``[http://]host:port[,weight=N]``; ValueError with a clear message."""
+    """Parse ``[http[s]://]host:port[,weight=N]``; ValueError with a clear message.
+
+    No scheme means ``http://``.  The scheme is matched case-insensitively
+    and shown in lower case in ``url``.
+    """
     address, *options = [part.strip() for part in text.split(",")]
     raw = address if "://" in address else f"http://{address}"
     try:
@@ -43,12 +58,13 @@ def parse_backend(text: str) -> BackendSpec:
         port = parts.port
     except ValueError as error:
         raise ValueError(f"invalid backend {text!r}: {error}") from None
-    if parts.scheme != "http":
-        raise ValueError(f"invalid backend {text!r}: only http:// backends are supported")
+    scheme = parts.scheme  # urlsplit lower-cases it
+    if scheme not in ("http", "https"):
+        raise ValueError(f"invalid backend {text!r}: only http:// and https:// backends are supported")
     if not parts.hostname or port is None:
-        raise ValueError(f"invalid backend {text!r}: expected http://host:port")
+        raise ValueError(f"invalid backend {text!r}: expected {scheme}://host:port")
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise ValueError(f"invalid backend {text!r}: expected http://host:port with no path")
+        raise ValueError(f"invalid backend {text!r}: expected {scheme}://host:port with no path")
     if not 1 <= port <= 65535:
         raise ValueError(f"invalid backend {text!r}: port must be 1-65535")
     weight = 1
@@ -61,4 +77,4 @@ def parse_backend(text: str) -> BackendSpec:
     if not _HOSTNAME.fullmatch(host) and not _is_ip(host):
         raise ValueError(f"invalid backend {text!r}: {host!r} is not a host name or IP address")
     shown_host = f"[{host}]" if ":" in host else host
-    return BackendSpec(f"http://{shown_host}:{port}", host, port, weight)
+    return BackendSpec(f"{scheme}://{shown_host}:{port}", host, port, weight, scheme)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Iterable
 from backend_urls import BackendSpec
 from balancing import Policy, RoundRobin, make_policy
 from metrics import Histogram, TrafficCounters
-from upstream import ConnectionPool
+from upstream import BackendTLS, ConnectionPool
 
 if TYPE_CHECKING:
     from settings import PoolSettings
@@ -171,7 +171,8 @@ class ServerCluster:
     def __init__(self, specs: Iterable[BackendSpec], policy: Policy | None = None, *,
                  name: str = "default", connect_timeout: float = 3.0, read_timeout: float = 60.0,
                  max_fails: int = 1, fail_timeout: float = 10.0, slow_start: float = 0.0,
-                 transitions_level: int = logging.WARNING) -> None:
+                 transitions_level: int = logging.WARNING,
+                 backend_tls: BackendTLS | None = None) -> None:
         self.name = name
         # --workers: each worker logs its passive take-downs at DEBUG, so a
         # transition is logged once, by the supervisor that checks health.
@@ -183,6 +184,7 @@ class ServerCluster:
         self.max_fails = max_fails
         self.fail_timeout = fail_timeout
         self.slow_start = slow_start
+        self.backend_tls = backend_tls or BackendTLS()  # for https:// backends' pools
         self.backends: list[Backend] = []
         self.next_id = 1
         self.unrouted: dict[int, int] = {}  # answers given without a backend (503...)
@@ -194,7 +196,7 @@ class ServerCluster:
         return cls(pool.backends, make_policy(pool.algorithm), name=pool.name,
                    connect_timeout=pool.connect_timeout, read_timeout=pool.read_timeout,
                    max_fails=pool.max_fails, fail_timeout=pool.fail_timeout,
-                   slow_start=pool.slow_start)
+                   slow_start=pool.slow_start, backend_tls=BackendTLS.of(pool))
 
     def apply_settings(self, old: PoolSettings, new: PoolSettings) -> tuple[list[str], list[str]]:
         """A reload: adopt ``new`` (members, policy, timeouts); returns (added, removed) URLs."""
@@ -202,7 +204,8 @@ class ServerCluster:
         self.configure(
             make_policy(new.algorithm) if new.algorithm != old.algorithm else None,
             connect_timeout=new.connect_timeout, read_timeout=new.read_timeout,
-            max_fails=new.max_fails, fail_timeout=new.fail_timeout, slow_start=new.slow_start)
+            max_fails=new.max_fails, fail_timeout=new.fail_timeout, slow_start=new.slow_start,
+            backend_tls=BackendTLS.of(new, self.backend_tls))
         return added, removed
 
     # --- membership -------------------------------------------------------
@@ -216,7 +219,8 @@ class ServerCluster:
         # caller holds self._lock
         if any(backend.url == spec.url for backend in self.backends):
             return None
-        pool = ConnectionPool(spec.host, spec.port, self.connect_timeout, self.read_timeout)
+        pool = ConnectionPool(spec.host, spec.port, self.connect_timeout, self.read_timeout,
+                              tls=self.backend_tls if spec.tls else None)
         backend = Backend(self.next_id, spec.url, spec.host, spec.port, spec.weight, pool,
                           slow_start=self.slow_start)
         self.next_id += 1
@@ -249,7 +253,7 @@ class ServerCluster:
             backend.pool.retire()
         return added, [backend.url for backend in removed]
 
-    def configure(self, policy: Policy | None = None, **params: float) -> None:
+    def configure(self, policy: Policy | None = None, **params: float | BackendTLS) -> None:
         """Change the policy or the timeouts/thresholds (a reload)."""
         with self._lock:
             if policy is not None:
@@ -260,6 +264,8 @@ class ServerCluster:
                 backend.slow_start = self.slow_start
                 backend.pool.connect_timeout = self.connect_timeout
                 backend.pool.read_timeout = self.read_timeout
+                if backend.pool.tls is not None:
+                    backend.pool.tls = self.backend_tls
 
     def find(self, backend_id: int) -> Backend | None:
         with self._lock:

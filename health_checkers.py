@@ -50,21 +50,39 @@ class Probe:
     the connection at the same moment can never make it fail (the socket
     it got is then closed, and shutting a closed socket is a harmless
     OSError).  A probe that connects after being cut off gives up at once.
+
+    An ``https://`` backend is checked over ``http.client.HTTPSConnection``
+    with the client context of its pool (``--backend-ca``/``--backend-insecure``),
+    so a check passes only if a request would get through: a certificate
+    that fails verification fails the check with a reason that says so.
     """
 
     def __init__(self, backend: Backend, settings: HealthSettings) -> None:
         self.backend = backend
         self.settings = settings
-        self.conn = http.client.HTTPConnection(backend.host, backend.port, timeout=settings.timeout)
+        self.setup_error: OSError | None = None  # the TLS context could not be built
+        backend_tls = backend.pool.tls
+        context = None
+        if backend_tls is not None:
+            try:
+                context = backend_tls.context()
+            except OSError as error:  # BackendTLSError: reported by run()
+                self.setup_error = error
+        self.conn: http.client.HTTPConnection = (
+            http.client.HTTPSConnection(backend.host, backend.port, timeout=settings.timeout, context=context)
+            if context is not None else
+            http.client.HTTPConnection(backend.host, backend.port, timeout=settings.timeout))
         self.lock = threading.Lock()
         self.cut = False
 
     def run(self) -> tuple[bool, str, float | None]:
         """Check once: (passed, human-readable detail, latency in seconds or None)."""
         settings = self.settings
+        if self.setup_error is not None:
+            return False, describe_error(self.setup_error), None
         started = time.monotonic()
         try:
-            self.conn.connect()
+            self.conn.connect()  # and, for https, the handshake
             with self.lock:
                 if self.cut:
                     return False, self.timeout_detail(), None
@@ -100,7 +118,9 @@ class Probe:
             sock = self.conn.sock
         if sock is not None:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                # The descriptor's shutdown, also for a TLS socket: SSLSocket.shutdown
+                # would drop its SSL object under the probe thread's feet.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
             except OSError:
                 pass  # already closed by the probe thread
 

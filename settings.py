@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from balancing import POLICIES
 from backend_urls import BackendSpec, parse_backend
-from tls import CertSpec, parse_cert_option
+from tls import CertSpec, TLSConfigError, client_context, parse_cert_option
 
 VERSION = "0.2.0"
 
@@ -104,6 +104,27 @@ def _status_range(value: Any) -> tuple[int, int]:
     return low, high
 
 
+def _ca_file(value: Any) -> str:
+    """A readable PEM file with at least one CA certificate (``--backend-ca``).
+
+    Read here, once, so that a bad file stops cclb at start (exit 2, one
+    line naming the file) instead of failing every backend connection.
+    """
+    path = _text(value)
+    try:
+        client_context(path)
+    except TLSConfigError as error:
+        raise ValueError(str(error)) from None
+    return path
+
+
+def _flag(value: Any) -> bool:
+    """A TOML boolean (``true``/``false``); the command line gives True."""
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
 def _cert_specs(value: Any) -> list[CertSpec]:
     items = value if isinstance(value, list) else [value]
     return [parse_cert_option(_text(item)) for item in items]
@@ -158,6 +179,8 @@ class PoolSettings:
     health_status: tuple[int, int]
     rise: int
     fall: int
+    backend_ca: str | None = None  # --backend-ca: CA file for https:// backends (None: system store)
+    backend_insecure: bool = False  # --backend-insecure: no verification of https:// backends
 
 
 @dataclass(frozen=True)
@@ -209,8 +232,8 @@ class Config:
         "worker processes sharing the port", "N", "listener")
     backends: list[BackendSpec] = option(
         ("-b", "--backend"), DEFAULT_BACKENDS, _backends,
-        "backend as http://host:port or host:port, optionally ',weight=N'; "
-        "repeat for each backend",
+        "backend as http://host:port, https://host:port or host:port (http), optionally "
+        "',weight=N'; repeat for each backend",
         "URL", "backends", repeat=True)
     algorithm: str = option(
         ("--algorithm",), "round-robin", _choice(*POLICIES),
@@ -282,6 +305,14 @@ class Config:
         ("--redirect-http",), None, _number(int, 0, 65535),
         "also listen for plain HTTP on this port and redirect every request to https (308)",
         "PORT", "tls")
+    backend_ca: str | None = option(
+        ("--backend-ca",), None, _ca_file,
+        "verify https:// backends against the CA certificates in this PEM file instead of "
+        "the system trust store", "FILE", "tls")
+    backend_insecure: bool = option(
+        ("--backend-insecure",), False, _flag,
+        "do not verify the certificates of https:// backends (testing only; logs a warning)",
+        None, "tls", flag_only=True)
     max_body_size: int = option(
         ("--max-body-size",), 10 * 1024 ** 2, parse_size,
         "largest request body accepted (413 beyond), e.g. 10M", "SIZE", "limits")
@@ -358,7 +389,7 @@ class Config:
             "default", list(self.backends), self.algorithm, self.connect_timeout,
             self.read_timeout, self.max_fails, self.fail_timeout, self.slow_start,
             self.health_interval, self.health_path, self.health_timeout, self.health_status,
-            self.rise, self.fall)}
+            self.rise, self.fall, self.backend_ca, self.backend_insecure)}
 
 
 SETTINGS: list[Setting] = [replace(f.metadata[_SETTING], name=f.name)
@@ -526,6 +557,11 @@ def summary(config: Config) -> str:
                      + (f"; HSTS max-age={config.hsts}" if config.hsts else "")
                      + (f"; plain HTTP on :{config.redirect_http} redirects here"
                         if config.redirect_http is not None else ""))
+    if config.backend_insecure or config.backend_ca or any(spec.tls for spec in config.backends):
+        verify = ("NOT verified (--backend-insecure)" if config.backend_insecure else
+                  f"verified against {config.backend_ca}" if config.backend_ca else
+                  "verified against the system trust store")
+        lines.append(f"backends  https:// certificates {verify}")
     lines.append(f"upstream  reuse {config.upstream_reuse}")
     lines.append(f"logs      application {config.log_level} on stderr; access log "
                  f"{config.access_log} ({config.log_format})")

@@ -7,6 +7,15 @@ path) and is lenient where a proxy must be strict (duplicate Content-Length,
 obs-fold, chunk sizes such as ``0x1_0``), so messages are framed by
 ``http11``/``message_reader`` instead.  ``urllib.request`` is not an option
 at all: it opens a new connection per request and follows redirects.
+
+``https://`` backends: the pool of such a backend has a ``BackendTLS``
+(``--backend-ca``/``--backend-insecure``, one client context shared by
+every pool of the cluster and by the health checks); each connection is
+wrapped right after the TCP connect, with SNI and name checking for the
+URL's host (``tls.client_context``).  TLS sockets get Python-level timeouts
+(``tls.set_timeouts``: kernel ``SO_RCVTIMEO`` makes SSL reads retry forever),
+and the staleness checks also look at bytes OpenSSL already decrypted
+(``SSLSocket.pending()``), which no poll of the descriptor can see.
 """
 
 from __future__ import annotations
@@ -16,19 +25,79 @@ import logging
 import select
 import selectors
 import socket
+import ssl
 import struct
 import threading
 import time
 import weakref
+from typing import TYPE_CHECKING
 
+import tls
 from loops import LoopGuard
-from socket_io import SocketReader, SocketWriter, set_timeouts
+from socket_io import SocketReader, SocketWriter
+
+if TYPE_CHECKING:
+    from settings import PoolSettings
 
 log = logging.getLogger("cclb")
 
 
+class BackendTLSError(OSError):
+    """The client context for https:// backends cannot be built (the CA file went bad).
+
+    An OSError, so that the proxy treats it like any failed connect (a
+    passive failure, then 502/503), never as a crash.
+    """
+
+
+class BackendTLS:
+    """How cclb speaks TLS to ``https://`` backends: settings and one shared client context.
+
+    The context (``tls.client_context``) is built on first use, so a
+    configuration without https backends never loads the system trust
+    store; ``lock`` guards ``_context``.  A reload makes a new ``BackendTLS``
+    (the CA file is read again); connections opened before keep theirs.
+    """
+
+    def __init__(self, ca_file: str | None = None, insecure: bool = False) -> None:
+        self.ca_file = ca_file
+        self.insecure = insecure
+        self.lock = threading.Lock()
+        self._context: ssl.SSLContext | None = None
+
+    @classmethod
+    def of(cls, pool: PoolSettings, previous: BackendTLS | None = None) -> BackendTLS:
+        """The TLS settings of ``pool``; logs a WARNING when verification is (newly) off.
+
+        Called when a cluster is built from the settings (at start) and on a
+        reload (``previous``: the settings in force, so that an unchanged
+        ``--backend-insecure`` is not warned about again).
+        """
+        made = cls(pool.backend_ca, pool.backend_insecure)
+        if made.insecure and not (previous is not None and previous.insecure):
+            log.warning("--backend-insecure: the certificates of https:// backends are NOT "
+                        "verified (anyone on the network path can impersonate them)")
+        return made
+
+    def context(self) -> ssl.SSLContext:
+        """The client context (built once); BackendTLSError if the CA file cannot be used."""
+        with self.lock:
+            if self._context is None:
+                try:
+                    self._context = tls.client_context(self.ca_file, self.insecure)
+                except tls.TLSConfigError as error:
+                    raise BackendTLSError(str(error)) from None
+            return self._context
+
+
 def describe_error(error: BaseException) -> str:
-    """A short, human-readable cause for a failed connection or exchange with a backend."""
+    """A short, human-readable cause for a failed connection or exchange with a backend.
+
+    TLS failures say so: ``certificate verify failed: Hostname mismatch...``
+    (``tls.describe_tls_error``).
+    """
+    if isinstance(error, ssl.SSLError):  # also SSLCertVerificationError
+        return tls.describe_tls_error(error)
     if isinstance(error, ConnectionRefusedError):
         return "connection refused"
     if isinstance(error, ConnectionResetError):
@@ -68,7 +137,7 @@ class HeadDeadlineReader(SocketReader):
         super().__init__(sock)
         self.deadline = 0.0
         self.read_timeout = read_timeout  # the per-read timeout (set_timeouts)
-        self.kernel_timeout = read_timeout  # SO_RCVTIMEO as it is now
+        self.kernel_timeout = read_timeout  # SO_RCVTIMEO (or, over TLS, settimeout) as it is now
 
     def fill(self) -> bool:
         deadline = self.deadline
@@ -89,6 +158,12 @@ class HeadDeadlineReader(SocketReader):
     def _set_receive_timeout(self, seconds: float) -> None:
         # A zero timeval means "no timeout" to the kernel: never set less than 1 ms.
         seconds = max(seconds, 0.001)
+        if isinstance(self.sock, ssl.SSLSocket):
+            # Never SO_RCVTIMEO on a TLS socket (see tls.set_timeouts); this
+            # bounds sends too, which only matters after the head was sent.
+            self.sock.settimeout(seconds)
+            self.kernel_timeout = seconds
+            return
         whole = int(seconds)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
                              struct.pack("ll", whole, int((seconds - whole) * 1_000_000)))
@@ -111,14 +186,26 @@ class UpstreamConnection(http.client.HTTPConnection):
     owner: int = 0  # the client connection it serves or last served (0: none yet)
     watched: bool = False  # armed in the idle watcher (guarded by its pool's lock)
 
-    def __init__(self, host: str, port: int, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(self, host: str, port: int, connect_timeout: float, read_timeout: float,
+                 tls_context: ssl.SSLContext | None = None) -> None:
         super().__init__(host, port, timeout=connect_timeout)
         self.read_timeout = read_timeout
+        self.tls_context = tls_context  # None: plain HTTP; else an https:// backend
 
     def connect(self) -> None:
+        """Connect (and, for https, complete the TLS handshake); OSError if either fails.
+
+        The handshake runs under the connect timeout (the socket's timeout
+        until ``set_timeouts``).  A certificate that fails verification
+        raises ``ssl.SSLCertVerificationError`` (an OSError).
+        """
         super().connect()  # sets TCP_NODELAY too; timeout = connect timeout
         assert self.sock is not None
-        set_timeouts(self.sock, self.read_timeout)
+        if self.tls_context is not None:
+            # server_hostname: SNI (for a name; never for an IP literal) and the
+            # name the certificate must be valid for (DNS or IP subjectAltName).
+            self.sock = self.tls_context.wrap_socket(self.sock, server_hostname=self.host)
+        tls.set_timeouts(self.sock, self.read_timeout)
         self.reader = HeadDeadlineReader(self.sock, self.read_timeout)
         self.writer = SocketWriter(self.sock)
         self.poller = select.poll()
@@ -139,8 +226,11 @@ class UpstreamConnection(http.client.HTTPConnection):
         An idle keep-alive connection must have nothing to read; anything
         readable is either EOF or garbage, so the connection is not reused.
         """
-        if self.sock is None:
+        sock = self.sock
+        if sock is None:
             return True
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True  # bytes OpenSSL decrypted already: the descriptor may look quiet
         try:
             return bool(self.poller.poll(0))
         except (OSError, ValueError):
@@ -152,8 +242,12 @@ class UpstreamConnection(http.client.HTTPConnection):
         They sit in the reader's buffer, where ``looks_stale`` cannot see
         them (e.g. a body sent after a HEAD or 304 answer).  Reused, the
         connection would hand them to the next request as its response.
+        Over TLS, decrypted bytes may also wait inside OpenSSL (``pending``).
         """
-        return self.reader.buffered > 0
+        if self.reader.buffered > 0:
+            return True
+        sock = self.sock
+        return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
 
 # epoll interest sets of a watched connection (Linux).  Armed while idle:
@@ -421,13 +515,16 @@ class ConnectionPool:
 
     def __init__(self, host: str, port: int, connect_timeout: float,
                  read_timeout: float, max_idle: int = 64, idle_timeout: float = 30.0,
-                 watcher: IdleWatcher | None = None) -> None:
+                 watcher: IdleWatcher | None = None, tls: BackendTLS | None = None) -> None:
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
+        # None: plain HTTP; else an https:// backend (replaced on reload, like
+        # the timeouts: read once per new connection, so no lock is needed).
+        self.tls = tls
         self.watcher = watcher or SHARED_IDLE_WATCHER
         self.lock = threading.Lock()
         self.idle: list[UpstreamConnection] = []
@@ -473,7 +570,9 @@ class ConnectionPool:
                 conn.owner = owner
                 return conn, True
             conn.close()
-        conn = UpstreamConnection(self.host, self.port, self.connect_timeout, self.read_timeout)
+        backend_tls = self.tls
+        context = backend_tls.context() if backend_tls is not None else None  # BackendTLSError: an OSError
+        conn = UpstreamConnection(self.host, self.port, self.connect_timeout, self.read_timeout, context)
         conn.owner = owner
         with self.lock:
             conn.generation = self.generation

@@ -122,10 +122,30 @@ class ParseBackendTest(unittest.TestCase):
             with self.subTest(text=text):
                 spec = parse_backend(text)
                 self.assertEqual((spec.url, spec.host, spec.port, spec.weight), (url, host, port, weight))
+                self.assertEqual((spec.scheme, spec.tls), ("http", False))
+
+    def test_https(self):
+        cases = [
+            ("https://localhost:8443", ("https://localhost:8443", "localhost", 8443, 1)),
+            ("HTTPS://Example.COM:443/", ("https://example.com:443", "example.com", 443, 1)),
+            ("https://[::1]:8443,weight=7", ("https://[::1]:8443", "::1", 8443, 7)),
+            ("https://127.0.0.1:443", ("https://127.0.0.1:443", "127.0.0.1", 443, 1)),
+        ]
+        for text, (url, host, port, weight) in cases:
+            with self.subTest(text=text):
+                spec = parse_backend(text)
+                self.assertEqual((spec.url, spec.host, spec.port, spec.weight), (url, host, port, weight))
+                self.assertEqual((spec.scheme, spec.tls), ("https", True))
+        # Same address, other scheme: another backend (the URL is its name everywhere).
+        self.assertNotEqual(parse_backend("https://h:1"), parse_backend("http://h:1"))
+        for text in ("https://h", "https://h:1/x", "https://u@h:1", "https://h:0"):
+            with self.subTest(text=text):
+                with self.assertRaisesRegex(ValueError, "https://host:port|port must be"):
+                    parse_backend(text)
 
     def test_invalid(self):
-        for text in ("https://h:1", "h", "http://h", "h:0", "h:65536", "h:abc", "http://h:1/path",
-                     "http://h:1?q=1", "http://u@h:1", "ftp://h:1", "", ":80",
+        for text in ("h", "http://h", "h:0", "h:65536", "h:abc", "http://h:1/path",
+                     "http://h:1?q=1", "http://u@h:1", "ftp://h:1", "ws://h:1", "", ":80",
                      "h:1,weight=0", "h:1,weight=1001", "h:1,weight=x", "h:1,weight=-1",
                      "h:1,weight=", "h:1,foo=1"):
             with self.subTest(text=text):

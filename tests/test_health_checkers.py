@@ -16,6 +16,9 @@ from backend_urls import parse_backend
 from cluster import ServerCluster
 from health_checkers import HealthChecker, HealthSettings, Probe, probe
 from tests.support import RawBackend, wait_for
+from tests.test_tls import A, CA, LOCALHOST, TLSBackend
+from tests.test_upstream import TlsPeer
+from upstream import BackendTLS
 
 
 def cluster_for(*ports: int) -> ServerCluster:
@@ -216,6 +219,58 @@ class CheckerLoopTests(unittest.TestCase):
         self.assertIn("Traceback", text)
         # The same callback fault twice in a row is logged once, with its traceback.
         self.assertEqual(text.count("RuntimeError: injected fault in the round's callback"), 1, text)
+
+
+class HTTPSProbeTests(unittest.TestCase):
+    """https:// backends are checked over TLS with the pool's context (issue 9)."""
+
+    def tls_backend(self, cert=LOCALHOST) -> TLSBackend:
+        backend = TLSBackend(cert)
+        self.addCleanup(backend.stop)
+        return backend
+
+    def only_backend(self, url: str, backend_tls: BackendTLS):
+        cluster = ServerCluster([parse_backend(url)], backend_tls=backend_tls)
+        self.addCleanup(lambda: [b.pool.retire() for b in cluster.snapshot()])
+        return cluster.snapshot()[0]
+
+    def test_a_verified_check_passes_over_tls(self) -> None:
+        server = self.tls_backend()
+        backend = self.only_backend(f"https://localhost:{server.port}", BackendTLS(CA))
+        ok, detail, latency = probe(backend, HealthSettings(path="/health", timeout=5))
+        self.assertEqual((ok, detail), (True, "HTTP 200"), detail)
+        self.assertIsNotNone(latency)
+        self.assertEqual(len(server.connections_for("/health")), 1)
+
+    def test_a_certificate_that_fails_verification_fails_the_check_and_says_so(self) -> None:
+        server = self.tls_backend()
+        backend = self.only_backend(f"https://localhost:{server.port}", BackendTLS())  # system store
+        ok, detail, latency = probe(backend, HealthSettings(timeout=5))
+        self.assertFalse(ok)
+        self.assertTrue(detail.startswith("certificate verify failed: "), detail)
+        mismatched = self.tls_backend(A)
+        backend = self.only_backend(f"https://127.0.0.1:{mismatched.port}", BackendTLS(CA))
+        ok, detail, _ = probe(backend, HealthSettings(timeout=5))
+        self.assertFalse(ok)
+        self.assertIn("certificate verify failed: IP address mismatch", detail)
+        backend = self.only_backend(f"https://localhost:{server.port}", BackendTLS("/nonexistent/ca.pem"))
+        ok, detail, _ = probe(backend, HealthSettings(timeout=5))
+        self.assertEqual((ok, "/nonexistent/ca.pem" in detail), (False, True), detail)
+        self.assertEqual(server.connections_for("/"), set())
+
+    def test_a_tls_check_stuck_after_the_handshake_is_cut_off(self) -> None:
+        peer = TlsPeer()  # completes handshakes, then never answers
+        self.addCleanup(peer.stop)
+        backend = self.only_backend(f"https://localhost:{peer.port}", BackendTLS(CA))
+        check = Probe(backend, HealthSettings(timeout=30))
+        results: list[tuple[bool, str, float | None]] = []
+        thread = threading.Thread(target=lambda: results.append(check.run()))
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        peer.next_accepted()  # the handshake is done: the probe waits for its answer
+        check.cut_off()
+        thread.join(5)
+        self.assertEqual(results, [(False, "no answer within 30s", None)])
 
 
 if __name__ == "__main__":

@@ -1070,7 +1070,7 @@ admin_port = 0
         ("log_format = \"xml\"\n", ["log_format", "line 1"]),
         ("max_body_size = \"lots\"\n", ["max_body_size", "line 1"]),
         ("\nbackends = [\"http://127.0.0.1:99999\"]\n", ["backends", "line 2"]),
-        ("backends = [\"https://127.0.0.1:8443\"]\n", ["backends", "line 1"]),
+        ("backends = [\"ftp://127.0.0.1:8443\"]\n", ["backends", "line 1"]),
         ("backends = []\n", ["backends", "line 1"]),
         ("gzip_level = 4\n\n[[backends]]\nurl = \"http://127.0.0.1:8000\"\nweigth = 2\n",
          ["backends", "weigth", "line"]),

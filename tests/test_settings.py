@@ -223,7 +223,7 @@ class ConfigFileTest(ConfigFiles):
             ('gzip_level = 10\n', "gzip_level", 1),
             ('backends = []\n', "backends", 1),
             ('backends = 5\n', "backends", 1),
-            ('backends = ["https://127.0.0.1:7000"]\n', "backends", 1),
+            ('backends = ["ftp://127.0.0.1:7000"]\n', "backends", 1),
             ('backends = ["127.0.0.1:99999"]\n', "backends", 1),
             ('backends = ["127.0.0.1"]\n', "backends", 1),
             ('port = 1\n\n[[backends]]\nurl = "127.0.0.1:7000"\nweight = 0\n', "backends", 3),
@@ -362,6 +362,43 @@ class AdminBindTest(ConfigFiles):
         # a token on the command line completes a file that lacks it
         path = self.write('admin_port = 9100\nadmin_host = "0.0.0.0"\nbackends = ["127.0.0.1:7000"]\n')
         self.assertEqual(settings.load(["--config", path, "--admin-token", "t"]).admin_host, "0.0.0.0")
+
+
+class BackendTLSSettingsTest(ConfigFiles):
+    """--backend-ca / --backend-insecure (issue 9): checked at start, passed to the pool."""
+
+    CA = str(ROOT / "tests" / "certs" / "ca.pem")
+
+    def test_defaults_and_values(self):
+        config = settings.load(["-b", "https://localhost:8443"])
+        self.assertEqual((config.backend_ca, config.backend_insecure), (None, False))
+        self.assertEqual(config.backends[0].url, "https://localhost:8443")
+        self.assertIn("system trust store", settings.summary(config))
+        config = settings.load(["-b", "https://localhost:8443", "--backend-ca", self.CA, "--backend-insecure"])
+        pool = config.pools["default"]
+        self.assertEqual((pool.backend_ca, pool.backend_insecure), (self.CA, True))
+        self.assertIn("NOT verified", settings.summary(config))
+        path = self.write(f'backends = ["https://a.test:443"]\nbackend_ca = "{self.CA}"\n'
+                          'backend_insecure = true\n')
+        config = settings.load(["--config", path])
+        self.assertEqual((config.backend_ca, config.backend_insecure), (self.CA, True))
+        self.assertNotIn("https://", settings.summary(settings.load(["-b", "127.0.0.1:1"])))
+
+    def test_a_bad_ca_file_exits_2_with_one_line_naming_the_file(self):
+        not_pem = self.write("port = 1\n")
+        for path, problem in ((os.path.join(self.tmp.name, "missing.pem"), "not found"),
+                              (not_pem, "no CA certificate found")):
+            with self.subTest(path=path):
+                stderr = self.load_exits_2(["--backend-ca", path])
+                self.assertEqual(len(stderr.strip().splitlines()), 1, stderr)
+                self.assertIn(path, stderr)
+                self.assertIn(problem, stderr)
+                self.assertIn("--backend-ca", stderr)
+        message = self.config_error(f'backend_ca = "{not_pem}"\n')
+        self.assertIn("backend_ca", message)
+
+    def test_insecure_must_be_a_boolean_in_the_file(self):
+        self.assertIn("backend_insecure", self.config_error('backend_insecure = "yes"\n'))
 
 
 class ParseSizeTest(unittest.TestCase):

@@ -6,6 +6,8 @@ thread; the certificates are the committed ones in ``tests/certs`` (no openssl).
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import shutil
 import signal
@@ -19,11 +21,13 @@ import time
 import unittest
 import warnings
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import socket_io
 import tls
-from tests.support import ROOT, Balancer, RawBackend, free_port, read_until_close, wait_for
+from tests.support import (ROOT, Balancer, RawBackend, admin_call, admin_status, free_port, http_request, read_until_close,
+                           wait_admin_port, wait_for)
 from tls import CertSpec, CertificateStore, LoadedCert, TLSConfigError
 
 CERTS = Path(__file__).resolve().parent / "certs"
@@ -479,6 +483,199 @@ class TLSListenerTests(unittest.TestCase):
         _, _, peer = self.get(balancer.port, "localhost")
         self.assertIn(("DNS", "localhost"), peer["subjectAltName"])
         self.assertEqual(balancer.stop(), 0)
+
+
+class _TLSBackendHandler(BaseHTTPRequestHandler):
+    """Answers every GET with its path; keep-alive (HTTP/1.1 with Content-Length)."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # head and body are two writes: no 40 ms delayed-ACK stall
+    server: TLSBackend
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        body = f"tls backend saw {self.path}".encode()
+        self.server.record(self.request.number, self.path)  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class TLSBackend(ThreadingHTTPServer):
+    """An in-process HTTPS backend on 127.0.0.1 serving ``cert``, counting TCP connections.
+
+    The handshake runs in the connection's thread (not in the accept loop),
+    so a client that rejects the certificate holds nothing up.  ``lock``
+    guards ``connections`` (accepted TCP connections) and ``seen``
+    ((connection number, path) of every request, in order).
+    """
+
+    daemon_threads = True
+    block_on_close = True
+
+    def __init__(self, cert: CertSpec) -> None:
+        super().__init__(("127.0.0.1", 0), _TLSBackendHandler)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert.path, cert.key_path)
+        self.port = self.server_address[1]
+        self.lock = threading.Lock()
+        self.connections = 0
+        self.seen: list[tuple[int, str]] = []
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
+                                       name="tls-backend", daemon=True)
+        self.thread.start()
+
+    def finish_request(self, request: socket.socket, client_address: object) -> None:
+        with self.lock:
+            self.connections += 1
+            number = self.connections
+        request.settimeout(10)
+        try:
+            conn = self.context.wrap_socket(request, server_side=True)
+        except OSError:  # the client refused the certificate, or went away
+            return
+        with conn:
+            conn.number = number  # type: ignore[attr-defined]
+            try:
+                self.RequestHandlerClass(conn, client_address, self)
+            except OSError:
+                pass
+
+    def record(self, number: int, path: str) -> None:
+        with self.lock:
+            self.seen.append((number, path))
+
+    def connections_for(self, prefix: str) -> set[int]:
+        """The connections that carried a request whose path starts with ``prefix``."""
+        with self.lock:
+            return {number for number, path in self.seen if path.startswith(prefix)}
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self.thread.join(5)
+
+
+class HTTPSBackendTests(unittest.TestCase):
+    """Issue 9: ``--backend https://...`` behind a real cclb.py, verified with SNI and name checks."""
+
+    def backend(self, cert: CertSpec = LOCALHOST) -> TLSBackend:
+        backend = TLSBackend(cert)
+        self.addCleanup(backend.stop)
+        return backend
+
+    def balancer(self, url: str, *extra: str) -> tuple[Balancer, int]:
+        """cclb in front of ``url`` with fast health checks; (balancer, admin port)."""
+        balancer = Balancer([url], "--health-interval", "0.2", "--health-path", "/health",
+                            "--admin-port", "0", *extra)
+        self.addCleanup(balancer.kill)
+        return balancer, wait_admin_port(balancer)
+
+    def row(self, balancer: Balancer, admin_port: int) -> dict:
+        return admin_status(self, balancer, admin_port)["backends"][0]
+
+    def wait_check(self, balancer: Balancer, admin_port: int, needle: str) -> dict:
+        """The /status row once its ``last_check`` mentions ``needle``."""
+        def check() -> dict | None:
+            row = self.row(balancer, admin_port)
+            return row if needle in row["last_check"] else None
+
+        return wait_for(check, 10, message=f"a health check saying {needle!r}")  # type: ignore[return-value]
+
+    def test_verified_requests_are_forwarded_over_reused_tls_connections(self) -> None:
+        backend = self.backend()
+        url = f"https://localhost:{backend.port}"
+        balancer, admin_port = self.balancer(url, "--backend-ca", CA)
+        row = self.wait_check(balancer, admin_port, "HTTP 200")
+        self.assertEqual((row["url"], row["state"]), (url, "up"))
+        client = http.client.HTTPConnection("127.0.0.1", balancer.port, timeout=10)
+        self.addCleanup(client.close)
+        for number in range(6):
+            client.request("GET", f"/item/{number}")
+            response = client.getresponse()
+            self.assertEqual((response.status, response.read()), (200, f"tls backend saw /item/{number}".encode()))
+        used = backend.connections_for("/item/")
+        self.assertLess(len(used), 6, f"no backend connection was reused: {used}")
+        self.assertEqual(len(used), 1)  # one keep-alive client: its own pooled connection every time
+        self.assertTrue(backend.connections_for("/health"))  # health checks go over TLS too
+        self.assertNotIn("insecure", balancer.log_text())
+        self.assertEqual(balancer.stop(), 0)
+        self.assertNotIn("Traceback", balancer.log_text())
+
+    def test_the_system_store_rejects_the_test_ca_and_the_backend_is_down(self) -> None:
+        backend = self.backend()
+        balancer, admin_port = self.balancer(f"https://localhost:{backend.port}")
+        row = self.wait_check(balancer, admin_port, "certificate verify failed")
+        self.assertEqual(row["state"], "down")
+        status, _, _ = http_request(balancer.port, "GET", "/x", timeout=10)
+        self.assertIn(status, (502, 503))
+        self.assertEqual(backend.connections_for("/"), set())  # nothing was ever sent
+        wait_for(lambda: "certificate verify failed" in balancer.log_text(), 5, message="the DOWN line")
+        self.assertNotIn("Traceback", balancer.log_text())
+
+    def test_a_name_mismatch_fails_clearly(self) -> None:
+        backend = self.backend(A)  # a.test's certificate, reached as 127.0.0.1
+        balancer, admin_port = self.balancer(f"https://127.0.0.1:{backend.port}", "--backend-ca", CA)
+        row = self.wait_check(balancer, admin_port, "certificate verify failed")
+        self.assertIn("mismatch", row["last_check"])
+        self.assertIn("127.0.0.1", row["last_check"])
+        self.assertEqual(row["state"], "down")
+        status, _, _ = http_request(balancer.port, "GET", "/x", timeout=10)
+        self.assertIn(status, (502, 503))
+        self.assertEqual(backend.connections_for("/"), set())
+        self.assertNotIn("Traceback", balancer.log_text())
+
+    def test_a_host_that_resolves_nowhere_fails_clearly(self) -> None:
+        balancer, admin_port = self.balancer(f"https://a.test:{free_port()}", "--backend-ca", CA)
+        row = self.wait_check(balancer, admin_port, "cannot resolve host")
+        self.assertEqual(row["state"], "down")
+        status, _, _ = http_request(balancer.port, "GET", "/x", timeout=10)
+        self.assertIn(status, (502, 503))
+        self.assertNotIn("Traceback", balancer.log_text())
+
+    def test_backend_insecure_skips_verification_and_warns(self) -> None:
+        backend = self.backend(A)  # wrong name and unknown CA: accepted all the same
+        balancer, admin_port = self.balancer(f"https://127.0.0.1:{backend.port}", "--backend-insecure")
+        self.wait_check(balancer, admin_port, "HTTP 200")
+        status, _, body = http_request(balancer.port, "GET", "/anyway", timeout=10)
+        self.assertEqual((status, body), (200, b"tls backend saw /anyway"))
+        warning = [line for line in balancer.log_text().splitlines() if "--backend-insecure" in line]
+        self.assertEqual(len(warning), 1, balancer.log_text())
+        self.assertIn("WARNING", warning[0])
+        self.assertIn("NOT verified", warning[0])
+
+    def test_an_https_backend_added_with_the_admin_api_uses_the_same_tls_settings(self) -> None:
+        backend = self.backend()
+        url = f"https://localhost:{backend.port}"
+        balancer, admin_port = self.balancer(f"http://127.0.0.1:{free_port()}", "--backend-ca", CA)
+        status, _, body = admin_call(self, balancer, admin_port, "POST", "/backends",
+                                     json.dumps({"url": url}).encode(), {"Content-Type": "application/json"})
+        self.assertEqual(status, 201, body)
+
+        def added_and_up() -> bool:
+            rows = admin_status(self, balancer, admin_port)["backends"]
+            return any(row["url"] == url and row["last_check"] == "HTTP 200" for row in rows)
+        wait_for(added_and_up, 10, message="the added https backend to pass its check")
+        for _ in range(3):  # the dead http backend is down: every request goes over TLS
+            status, _, body = http_request(balancer.port, "GET", "/added", timeout=10)
+            self.assertEqual((status, body), (200, b"tls backend saw /added"))
+
+    def test_a_bad_backend_ca_exits_2_with_one_line_naming_the_file(self) -> None:
+        for path, problem in (("/nonexistent/ca.pem", "not found"), (str(B.key_path), "no CA certificate")):
+            for check in ((), ("--check",)):
+                with self.subTest(path=path, check=check):
+                    result = subprocess.run(
+                        [sys.executable, str(ROOT / "cclb.py"), "-p", "0", "-b", "https://localhost:1",
+                         "--backend-ca", path, *check], capture_output=True, text=True, timeout=20)
+                    self.assertEqual(result.returncode, 2, result.stderr)
+                    lines = result.stderr.strip().splitlines()
+                    self.assertEqual(len(lines), 1, lines)
+                    self.assertIn(path, lines[0])
+                    self.assertIn(problem, lines[0])
 
 
 if __name__ == "__main__":

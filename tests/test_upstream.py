@@ -12,6 +12,7 @@ import queue
 import select
 import selectors
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -24,8 +25,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.support import free_port, wait_for  # noqa: E402
-from upstream import (ConnectionPool, HeadDeadlineReader, IdleWatcher, UpstreamConnection,  # noqa: E402
-                      describe_error)
+from upstream import (BackendTLS, BackendTLSError, ConnectionPool, HeadDeadlineReader, IdleWatcher,  # noqa: E402
+                      UpstreamConnection, describe_error)
 
 
 class TcpPeer:
@@ -561,6 +562,8 @@ class HeadDeadlineReaderTests(unittest.TestCase):
 class DescribeErrorTests(unittest.TestCase):
     def test_texts(self) -> None:
         """Each kind of failure gets its short, stable description."""
+        mismatch = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+        mismatch.verify_message = "Hostname mismatch, certificate is not valid for 'x'."
         cases: list[tuple[BaseException, str]] = [
             (ConnectionRefusedError(111, "Connection refused"), "connection refused"),
             (ConnectionResetError(104, "Connection reset by peer"), "connection reset"),
@@ -573,10 +576,182 @@ class DescribeErrorTests(unittest.TestCase):
             (OSError("no route to host"), "no route to host"),
             (OSError(), "OSError"),
             (BrokenPipeError(), "BrokenPipeError"),
+            (mismatch, "certificate verify failed: Hostname mismatch, certificate is not valid for 'x'."),
+            (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"),
+             "TLS error: EOF occurred in violation of protocol"),
         ]
         for error, text in cases:
             with self.subTest(error=repr(error)):
                 self.assertEqual(describe_error(error), text)
+
+
+CERTS = ROOT / "tests" / "certs"
+CA = str(CERTS / "ca.pem")
+
+
+class TlsPeer(TcpPeer):
+    """A ``TcpPeer`` whose connections are TLS (``localhost.pem``: DNS:localhost, IP:127.0.0.1).
+
+    The handshakes run in a thread of their own, one after the other, so the
+    pool's connect (which waits for its handshake) can run in the test thread.
+    """
+
+    def __init__(self) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(CERTS / "localhost.pem"))
+        self.context.set_alpn_protocols(["http/1.1"])
+        self.handshaken: queue.Queue[ssl.SSLSocket | OSError] = queue.Queue()
+        super().__init__()
+        self.wrapper = threading.Thread(target=self._wrap, name="tls-peer", daemon=True)
+        self.wrapper.start()
+
+    def _wrap(self) -> None:
+        while True:
+            raw = self.accepted.get()
+            if raw is None:
+                return
+            try:
+                conn = self.context.wrap_socket(raw, server_side=True)
+            except OSError as error:  # the client refused our certificate
+                self.handshaken.put(error)
+                continue
+            self.sockets.append(conn)
+            self.handshaken.put(conn)
+
+    def next_accepted(self) -> ssl.SSLSocket:  # type: ignore[override]
+        item = self.handshaken.get(timeout=5)
+        if isinstance(item, OSError):
+            raise item
+        return item
+
+    def stop(self) -> None:
+        self.accepted.put(None)  # type: ignore[arg-type]
+        self.wrapper.join(timeout=5)
+        super().stop()
+
+
+class TLSPoolTests(PoolTestCase):
+    """https:// backends: verified, pooled and reused, watched, timed out, like plain ones."""
+
+    def setUp(self) -> None:
+        self.peer = TlsPeer()
+        self.addCleanup(self.peer.stop)
+
+    def make_tls_pool(self, backend_tls: BackendTLS | None = None) -> ConnectionPool:
+        pool = self.make_pool()
+        pool.tls = backend_tls or BackendTLS(CA)
+        return pool
+
+    def exchange(self, conn: UpstreamConnection, server_side: ssl.SSLSocket) -> None:
+        """One request and response over ``conn``, read completely."""
+        conn.send_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        self.assertEqual(server_side.recv(100), b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        server_side.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(conn.reader.readline(), b"HTTP/1.1 204 No Content\r\n")
+        self.assertEqual(conn.reader.readline(), b"\r\n")
+
+    def test_a_verified_connection_is_reused_with_python_level_timeouts(self) -> None:
+        pool = self.make_tls_pool()
+        conn, reused = self.acquire(pool)
+        self.assertFalse(reused)
+        self.assertIsInstance(conn.sock, ssl.SSLSocket)
+        self.assertEqual(conn.sock.gettimeout(), 2.0, "tls.set_timeouts: settimeout, not SO_RCVTIMEO")
+        self.assertEqual(conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16), bytes(16))
+        self.assertEqual(conn.sock.selected_alpn_protocol(), "http/1.1")
+        server_side = self.peer.next_accepted()
+        for _ in range(3):
+            self.exchange(conn, server_side)
+            self.assertFalse(conn.has_leftover_bytes())
+            pool.release(conn)
+            again, reused = self.acquire(pool)
+            self.assertTrue(reused)
+            self.assertIs(again, conn)
+
+    def test_decrypted_bytes_waiting_in_openssl_make_it_stale(self) -> None:
+        """poll() sees the descriptor, not what OpenSSL already decrypted: pending() does."""
+        pool = self.make_tls_pool()
+        conn, _ = self.acquire(pool)
+        server_side = self.peer.next_accepted()
+        self.exchange(conn, server_side)
+        server_side.sendall(b"EVIL")  # one record
+        wait_for(lambda: conn.poller.poll(0), 5, message="the record to arrive")
+        self.assertEqual(conn.sock.recv(1), b"E")  # the rest of the record stays inside OpenSSL
+        self.assertEqual(conn.poller.poll(0), [], "the descriptor looks quiet")
+        self.assertTrue(conn.has_leftover_bytes())
+        self.assertTrue(conn.looks_stale())
+        pool.release(conn)  # (the proxy would not, because of has_leftover_bytes)
+        fresh, reused = self.acquire(pool)
+        self.assertFalse(reused)
+        self.assertIsNot(fresh, conn)
+
+    def test_the_idle_watcher_closes_a_tls_connection_the_backend_closed(self) -> None:
+        pool = self.make_tls_pool()
+        conn, _ = self.acquire(pool)
+        server_side = self.peer.next_accepted()
+        self.exchange(conn, server_side)
+        pool.release(conn)
+        server_side.close()
+        wait_for(lambda: conn.sock is None, 5, message="the watcher to close the connection")
+        self.assertEqual(pool.idle, [])
+
+    def test_the_head_deadline_shrinks_the_python_timeout_never_so_rcvtimeo(self) -> None:
+        pool = self.make_tls_pool()
+        conn, _ = self.acquire(pool)
+        server_side = self.peer.next_accepted()
+        server_side.sendall(b"HTTP/1.1 ")
+        started = time.monotonic()
+        conn.reader.deadline = started + 0.3
+        with self.assertRaises(TimeoutError):
+            conn.reader.readline()
+        self.assertLess(time.monotonic() - started, 1.5)
+        self.assertLessEqual(conn.sock.gettimeout(), 0.3)
+        conn.reader.end_deadline()
+        self.assertEqual(conn.sock.gettimeout(), 2.0)
+        self.assertEqual(conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16), bytes(16))
+
+    def test_verification_failures_and_a_bad_ca_file_are_oserrors_that_say_so(self) -> None:
+        pool = self.make_tls_pool(BackendTLS())  # the system store does not know the test CA
+        with self.assertRaises(ssl.SSLCertVerificationError) as caught:
+            pool.acquire()
+        self.assertTrue(describe_error(caught.exception).startswith("certificate verify failed: "),
+                        describe_error(caught.exception))
+        self.assertEqual(pool.idle, [])
+        pool = self.make_tls_pool(BackendTLS("/nonexistent/ca.pem"))
+        with self.assertRaises(BackendTLSError) as bad:
+            pool.acquire()
+        self.assertIsInstance(bad.exception, OSError)  # the proxy's connect-failure path
+        self.assertIn("/nonexistent/ca.pem", describe_error(bad.exception))
+
+    def test_https_pools_get_the_clusters_settings_and_a_reload_replaces_them(self) -> None:
+        import settings
+        from cluster import ServerCluster
+        argv = ["-b", "https://localhost:1", "-b", "http://localhost:2"]
+        old = settings.load(argv).pools["default"]
+        new = settings.load(argv + ["--backend-ca", CA]).pools["default"]
+        cluster = ServerCluster.from_settings(old)
+        self.addCleanup(lambda: [backend.pool.retire() for backend in cluster.snapshot()])
+        secure, plain = cluster.snapshot()
+        self.assertIs(secure.pool.tls, cluster.backend_tls)
+        self.assertEqual((secure.pool.tls.ca_file, secure.pool.tls.insecure), (None, False))
+        self.assertIsNone(plain.pool.tls)
+        cluster.apply_settings(old, new)
+        self.assertEqual(secure.pool.tls.ca_file, CA)  # new connections use the new CA file
+        self.assertIsNone(plain.pool.tls)
+
+    def test_one_context_per_settings_and_a_warning_when_insecure(self) -> None:
+        backend_tls = BackendTLS(CA)
+        self.assertIs(backend_tls.context(), backend_tls.context())
+        self.assertTrue(backend_tls.context().check_hostname)
+
+        class Pool:  # the two fields BackendTLS.of reads from PoolSettings
+            backend_ca = None
+            backend_insecure = True
+        with self.assertLogs("cclb", "WARNING") as logs:
+            insecure = BackendTLS.of(Pool())  # type: ignore[arg-type]
+            BackendTLS.of(Pool(), insecure)  # type: ignore[arg-type]  # a reload: said already
+        self.assertEqual(len(logs.output), 1)
+        self.assertIn("NOT verified", logs.output[0])
+        self.assertEqual(insecure.context().verify_mode, ssl.CERT_NONE)
 
 
 if __name__ == "__main__":
