@@ -660,7 +660,10 @@ class KeepAliveTests(ProxyTestCase):
         for i in range(10):
             self.assertEqual(http_request(balancer.port, "GET", f"/fresh/{i}")[0], 200)
         self.assertEqual(len(backend.heads), 10)
-        self.assertLessEqual(len(backend.connections), 2)
+        # The connection goes back to the pool after the client has its answer, so the next
+        # client can occasionally win that race and open a second or third one (the soak
+        # caught 3 under load); 10 requests on at most 4 connections still proves reuse.
+        self.assertLessEqual(len(backend.connections), 4)
 
 
     def test_stray_body_after_head_response_does_not_poison_next_request(self):
