@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Collection, NamedTuple
+from typing import Collection, NamedTuple, Sequence
 
 from http11 import (HOP_BY_HOP, BodyFraming, Fields, Headers, ProtocolError, RequestLine,
                     connection_options, content_length, field_values, gzip_headers,
@@ -43,6 +43,9 @@ class Request:
     host: str | None  # the authority (Host, or the absolute-form target's); None if absent (1.0)
     keep_alive: bool  # what the client asked for (RFC 9112 9.3)
     expect_continue: bool  # answer 100 Continue before reading the body
+    # The protocols of an Upgrade request to pass on (RFC 9110 7.8), as the
+    # Upgrade value to forward; None for an ordinary request.
+    upgrade: str | None = None
 
 
 def check_request_head(request_line: RequestLine, fields: Fields, max_body_size: int) -> Request:
@@ -77,10 +80,34 @@ def check_request_head(request_line: RequestLine, fields: Fields, max_body_size:
         if expect.lower() != "100-continue":
             raise ProtocolError(417, "only Expect: 100-continue is supported")
         expect_continue = framing.has_body
-    keep_alive = wants_keep_alive(version, connection_options(fields))
+    options = connection_options(fields)
+    keep_alive = wants_keep_alive(version, options)
     has_length = "content-length" in fields.index
     return Request(method, target, request_line.target, version, fields, framing,
-                   has_length, host, keep_alive, expect_continue)
+                   has_length, host, keep_alive, expect_continue,
+                   upgrade_protocols(version, options, fields))
+
+
+# Upgrade tokens never passed on.  h2c (RFC 7540 3.2) would switch the backend
+# connection to HTTP/2, which cclb does not speak; RFC 9113 3.1 deprecates it anyway.
+REFUSED_UPGRADES = frozenset({"h2c"})
+
+
+def upgrade_protocols(version: tuple[int, int], options: Collection[str], fields: Fields) -> str | None:
+    """The Upgrade value to forward for a request, or None if it asks for no (allowed) upgrade.
+
+    RFC 9110 7.8: an upgrade request carries ``Upgrade`` *and* names it in
+    ``Connection`` (otherwise the field is a stray hop-by-hop field, dropped);
+    a server MUST ignore Upgrade in an HTTP/1.0 request.  Protocols in
+    ``REFUSED_UPGRADES`` are removed; if none is left, no upgrade.
+    """
+    if version < (1, 1) or "upgrade" not in options:
+        return None
+    protocols = [token.strip() for value in fields.index.get("upgrade", ())
+                 for token in value.split(",") if token.strip()]
+    kept = [protocol for protocol in protocols
+            if protocol.partition("/")[0].strip().lower() not in REFUSED_UPGRADES]
+    return ", ".join(kept) if kept else None
 
 
 def error_closes_connection(status: int) -> bool:
@@ -112,7 +139,9 @@ _UPSTREAM_DROP_WITH_ID = _UPSTREAM_DROP | {"x-request-id"}
 def upstream_request_head(request: Request, client_ip: str, proto: str, request_id: str) -> bytes:
     """The request head as sent to a backend.
 
-    Hop-by-hop fields and every field named in Connection are removed; Host
+    Hop-by-hop fields and every field named in Connection are removed
+    (except ``Connection: upgrade`` and ``Upgrade`` for an upgrade request,
+    ``Request.upgrade``); Host
     is always present; X-Request-ID carries ``request_id`` (the client's
     fields are kept when it is theirs); X-Forwarded-For appends
     ``client_ip`` to the client's chain, X-Forwarded-Proto/-Host are set;
@@ -138,10 +167,36 @@ def upstream_request_head(request: Request, client_ip: str, proto: str, request_
         headers.append(("Transfer-Encoding", "chunked"))
     elif framing.kind == "length" or request.has_length_field:
         headers.append(("Content-Length", str(framing.length)))
+    if request.upgrade is not None:
+        # RFC 9110 7.8: the one hop-by-hop pair a gateway passes on, so that the
+        # backend can switch protocols (the tunnel then spans both hops).
+        headers.append(("Connection", "upgrade"))
+        headers.append(("Upgrade", request.upgrade))
     return _serialize(f"{request.method} {request.target} HTTP/1.1", headers, None)
 
 
 # --- how a response goes out ----------------------------------------------------
+
+def switching_protocols_head(response: ResponseHead, request_id: str,
+                             extra: Sequence[tuple[str, str]] = ()) -> bytes:
+    """The ``101 Switching Protocols`` head sent to the client before a tunnel starts.
+
+    The backend's fields minus hop-by-hop ones (and those its Connection
+    names), plus X-Request-ID, ``extra`` (HSTS), ``Connection: upgrade`` and
+    the backend's ``Upgrade`` (RFC 9110 7.8: the protocol the connection
+    switches to).  A 101 without Upgrade breaks RFC 9110 15.2.2 ("MUST
+    generate an Upgrade header field"): ValueError, the proxy answers 502.
+    """
+    upgrade = ", ".join(value for value in field_values(response.headers, "upgrade") if value)
+    if not upgrade:
+        raise ValueError("backend switched protocols without an Upgrade header")
+    headers, _ = without_fields(response.headers, _RESPONSE_DROP)
+    headers.append(("X-Request-ID", request_id))
+    headers.extend(extra)
+    headers.append(("Connection", "upgrade"))
+    headers.append(("Upgrade", upgrade))
+    return _serialize(f"HTTP/1.1 101 {response.reason or 'Switching Protocols'}", headers, None)
+
 
 NO_BODY, BUFFERED, STREAMED = "none", "buffered", "streamed"
 

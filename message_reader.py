@@ -126,12 +126,16 @@ class IncompleteHead(ConnectionError):
     """The backend closed the connection in the middle of a response head."""
 
 
-def read_response_head(reader: Readable, request_method: str, limits: Limits) -> ResponseHead:
+def read_response_head(reader: Readable, request_method: str, limits: Limits,
+                       upgrade: bool = False) -> ResponseHead:
     """Read a backend's response head, skipping 1xx interim responses.
 
-    Raises EmptyResponse if the connection closed before any byte,
-    IncompleteHead if it closed inside the head, ValueError
-    for a head that must not be forwarded (the caller answers 502).
+    ``upgrade``: the request asked to switch protocols (RFC 9110 7.8); a
+    ``101 Switching Protocols`` then ends the head (no body, never
+    reusable: what follows is the new protocol).  Without it a 101 is a
+    ValueError.  Raises EmptyResponse if the connection closed before any
+    byte, IncompleteHead if it closed inside the head, ValueError for a
+    head that must not be forwarded (the caller answers 502).
     """
     interim: list[int] = []
     while True:
@@ -147,7 +151,9 @@ def read_response_head(reader: Readable, request_method: str, limits: Limits) ->
         version, status, reason = http11.parse_status_line(line)
         headers = read_field_lines(reader, limits, for_response=True)
         if status == 101:
-            raise ValueError("backend switched protocols, which cclb does not support")
+            if upgrade:
+                return ResponseHead(version, status, reason, headers, http11.NO_BODY, False, interim)
+            raise ValueError("backend switched protocols without being asked to")
         if status >= 200:
             break
         if len(interim) >= 10:

@@ -8,6 +8,7 @@ reclaim tests at the end run an in-process ``LoadBalancerServer``.
 
 from __future__ import annotations
 
+import io
 import socket
 import sys
 import threading
@@ -22,9 +23,9 @@ if str(ROOT) not in sys.path:
 import http11  # noqa: E402
 from forwarding import (BUFFERED, NO_BODY, STREAMED, TRACE_ALLOW, Request, check_request_head,  # noqa: E402
                         error_closes_connection, request_id_for, response_plan,
-                        upstream_request_head)
+                        switching_protocols_head, upstream_request_head)
 from http11 import Fields, ProtocolError  # noqa: E402
-from message_reader import ResponseHead  # noqa: E402
+from message_reader import Limits, ResponseHead, read_response_head  # noqa: E402
 import settings  # noqa: E402
 from settings import Listener  # noqa: E402
 from backend_urls import parse_backend  # noqa: E402
@@ -624,6 +625,84 @@ class ReclaimTest(unittest.TestCase):
             self.assertEqual(read_response(a_reader).status, 200)
         with self.gate.lock:
             self.assertEqual(self.gate.calls, 1)
+
+class UpgradeTest(unittest.TestCase):
+    """Upgrade requests (RFC 9110 7.8): what is passed on, and the 101 head sent back."""
+
+    # (request line, client fields, expected Request.upgrade)
+    CASES: list[tuple[str, list[str], str | None]] = [
+        ("GET /ws HTTP/1.1", ["Host: h", "Connection: Upgrade", "Upgrade: websocket"], "websocket"),
+        ("GET /ws HTTP/1.1", ["Host: h", "Connection: keep-alive, Upgrade", "Upgrade: WebSocket"],
+         "WebSocket"),
+        ("GET /ws HTTP/1.1", ["Host: h", "Connection: upgrade", "Upgrade: foo/2, bar"], "foo/2, bar"),
+        # Upgrade not named in Connection: a stray hop-by-hop field, no upgrade.
+        ("GET /ws HTTP/1.1", ["Host: h", "Upgrade: websocket"], None),
+        # Connection: upgrade without an Upgrade field: nothing to switch to.
+        ("GET /ws HTTP/1.1", ["Host: h", "Connection: upgrade"], None),
+        # h2c is never passed on (cclb does not speak HTTP/2 to backends).
+        ("GET / HTTP/1.1", ["Host: h", "Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c",
+                            "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA"], None),
+        ("GET / HTTP/1.1", ["Host: h", "Connection: Upgrade", "Upgrade: H2C, websocket"], "websocket"),
+        # RFC 9110 7.8: a server MUST ignore Upgrade in an HTTP/1.0 request.
+        ("GET /ws HTTP/1.0", ["Host: h", "Connection: Upgrade", "Upgrade: websocket"], None),
+        ("GET /ws HTTP/1.1", ["Host: h"], None),
+    ]
+
+    def test_check_request_head_decides_the_upgrade(self) -> None:
+        for line, lines, expected in self.CASES:
+            with self.subTest(line=line, fields=lines):
+                self.assertEqual(request(line, *lines).upgrade, expected)
+
+    def test_upstream_head_keeps_connection_upgrade_and_upgrade_only_for_an_upgrade(self) -> None:
+        for line, lines, expected in self.CASES:
+            with self.subTest(line=line, fields=lines):
+                req = request(line, *lines, "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==")
+                _, fields = parse_head(upstream_request_head(req, "1.2.3.4", "http", "rid"))
+                self.assertEqual(values(fields, "sec-websocket-key"), ["dGhlIHNhbXBsZSBub25jZQ=="])
+                self.assertNotIn("http2-settings", names(fields))
+                if expected is None:
+                    self.assertNotIn("upgrade", names(fields))
+                    self.assertNotIn("connection", names(fields))
+                else:
+                    self.assertEqual(values(fields, "connection"), ["upgrade"])
+                    self.assertEqual(values(fields, "upgrade"), [expected])
+
+    def test_other_connection_options_are_still_removed(self) -> None:
+        req = request("GET /ws HTTP/1.1", "Host: h", "Connection: upgrade, X-Secret, keep-alive",
+                      "Upgrade: websocket", "X-Secret: 1", "Keep-Alive: timeout=5")
+        _, fields = parse_head(upstream_request_head(req, "1.2.3.4", "http", "rid"))
+        self.assertNotIn("x-secret", names(fields))
+        self.assertNotIn("keep-alive", names(fields))
+        self.assertEqual(values(fields, "connection"), ["upgrade"])
+
+    def test_switching_protocols_head(self) -> None:
+        head = switching_protocols_head(
+            response(101, "Upgrade: websocket", "Connection: Upgrade, X-Hop", "X-Hop: 1",
+                      "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", "X-Request-ID: theirs",
+                      reason="Switching Protocols"),
+            "rid", [("Strict-Transport-Security", "max-age=300")])
+        start, fields = parse_head(head)
+        self.assertEqual(start, "HTTP/1.1 101 Switching Protocols")
+        self.assertEqual(values(fields, "sec-websocket-accept"), ["s3pPLMBiTxaQ9kYGzzhZRbK+xOo="])
+        self.assertEqual(values(fields, "x-request-id"), ["rid"])
+        self.assertEqual(values(fields, "connection"), ["upgrade"])
+        self.assertEqual(values(fields, "upgrade"), ["websocket"])
+        self.assertEqual(values(fields, "strict-transport-security"), ["max-age=300"])
+        self.assertNotIn("x-hop", names(fields))
+
+    def test_switching_protocols_without_upgrade_is_refused(self) -> None:
+        with self.assertRaises(ValueError):
+            switching_protocols_head(response(101, "Connection: upgrade"), "rid")
+
+    def test_read_response_head_accepts_101_only_for_an_upgrade(self) -> None:
+        raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nframe"
+        reader = io.BufferedReader(io.BytesIO(raw))  # type: ignore[arg-type]
+        head = read_response_head(reader, "GET", Limits(), upgrade=True)
+        self.assertEqual((head.status, head.framing.kind, head.reusable), (101, "none", False))
+        self.assertEqual(reader.read(), b"frame")  # the new protocol's bytes stay unread
+        with self.assertRaisesRegex(ValueError, "switched protocols"):
+            read_response_head(io.BufferedReader(io.BytesIO(raw)), "GET", Limits())  # type: ignore[arg-type]
+
 
 if __name__ == "__main__":
     unittest.main()
