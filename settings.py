@@ -289,6 +289,10 @@ class Config:
         ("--body-timeout",), 30.0, _number(float, 0.01, 86400),
         "seconds a client may stay silent while sending a body (408 after)",
         "SECONDS", "timeouts")
+    tunnel_idle_timeout: float = option(
+        ("--tunnel-idle-timeout",), 3600.0, _number(float, 0.01, 7 * 86400),
+        "seconds an upgraded connection (WebSocket tunnel) may stay silent both ways before "
+        "it is closed", "SECONDS", "timeouts")
     tls_certs: list[CertSpec] = option(
         ("--tls-cert",), [], _cert_specs,
         "serve TLS with this PEM file (certificate chain and key, or PEM,key=KEYFILE); repeat "
@@ -547,7 +551,8 @@ def summary(config: Config) -> str:
                                                    if pool.slow_start else ""))
     lines.append(f"timeouts  connect {config.connect_timeout:g}s, read {config.read_timeout:g}s, "
                  f"header {config.header_timeout:g}s, keep-alive {config.keepalive_timeout:g}s, "
-                 f"body {config.body_timeout:g}s, drain {config.drain_timeout:g}s")
+                 f"body {config.body_timeout:g}s, tunnel idle {config.tunnel_idle_timeout:g}s, "
+                 f"drain {config.drain_timeout:g}s")
     lines.append(f"limits    body {_size(config.max_body_size)}, head {_size(config.max_header_size)}, "
                  f"request line {_size(config.max_request_line)}, {config.max_headers} fields")
     lines.append("gzip      " + (f"level {config.gzip_level} from {_size(config.gzip_min_size)}"
