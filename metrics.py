@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from loops import LoopGuard
 from settings import VERSION
+from tunnel import TunnelCounters
 
 if TYPE_CHECKING:
     from cluster import ClusterStats
@@ -180,6 +181,43 @@ def _open_fds() -> int | None:
 PROCESS = ProcessMetrics(VERSION)
 
 
+class TunnelMetrics:
+    """Upgraded connections (WebSocket tunnels) of this process: how many are open, bytes relayed.
+
+    ``counters`` is handed to every ``tunnel.relay`` (it sums bytes as they
+    move, under its own lock); ``lock`` guards ``open``.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open = 0
+        self.counters = TunnelCounters()
+
+    def opened(self) -> None:
+        with self.lock:
+            self.open += 1
+
+    def closed(self) -> None:
+        with self.lock:
+            self.open -= 1
+
+    def families(self) -> list[tuple[str, str, str, list[str]]]:
+        """(name, type, help, samples) for ``cclb_tunnels_open`` and ``cclb_tunnel_bytes_total``."""
+        with self.lock:
+            open_now = self.open
+        up, down = self.counters.snapshot()
+        return [
+            ("cclb_tunnels_open", "gauge", "Upgraded connections (WebSocket tunnels) open now.",
+             [f"cclb_tunnels_open {open_now}"]),
+            ("cclb_tunnel_bytes_total", "counter", "Bytes relayed through tunnels, by direction.",
+             [f"cclb_tunnel_bytes_total{_labels(direction='client_to_backend')} {up}",
+              f"cclb_tunnel_bytes_total{_labels(direction='backend_to_client')} {down}"]),
+        ]
+
+
+TUNNELS = TunnelMetrics()
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -229,7 +267,7 @@ def render(stats: ClusterStats) -> str:
         samples.append(f"cclb_request_duration_seconds_count{_labels(backend=b.url)} {latency.count}")
     family("cclb_request_duration_seconds", "histogram",
            "Time from the request head to the end of the response, by backend.", samples)
-    for name, kind, help_text, process_samples in PROCESS.families():
+    for name, kind, help_text, process_samples in PROCESS.families() + TUNNELS.families():
         family(name, kind, help_text, process_samples)
     return "\n".join(lines) + "\n"
 

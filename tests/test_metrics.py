@@ -388,7 +388,9 @@ PROCESS_FAMILIES = {
     "process_cpu_seconds_total": "counter", "process_resident_memory_bytes": "gauge",
     "process_open_fds": "gauge", "process_max_fds": "gauge",
     "cclb_config_reloads_total": "counter", "cclb_config_last_reload_timestamp_seconds": "gauge",
-    "cclb_access_log_lines_lost_total": "counter", "cclb_tls_handshake_failures_total": "counter"}
+    "cclb_access_log_lines_lost_total": "counter", "cclb_tls_handshake_failures_total": "counter",
+    # Per process too (metrics.TUNNELS), rendered after ProcessMetrics' families.
+    "cclb_tunnels_open": "gauge", "cclb_tunnel_bytes_total": "counter"}
 
 
 def without_process(types: dict[str, str]) -> dict[str, str]:
