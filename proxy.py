@@ -29,6 +29,7 @@ import http11
 from cluster import Attempt, Backend, ServerCluster
 from forwarding import (BUFFERED, NO_BODY, TRACE_ALLOW, Request, ResponsePlan, check_request_head,
                         error_closes_connection, request_id_for, response_plan, upstream_request_head)
+from forwarding import switching_protocols_head
 from http11 import Headers, ProtocolError
 from loggers import AccessLog, sanitize
 from loops import LoopGuard
@@ -37,8 +38,9 @@ from message_reader import (BodyTooLarge, EmptyResponse, IncompleteHead, Limits,
                             read_small_body)
 from socket_io import SocketReader, SocketWriter
 from tls import CertificateStore, set_timeouts
-from metrics import PROCESS
+from metrics import PROCESS, TUNNELS
 from settings import Config, Listener
+from tunnel import Tunnel
 from upstream import SHARED_IDLE_WATCHER, UpstreamConnection, describe_error
 
 log = logging.getLogger("cclb")
@@ -48,6 +50,9 @@ log = logging.getLogger("cclb")
 # leave in one write (and can be gzipped in one call).  Larger ones stream.
 BUFFER_LIMIT = 256 * 1024
 PIECE = 64 * 1024
+# After the drain period, open tunnels are stopped; their handlers get this
+# long to log the tunnel and close both sockets before drain() gives up.
+TUNNEL_STOP_GRACE = 2.0
 # Backends are trusted more than clients (many Set-Cookie fields are normal)
 # but not blindly: a runaway head still ends in a 502.
 RESPONSE_LIMITS = Limits(max_line=16 * 1024, max_header_bytes=128 * 1024, max_fields=500)
@@ -188,6 +193,10 @@ class LoadBalancerServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.connections: dict[socket.socket, ProxyHandler | None] = {}
         self.draining = False
+        # Open upgrade tunnels, so that a drain can end them; guarded by ``lock``.
+        # ``tunnels_closed``: drain() has stopped them, later ones stop at once.
+        self.tunnels: set[Tunnel] = set()
+        self.tunnels_closed = False
         self.watchdog = Watchdog()
         self.allow_reuse_port = reuse_port  # --workers: siblings bind the same port
         if ":" in listener.host:
@@ -294,15 +303,39 @@ class LoadBalancerServer(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("internal error while serving %s", client_address[0])
 
+    def add_tunnel(self, tunnel: Tunnel) -> None:
+        """Track an open tunnel (``drain`` stops it); stopped at once if the drain already did."""
+        with self.lock:
+            self.tunnels.add(tunnel)
+            closed = self.tunnels_closed
+        if closed:
+            tunnel.stop()
+
+    def remove_tunnel(self, tunnel: Tunnel) -> None:
+        with self.lock:
+            self.tunnels.discard(tunnel)
+
+    def stop_tunnels(self) -> int:
+        """Stop every open tunnel (and any opened later); how many were open."""
+        with self.lock:
+            self.tunnels_closed = True
+            tunnels = list(self.tunnels)
+        for tunnel in tunnels:
+            tunnel.stop()  # thread-safe: the handler's run() returns STOPPED
+        return len(tunnels)
+
     def drain(self, timeout: float) -> bool:
         """Stop keep-alive, close idle connections, wait for in-flight requests.
 
         Idle means the same as for ``reclaim_idle``: a connection whose client
         has already sent its next request counts as busy (that request is
-        served, with Connection: close).
+        served, with Connection: close).  Upgrade tunnels count as busy: they
+        get the drain period like requests, then are stopped (their handlers
+        get ``TUNNEL_STOP_GRACE`` more seconds to log and close them).
         """
         self.draining = True
         deadline = time.monotonic() + timeout
+        tunnels_stopped = False
         while True:
             idle: list[socket.socket] = []
             busy_count = 0
@@ -318,6 +351,11 @@ class LoadBalancerServer(ThreadingHTTPServer):
                         busy_count += 1
             for sock in idle:
                 shutdown_quietly(sock)
+            if busy_count and not tunnels_stopped and time.monotonic() >= deadline:
+                tunnels_stopped = True
+                if self.stop_tunnels():
+                    deadline = time.monotonic() + TUNNEL_STOP_GRACE
+                    continue
             if busy_count == 0 or time.monotonic() >= deadline:
                 return busy_count == 0
             time.sleep(0.05)
@@ -666,7 +704,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             response = self.send_and_receive(request, conn, reused, head, body)
             status = response.status
-            self.relay(request, response, conn, backend, body is not None)  # pools or closes conn
+            if status == 101:  # only ever read for an upgrade request
+                self.tunnel(request, response, conn, backend)  # closes conn
+            else:
+                self.relay(request, response, conn, backend, body is not None)  # pools or closes conn
         except BackendError:
             conn.close()
             status = 0  # forward() releases the backend and decides on a retry
@@ -731,7 +772,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             reader = conn.reader
             reader.deadline = time.monotonic() + conn.read_timeout
             try:
-                return read_response_head(reader, request.method, limits)
+                return read_response_head(reader, request.method, limits,
+                                          upgrade=request.upgrade is not None)
             finally:
                 reader.end_deadline()
         except EmptyResponse as error:
@@ -825,6 +867,43 @@ class ProxyHandler(BaseHTTPRequestHandler):
         else:
             conn.close()
         self.log_request_done(request, response.status, sent, backend)
+
+    def tunnel(self, request: Request, response: ResponseHead, conn: UpstreamConnection,
+               backend: Backend) -> None:
+        """Relay a ``101 Switching Protocols``, then bytes both ways until the tunnel ends.
+
+        RFC 9110 7.8: after the 101 both connections speak the new protocol,
+        so cclb only copies bytes (``tunnel.Tunnel``: half-close passed on,
+        ``--tunnel-idle-timeout``, stopped by a drain).  Bytes already read
+        past either head belong to the tunnel and go first.  The client
+        connection keeps its handler (and its place under --max-connections)
+        and closes afterwards; ``conn`` never returns to the pool.  One
+        access-log line when it ends: status 101, bytes sent to the client.
+        """
+        config = self.server.config
+        self.close_connection = True  # never HTTP again on this connection
+        extra = [("Strict-Transport-Security", f"max-age={config.hsts}")] if self.tls and config.hsts else []
+        head = switching_protocols_head(response, self.request_id, extra)  # ValueError: 502
+        self.write(head)
+        # What the client sent after its request head, what the backend sent after its 101.
+        to_backend, to_client = bytes(self.rfile.buffer), bytes(conn.reader.buffer)
+        self.rfile.buffer.clear()
+        conn.reader.buffer.clear()
+        tunnel = Tunnel(self.connection, conn.sock, config.tunnel_idle_timeout, TUNNELS.counters,
+                        to_backend, to_client)
+        self.server.add_tunnel(tunnel)
+        TUNNELS.opened()
+        try:
+            result = tunnel.run()  # never raises for socket or TLS failures
+        finally:
+            TUNNELS.closed()
+            self.server.remove_tunnel(tunnel)
+            conn.close()
+        log.debug("tunnel %s %s <-> %s ended (%s%s) after %.1fs: %d bytes up, %d down",
+                  self.request_id, self.client_ip, backend.url, result.end.value,
+                  f": {result.error}" if result.error else "", result.duration,
+                  result.client_to_backend, result.backend_to_client)
+        self.log_request_done(request, 101, result.backend_to_client, backend)
 
     def stream_response(self, plan: ResponsePlan, response: ResponseHead,
                         conn: UpstreamConnection, gzip_level: int) -> int:
