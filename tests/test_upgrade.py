@@ -195,8 +195,9 @@ class UpgradeWithScriptedBackendTests(unittest.TestCase):
 
     @staticmethod
     def echo_until_eof(conn: socket.socket, seen) -> bool:
-        """101, then echo until the client's EOF arrives, then a last message and close."""
-        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: raw-echo\r\nConnection: Upgrade\r\n\r\n")
+        """101 with a greeting in the same segment, echo until the client's EOF, a last message, close."""
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: raw-echo\r\nConnection: Upgrade\r\n\r\n"
+                     b"welcome")
         conn.settimeout(10)
         while data := conn.recv(65536):
             conn.sendall(data)
@@ -242,6 +243,8 @@ class UpgradeWithScriptedBackendTests(unittest.TestCase):
             response = read_head(reader)
             self.assertEqual(response.status, 101, response.raw_head)
             self.assertEqual(header(response, "Upgrade"), "raw-echo")
+            # Sent with the 101 head: cclb had it buffered when the tunnel started.
+            self.assertEqual(reader.read(7), b"welcome")
             self.assertEqual(reader.read(5), b"first")
             sock.sendall(b"second")
             self.assertEqual(reader.read(6), b"second")
