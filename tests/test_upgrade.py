@@ -274,12 +274,29 @@ class TunnelLimitsTests(unittest.TestCase):
         self.assertEqual(read_until_close(client.sock, 10), b"")  # closed by cclb, well within 10s
         self.assertNotIn("Traceback", balancer.log_text())
 
+    def test_a_tunnel_counts_toward_max_connections(self) -> None:
+        balancer = Balancer([self.demo.port], "--health-interval", "0", "--max-connections", "1")
+        self.addCleanup(balancer.stop)
+        client = self.open(balancer)
+        # The tunnel is busy, never reclaimed like an idle keep-alive connection: a second
+        # client is turned away.
+        with connect(balancer.port) as sock, sock.makefile("rb") as reader:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            self.assertEqual(read_response(reader).status, 503)
+        client.send(Opcode.TEXT, b"still here")
+        self.assertEqual(client.recv().payload, b"still here")
+
     def test_sigterm_closes_tunnels_after_the_drain_period(self) -> None:
-        balancer = Balancer([self.demo.port], "--health-interval", "0", "--drain-timeout", "0.5")
+        balancer = Balancer([self.demo.port], "--health-interval", "0", "--drain-timeout", "3")
         self.addCleanup(balancer.kill)
         client = self.open(balancer)
         balancer.signal(signal.SIGTERM)
-        self.assertEqual(read_until_close(client.sock, 10), b"")
+        wait_for(lambda: "cclb stopping" in balancer.log_text(), message="the drain to begin")
+        # During the drain period the tunnel still works...
+        client.send(Opcode.TEXT, b"draining")
+        self.assertEqual(client.recv().payload, b"draining")
+        # ...then cclb closes it (and exits cleanly).
+        self.assertEqual(read_until_close(client.sock, 15), b"")
         self.assertEqual(balancer.proc.wait(10), 0)
         self.assertNotIn("Traceback", balancer.log_text())
 
