@@ -814,41 +814,49 @@ class ProxyHandler(BaseHTTPRequestHandler):
         connected = time.monotonic()
         self.upstream_connect = connected - begun
         status = 0
-        outcome: str | int = "error"  # this attempt's entry in the access log's "attempts"
+        # This attempt's entry in the access log's "attempts", made before the
+        # request is logged (in ``relay`` or ``fail``).
+        attempts = self.attempts
         try:
             response = self.send_and_receive(request, conn, reused, head, body)
             self.upstream_header = time.monotonic() - connected
-            status = outcome = response.status
+            status = response.status
+            attempts.append((backend.url, status))
             self.relay(request, response, conn, backend, body is not None)  # pools or closes conn
         except BackendError:
             conn.close()
+            if status:
+                attempts.pop()  # forward() lists the failure's cause instead
             status = 0  # forward() releases the backend and decides on a retry
             raise
         except ClientError as error:
             conn.close()
-            status = error.status or 499  # 499: the client went away (nginx's code)
             if error.status is None:
                 termination, reason = "client_closed", None
             elif error.status == 408:
                 termination, reason = "body_timeout", BODY_TIMEOUT
             else:
                 termination, reason = "rejected", reject_reason(error.status)
-            if outcome == "error":
-                outcome = "client_closed"
+            if not status:  # the client failed before the backend answered
+                attempts.append((backend.url, "client_closed"))
+            status = error.status or 499  # 499: the client went away (nginx's code)
             self.fail(request, backend, status, str(error), termination,
                       answer=error.status is not None, reason=reason)
         except TimeoutError:
             conn.close()
+            if not status:  # else the entry is the status the backend sent before failing
+                attempts.append((backend.url, "timeout"))
             status = 504
-            outcome = "timeout"
             backend_warnings.warn((backend.url, "timeout"), "backend %s did not answer in time "
                                   "(%s %s, request id %s; answered 504)", backend.url,
                                   request.method, request.shown_target[:200], self.request_id)
             self.fail(request, backend, 504, GATEWAY_TIMEOUT, "backend_timeout")
         except (ValueError, OSError, MalformedBody) as error:
             conn.close()
+            cause = cause_of(error)
+            if not status:
+                attempts.append((backend.url, cause))
             status = 502
-            outcome = cause = cause_of(error)
             backend_warnings.warn((backend.url, cause), "backend %s failed: %s (%s %s, request "
                                   "id %s; answered 502)", backend.url, describe_error(error),
                                   request.method, request.shown_target[:200], self.request_id)
@@ -859,7 +867,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise
         finally:
             if status:
-                self.attempts.append((backend.url, outcome))
                 attempt.done(status, time.monotonic() - self.started)
 
     def fail(self, request: Request, backend: Backend | None, status: int, message: str,
