@@ -363,6 +363,31 @@ class RenderTests(unittest.TestCase):
                           and not s[0].startswith(FRONTEND_PREFIXES)],
                          [("cclb_requests_total", {"backend": "none", "code": "503"}, 1.0)])
 
+    def test_frontend_families(self) -> None:
+        """Responses by source, rejections by reason, client bytes, connections and threads."""
+        empty = ServerCluster([])
+        empty.frontend.count("cclb", 503, 80, 150)
+        empty.frontend.count("cclb", 400, 20, 120, metrics.reject_reason(400))
+        empty.frontend.count("cclb", 503, 0, 130, metrics.MAX_CONNECTIONS)
+        empty.frontend.count("backend", 200, 90, 300)
+        empty.frontend.gauges = lambda: (5, 2, 3)
+        _, samples = parse_exposition(metrics.render(empty.stats()))
+        found = {(name, tuple(sorted(labels.items()))): value for name, labels, value in samples
+                 if name.startswith(FRONTEND_PREFIXES)}
+        self.assertEqual(found, {
+            ("cclb_responses_total", (("code", "503"), ("source", "cclb"))): 2,
+            ("cclb_responses_total", (("code", "400"), ("source", "cclb"))): 1,
+            ("cclb_responses_total", (("code", "200"), ("source", "backend"))): 1,
+            ("cclb_rejected_total", (("reason", "bad_request"),)): 1,
+            ("cclb_rejected_total", (("reason", "max_connections"),)): 1,
+            ("cclb_open_connections", ()): 5,
+            ("cclb_threads", (("state", "busy"),)): 2,
+            ("cclb_threads", (("state", "idle"),)): 3,
+            ("cclb_client_bytes_total", (("direction", "received"),)): 190,
+            ("cclb_client_bytes_total", (("direction", "sent"),)): 700})
+        self.assertEqual(empty.stats().frontend.dashboard()["rejected"],
+                         {"bad_request": 1, "max_connections": 1})
+
     def test_process_metrics(self) -> None:
         """The process's own families: build info, start time, CPU, memory, fds, reloads."""
         process = metrics.ProcessMetrics("9.9.9")
