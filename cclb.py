@@ -138,6 +138,8 @@ class Process:
                 self.admin = AdminServer((self.config.admin_host, self.config.admin_port),
                                          self.cluster, lambda: self.config,
                                          on_change=self.on_admin_change)
+                # The dashboard's client-side row: this listener's (or, adopted, all workers').
+                self.admin.frontend = lambda: self.cluster.frontend.snapshot().dashboard()
             except OSError as error:
                 raise listen_error("admin port ", self.config.admin_host,
                                    self.config.admin_port, error) from None

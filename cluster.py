@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from backend_urls import BackendSpec
 from balancing import Policy, RoundRobin, make_policy
-from metrics import Histogram, TrafficCounters
+from metrics import FrontendCounters, FrontendMetrics, Histogram, TrafficCounters
 from upstream import BackendTLS, ConnectionPool
 
 if TYPE_CHECKING:
@@ -125,6 +125,8 @@ class ClusterStats:
     policy: str
     backends: list[BackendStats]
     unrouted: dict[int, int]  # answers given without a backend, by status
+    # The client side: rejections, responses by source, bytes, connections.
+    frontend: FrontendCounters = field(default_factory=FrontendCounters)
 
 
 class Attempt:
@@ -188,6 +190,8 @@ class ServerCluster:
         self.backends: list[Backend] = []
         self.next_id = 1
         self.unrouted: dict[int, int] = {}  # answers given without a backend (503...)
+        # The listener's own numbers (its own lock; the server fills its gauges).
+        self.frontend = FrontendMetrics()
         for spec in specs:
             self.add(spec)
 
@@ -279,16 +283,20 @@ class ServerCluster:
 
     def stats(self) -> ClusterStats:
         """Every backend's state and counters, copied in one step."""
+        frontend = self.frontend.snapshot()  # outside our lock: it reads the server's
         with self._lock:
             return ClusterStats(self.policy.name, [b.stats() for b in self.backends],
-                                dict(self.unrouted))
+                                dict(self.unrouted), frontend)
 
     def backend_stats(self, backend: Backend) -> BackendStats:
         with self._lock:
             return backend.stats()
 
-    def adopt_traffic(self, per_url: dict[str, TrafficCounters], unrouted: dict[int, int]) -> None:
+    def adopt_traffic(self, per_url: dict[str, TrafficCounters], unrouted: dict[int, int],
+                      frontend: FrontendCounters | None = None) -> None:
         """Show counters added up elsewhere (--workers: the supervisor sums its workers')."""
+        if frontend is not None:
+            self.frontend.adopt(frontend)
         with self._lock:
             self.unrouted = dict(unrouted)
             for backend in self.backends:

@@ -128,6 +128,11 @@ def request_id_for(fields: Fields) -> str:
     return f"{random.getrandbits(64):016x}"
 
 
+def new_request_id() -> str:
+    """A fresh request id (16 hex digits), for answers to requests that could not be read."""
+    return f"{random.getrandbits(64):016x}"
+
+
 # Never forwarded as received: hop-by-hop fields (RFC 9110 7.6.1), the framing
 # and Expect (cclb re-frames the body and answers 100 Continue itself) and the
 # X-Forwarded-* fields that cclb rewrites.

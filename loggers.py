@@ -21,7 +21,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TextIO
+from typing import Any, TextIO
 
 from loops import LoopGuard
 from metrics import PROCESS
@@ -77,6 +77,48 @@ def setup_app_logger(level: str) -> logging.Logger:
                              else IsoFormatter(APP_LOG_FORMAT))
         logger.addHandler(handler)
     return logger
+
+
+class WarningLimiter:
+    """Application-log warnings, at most one per key per ``period`` seconds.
+
+    A dead backend under load fails hundreds of requests a second; the
+    operator needs the backend and the cause, not every occurrence.  The
+    first warning of a key goes out at once; the ones that follow within
+    ``period`` are only counted, and the next one that goes out says how
+    many were held back.  ``lock`` guards ``last`` (key -> [time of the
+    last warning written, warnings held back since]).
+    """
+
+    def __init__(self, logger: logging.Logger, period: float = 1.0, max_keys: int = 10000) -> None:
+        self.logger = logger
+        self.period = period
+        self.max_keys = max_keys  # keys carry backend URLs: bounded, in case of churn
+        self.lock = threading.Lock()
+        self.last: dict[tuple[str, ...], list[float]] = {}
+
+    def warn(self, key: tuple[str, ...], message: str, *args: object) -> bool:
+        """Log ``message % args`` at WARNING unless ``key`` was warned about within ``period``.
+
+        True if it was written.
+        """
+        if not self.logger.isEnabledFor(logging.WARNING):
+            return False
+        now = time.monotonic()
+        with self.lock:
+            entry = self.last.get(key)
+            if entry is not None and now - entry[0] < self.period:
+                entry[1] += 1
+                return False
+            held = int(entry[1]) if entry is not None else 0
+            if entry is None and len(self.last) >= self.max_keys:
+                self.last.clear()
+            self.last[key] = [now, 0]
+        if held:
+            message += " (and %d more like it since the last such warning)"
+            args = (*args, held)
+        self.logger.warning(message, *args)
+        return True
 
 
 @dataclass(frozen=True)
@@ -149,8 +191,15 @@ class AccessLog:
             old.close()
 
     def record(self, client: str, method: str, target: str, status: int, sent: int,
-               backend: str, duration: float, request_id: str = "") -> None:
-        """Log one finished request (``duration`` in seconds)."""
+               backend: str, duration: float, request_id: str = "",
+               details: dict[str, Any] | None = None) -> None:
+        """Log one finished request (``duration`` in seconds).
+
+        ``details``: more fields for the JSON format (``host``, ``protocol``,
+        ``attempts``, ``termination``...: see README "Logs"), appended after
+        the base ones; the text format ignores them.  Callers build them only
+        when ``json`` is set.
+        """
         if self.stream is None:
             return  # "off" (a stale read during a reopen costs at most one line)
         now = time.time()
@@ -158,12 +207,15 @@ class AccessLog:
         if stamps.second != int(now):
             stamps = self.stamps = Stamps.at(int(now))  # one reference swap: no torn pair
         if self.json:
-            line = json.dumps({
+            document = {
                 "time": f"{stamps.iso}.{int(now % 1 * 1000):03d}{stamps.iso_offset}",
                 "client": client, "method": method, "target": target, "status": status,
                 "bytes": sent, "backend": None if backend == "-" else backend,
                 "duration_ms": round(duration * 1000, 2), "request_id": request_id,
-            }, ensure_ascii=False)
+            }
+            if details:
+                document.update(details)
+            line = json.dumps(document, ensure_ascii=False)
         else:
             line = (f'{client} [{stamps.text}] "{method} {target}" {status} {sent} '
                     f'{backend} {duration * 1000:.1f}ms'

@@ -92,6 +92,125 @@ class TrafficCounters:
             raise ValueError(f"malformed traffic counters: {error!r}") from None
 
 
+# Why cclb itself turned a connection or a request away (``cclb_rejected_total``).
+# A status cclb refuses a request with maps to one reason; a TLS handshake that
+# failed is counted in ``cclb_tls_handshake_failures_total`` instead.
+REJECT_REASONS = {
+    400: "bad_request", 405: "method_not_allowed", 408: "header_timeout",
+    413: "body_too_large", 414: "uri_too_long", 417: "expectation_failed",
+    431: "headers_too_large", 501: "not_implemented", 505: "version_not_supported",
+}
+MAX_CONNECTIONS = "max_connections"  # turned away at --max-connections (a 503, then close)
+BODY_TIMEOUT = "body_timeout"  # a 408 while reading the request body, not its head
+
+
+def reject_reason(status: int) -> str:
+    """The ``cclb_rejected_total`` reason of a request cclb refused with ``status``."""
+    return REJECT_REASONS.get(status) or f"status_{status}"
+
+
+@dataclass
+class FrontendCounters:
+    """The client side's numbers: plain data, owned by whoever holds the copy.
+
+    Counters: ``rejected`` (reason -> count), ``responses`` ((source, status)
+    -> count; source "cclb" for answers cclb made itself, "backend" for
+    relayed ones), bytes ``received`` from and ``sent`` to clients.  Gauges:
+    ``open_connections``, handler threads ``busy`` with a request and
+    ``idle`` (waiting on a keep-alive connection).
+    """
+
+    rejected: dict[str, int] = field(default_factory=dict)
+    responses: dict[tuple[str, int], int] = field(default_factory=dict)
+    received: int = 0
+    sent: int = 0
+    open_connections: int = 0
+    busy: int = 0
+    idle: int = 0
+
+    def add(self, other: FrontendCounters, gauges: bool = True) -> None:
+        """Add ``other`` into these (``gauges=False``: a dead worker's, whose connections are gone)."""
+        for reason, count in other.rejected.items():
+            self.rejected[reason] = self.rejected.get(reason, 0) + count
+        for key, count in other.responses.items():
+            self.responses[key] = self.responses.get(key, 0) + count
+        self.received += other.received
+        self.sent += other.sent
+        if gauges:
+            self.open_connections += other.open_connections
+            self.busy += other.busy
+            self.idle += other.idle
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rejected": dict(self.rejected),
+                "responses": [[source, code, n] for (source, code), n in self.responses.items()],
+                "received": self.received, "sent": self.sent,
+                "open_connections": self.open_connections, "busy": self.busy, "idle": self.idle}
+
+    @classmethod
+    def from_json(cls, data: Any) -> FrontendCounters:
+        """The inverse of ``to_json``; ValueError for anything of another shape."""
+        try:
+            return cls({str(reason): int(n) for reason, n in data["rejected"].items()},
+                       {(str(source), int(code)): int(n) for source, code, n in data["responses"]},
+                       int(data["received"]), int(data["sent"]), int(data["open_connections"]),
+                       int(data["busy"]), int(data["idle"]))
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"malformed frontend counters: {error!r}") from None
+
+    def dashboard(self) -> dict[str, Any]:
+        """The /status ``"frontend"`` document: ``{"open_connections": N, "rejected": {reason: N}}``."""
+        return {"open_connections": self.open_connections, "rejected": dict(self.rejected),
+                "busy_threads": self.busy, "idle_threads": self.idle}
+
+
+class FrontendMetrics:
+    """The live client-side counters of one listener (or, adopted, of all workers).
+
+    Request threads call ``count``/``reject`` once per request or refusal.
+    ``lock`` guards ``counters``.  ``gauges`` (set by the listening server)
+    reads the open connections and busy/idle handler threads at snapshot
+    time, so connection churn costs nothing here; without it (the
+    supervisor) the adopted gauges are shown.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counters = FrontendCounters()
+        self.gauges: Callable[[], tuple[int, int, int]] | None = None
+
+    def count(self, source: str | None, status: int, received: int, sent: int,
+              reason: str | None = None) -> None:
+        """One request (or refused connection) ended: its answer's ``source`` (None: no
+        answer went out), ``status``, client bytes, and ``reason`` if cclb refused it."""
+        with self.lock:
+            counters = self.counters
+            if source is not None:
+                key = (source, status)
+                counters.responses[key] = counters.responses.get(key, 0) + 1
+            if reason is not None:
+                counters.rejected[reason] = counters.rejected.get(reason, 0) + 1
+            counters.received += received
+            counters.sent += sent
+
+    def snapshot(self) -> FrontendCounters:
+        """A consistent copy, with the gauges read now."""
+        gauges = self.gauges() if self.gauges is not None else None
+        with self.lock:
+            copy = FrontendCounters(dict(self.counters.rejected), dict(self.counters.responses),
+                                    self.counters.received, self.counters.sent,
+                                    self.counters.open_connections, self.counters.busy,
+                                    self.counters.idle)
+        if gauges is not None:
+            copy.open_connections, copy.busy, copy.idle = gauges
+        return copy
+
+    def adopt(self, counters: FrontendCounters) -> None:
+        """Show counters added up elsewhere (--workers: the supervisor sums its workers')."""
+        with self.lock:
+            self.counters = counters
+
+
 class ProcessMetrics:
     """This process's own numbers: start time, reloads, access-log losses.
 
@@ -267,6 +386,24 @@ def render(stats: ClusterStats) -> str:
         samples.append(f"cclb_request_duration_seconds_count{_labels(backend=b.url)} {latency.count}")
     family("cclb_request_duration_seconds", "histogram",
            "Time from the request head to the end of the response, by backend.", samples)
+    frontend = stats.frontend
+    family("cclb_responses_total", "counter",
+           "Responses sent to clients, by source (cclb itself or a backend) and status code.",
+           [f"cclb_responses_total{_labels(source=source, code=str(code))} {n}"
+            for (source, code), n in sorted(frontend.responses.items())])
+    family("cclb_rejected_total", "counter",
+           "Connections and requests cclb turned away itself, by reason.",
+           [f"cclb_rejected_total{_labels(reason=reason)} {n}"
+            for reason, n in sorted(frontend.rejected.items())])
+    family("cclb_open_connections", "gauge", "Client connections currently open.",
+           [f"cclb_open_connections {frontend.open_connections}"])
+    family("cclb_threads", "gauge",
+           "Client handler threads: busy with a request, or idle on a keep-alive connection.",
+           [f"cclb_threads{_labels(state='busy')} {frontend.busy}",
+            f"cclb_threads{_labels(state='idle')} {frontend.idle}"])
+    family("cclb_client_bytes_total", "counter", "Bytes received from and sent to clients.",
+           [f"cclb_client_bytes_total{_labels(direction='received')} {frontend.received}",
+            f"cclb_client_bytes_total{_labels(direction='sent')} {frontend.sent}"])
     for name, kind, help_text, process_samples in PROCESS.families() + TUNNELS.families():
         family(name, kind, help_text, process_samples)
     return "\n".join(lines) + "\n"

@@ -28,22 +28,91 @@ from typing import Any, NamedTuple, Sequence
 import http11
 from cluster import Attempt, Backend, ServerCluster
 from forwarding import (BUFFERED, NO_BODY, TRACE_ALLOW, Request, ResponsePlan, check_request_head,
-                        error_closes_connection, request_id_for, response_plan, upstream_request_head)
+                        error_closes_connection, new_request_id, request_id_for, response_plan,
+                        upstream_request_head)
 from forwarding import switching_protocols_head
 from http11 import Headers, ProtocolError
-from loggers import AccessLog, sanitize
+from loggers import AccessLog, WarningLimiter, sanitize
 from loops import LoopGuard
 from message_reader import (BodyTooLarge, EmptyResponse, IncompleteHead, Limits, MalformedBody, ResponseHead,
                             TruncatedBody, iter_body, read_field_lines, read_response_head,
                             read_small_body)
-from socket_io import SocketReader, SocketWriter
+from socket_io import RECV_SIZE, SocketReader, SocketWriter
 from tls import CertificateStore, set_timeouts
-from metrics import PROCESS, TUNNELS
+from metrics import BODY_TIMEOUT, MAX_CONNECTIONS, PROCESS, TUNNELS, reject_reason
 from settings import Config, Listener
 from tunnel import Tunnel
 from upstream import SHARED_IDLE_WATCHER, UpstreamConnection, describe_error
 
 log = logging.getLogger("cclb")
+# Backend failures: the operator gets the backend and the cause (the client
+# only a fixed message and the request id), at most once a second per pair.
+backend_warnings = WarningLimiter(log)
+
+# The bodies of answers cclb makes itself when a backend fails: fixed texts,
+# never a backend address or an exception's text (those go to the app log).
+BAD_GATEWAY = "bad gateway: the backend failed to answer"
+GATEWAY_TIMEOUT = "gateway timeout: the backend did not answer in time"
+NO_BACKEND = "no healthy backend is available right now, try again shortly"
+ALL_FAILED = "no backend could take the request, try again shortly"
+TOO_MANY_CONNECTIONS = "too many connections, try again later"
+
+# A failed attempt's cause (``BackendError.cause``) -> the request's termination.
+TERMINATIONS = {"refused": "backend_refused", "reset": "backend_reset", "timeout": "backend_timeout",
+                "closed": "backend_closed", "truncated": "backend_truncated"}
+
+
+def cause_of(error: BaseException) -> str:
+    """A short, fixed cause for a failed exchange with a backend (attempts, terminations)."""
+    if isinstance(error, ConnectionRefusedError):
+        return "refused"
+    if isinstance(error, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        return "reset"
+    if isinstance(error, (TimeoutError, socket.timeout)):
+        return "timeout"
+    if isinstance(error, socket.gaierror):
+        return "dns"
+    return "error"
+
+
+class CountingReader(SocketReader):
+    """A ``SocketReader`` that counts the bytes it receives (``received``)."""
+
+    __slots__ = ("received",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.received = 0
+
+    def fill(self) -> bool:
+        before = len(self.buffer)
+        if not SocketReader.fill(self):
+            return False
+        self.received += len(self.buffer) - before
+        return True
+
+    def read1(self, n: int) -> bytes:
+        if not self.buffer and n >= RECV_SIZE:
+            # SocketReader.read1 then recv()s straight into the result, bypassing fill().
+            data = SocketReader.read1(self, n)
+            self.received += len(data)
+            return data
+        return SocketReader.read1(self, n)
+
+
+class CountingWriter(SocketWriter):
+    """A ``SocketWriter`` that counts the bytes it sends (``sent``)."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.sent = 0
+
+    def write(self, data: bytes) -> int:
+        sent = SocketWriter.write(self, data)
+        self.sent += sent
+        return sent
 
 # Bodies up to this size are held in memory: request bodies so that a failed
 # attempt can be replayed on another backend, responses so that head and body
@@ -115,8 +184,11 @@ class BackendError(Exception):
     """An attempt failed on the backend side."""
 
     def __init__(self, message: str, sent: bool, stale: bool = False,
-                 truncated: Truncated | None = None) -> None:
+                 truncated: Truncated | None = None, cause: str = "error") -> None:
         super().__init__(message)
+        # "refused", "reset", "timeout", "closed", "truncated", "dns" or "error":
+        # the attempt's outcome in the access log, and the termination's basis.
+        self.cause = cause
         self.sent = sent  # did any byte of the request reach the backend
         self.stale = stale  # a reused connection that the backend had closed
         self.truncated = truncated  # the cut-off response, relayed if no retry answers
@@ -198,6 +270,7 @@ class LoadBalancerServer(ThreadingHTTPServer):
         self.tunnels: set[Tunnel] = set()
         self.tunnels_closed = False
         self.watchdog = Watchdog()
+        cluster.frontend.gauges = self.gauges
         self.allow_reuse_port = reuse_port  # --workers: siblings bind the same port
         if ":" in listener.host:
             self.address_family = socket.AF_INET6
@@ -250,13 +323,13 @@ class LoadBalancerServer(ThreadingHTTPServer):
         if idle is not None:
             shutdown_quietly(idle)  # its handler wakes up, sees RECLAIMED and ends
         if full:
-            self.reject_connection(request)
+            self.reject_connection(request, client_address)
             return
         try:
             super().process_request(request, client_address)
         except RuntimeError:  # can't start a new thread
             self.forget(request)
-            self.reject_connection(request)
+            self.reject_connection(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -283,17 +356,44 @@ class LoadBalancerServer(ThreadingHTTPServer):
         with self.lock:
             self.connections.pop(request, None)
 
-    def reject_connection(self, request: socket.socket) -> None:
-        """Answer a connection over the limit with a fast 503, from the accept thread."""
+    def reject_connection(self, request: socket.socket, client_address: Any) -> None:
+        """Answer a connection over the limit with a fast 503, from the accept thread.
+
+        Counted as rejected (``max_connections``) and access-logged, like
+        any answer cclb makes itself.
+        """
+        request_id = new_request_id()
+        body = error_body(TOO_MANY_CONNECTIONS, request_id)
+        sent = 0
+        source: str | None = None
         if not isinstance(request, ssl.SSLSocket):  # no handshake yet: nothing to say over TLS
             try:
                 request.setblocking(False)
-                request.send(error_response(503, "too many connections, try again later",
-                                            close=True, retry_after=1))
+                sent = request.send(error_response(503, body, close=True, retry_after=1,
+                                                   request_id=request_id))
+                source = "cclb"
                 request.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
         self.shutdown_request(request)
+        self.cluster.frontend.count(source, 503, 0, sent, MAX_CONNECTIONS)
+        client = client_address[0] if isinstance(client_address, tuple) else "-"
+        access_log = self.access_log
+        details: dict[str, Any] | None = None
+        if access_log.json:
+            details = {"host": None, "protocol": None,
+                       "scheme": "https" if self.tls is not None else "http",
+                       "request_bytes": 0, "user_agent": None, "referer": None,
+                       "upstream_connect_ms": None, "upstream_header_ms": None,
+                       "attempts": [], "termination": "rejected"}
+        access_log.record(client, "-", "-", 503, len(body) if source else 0, "-", 0.0,
+                          request_id, details)
+
+    def gauges(self) -> tuple[int, int, int]:
+        """Open client connections, and handler threads busy / idle (``FrontendMetrics.gauges``)."""
+        with self.lock:
+            states = [handler.state for handler in self.connections.values() if handler is not None]
+            return len(self.connections), states.count(BUSY), states.count(IDLE)
 
     def register(self, handler: ProxyHandler) -> None:
         with self.lock:
@@ -373,13 +473,23 @@ def http_date() -> str:
     return _date_cache[1]
 
 
-def error_response(status: int, message: str, close: bool, retry_after: int | None = None,
-                   extra: Sequence[tuple[str, str]] = ()) -> bytes:
-    """A short plain-text response generated by cclb itself."""
-    body = (message + "\n").encode("utf-8")
+def error_body(message: str, request_id: str) -> bytes:
+    """The body of an answer cclb makes itself: a fixed message and the request id."""
+    return f"{message}\nrequest id: {request_id}\n".encode("utf-8")
+
+
+def error_response(status: int, body: bytes, close: bool, retry_after: int | None = None,
+                   extra: Sequence[tuple[str, str]] = (), request_id: str = "") -> bytes:
+    """A short plain-text response generated by cclb itself (``body`` from ``error_body``).
+
+    It carries X-Request-ID like a relayed response, so a client can quote
+    the id that the access log and the application log show.
+    """
     headers: Headers = [("Date", http_date()), ("Server", "cclb"),
                         ("Content-Type", "text/plain; charset=utf-8"),
                         ("Content-Length", str(len(body)))]
+    if request_id:
+        headers.append(("X-Request-ID", request_id))
     if retry_after is not None:
         headers.append(("Retry-After", str(retry_after)))
     headers.extend(extra)
@@ -394,8 +504,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
-    rfile: SocketReader  # type: ignore[assignment]  # not StreamRequestHandler's makefile()
-    wfile: SocketWriter  # type: ignore[assignment]
+    rfile: CountingReader  # type: ignore[assignment]  # not StreamRequestHandler's makefile()
+    wfile: CountingWriter  # type: ignore[assignment]
     server: LoadBalancerServer
 
     def setup(self) -> None:
@@ -409,8 +519,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.handshake_failed = not self.handshake()
         self.timeout_now = self.server.config.keepalive_timeout
         set_timeouts(self.connection, self.timeout_now)
-        self.rfile = SocketReader(self.connection)
-        self.wfile = SocketWriter(self.connection)
+        self.rfile = CountingReader(self.connection)
+        self.wfile = CountingWriter(self.connection)
+        # Client bytes already counted in cclb_client_bytes_total.
+        self.received_mark = self.sent_mark = 0
+        self.reset_request_state()
         self.body_pending = False
         self.response_started = False
         self.client_ip = self.client_address[0]
@@ -448,7 +561,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
             super().handle()
 
     def finish(self) -> None:
+        # Bytes no request accounted for (a head never completed, a connection idle-closed).
+        received, sent = self.rfile.received - self.received_mark, self.wfile.sent - self.sent_mark
+        if received or sent:
+            self.server.cluster.frontend.count(None, 0, received, sent)
         self.rfile.close()
+
+    def reset_request_state(self) -> None:
+        """Forget the previous request's accounting (attempts, timings, bytes)."""
+        self.attempts: list[tuple[str, str | int]] = []  # (backend URL, outcome), in order
+        self.upstream_connect: float | None = None  # seconds to get a backend connection
+        self.upstream_header: float | None = None  # seconds from sending to the response head
+        self.relayed_status = 0  # the backend's status, once its head went to the client
+        self.error_bytes = 0  # body bytes of the answer cclb made itself
+        self.consumed_mark = self.rfile.received - self.rfile.buffered  # where the request starts
 
     def set_client_timeout(self, seconds: float) -> None:
         """Change the client socket's kernel timeouts (only when it differs)."""
@@ -478,6 +604,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.response_started = False
         self.body_pending = request.framing.has_body  # until a handler reads it
         self.continue_sent = False
+        # Every answer carries it, cclb's own included (the client's valid one, else new).
+        self.request_id = request_id_for(request.headers)
         try:
             # http.server's idiom: do_<METHOD> where one exists, else forward.
             getattr(self, f"do_{request.method}", self.forward)(request)
@@ -541,6 +669,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.started = time.monotonic()
         self.requestline = ""
         self.request_id = ""
+        self.reset_request_state()
         # Usually the whole head arrived in one segment: no deadline to enforce.
         watchdog = None if b"\r\n\r\n" in buffered else self.server.watchdog
         if watchdog is not None:
@@ -552,10 +681,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except ProtocolError as error:
             status = 408 if self.timed_out else error.status
             message = "request head not received in time" if self.timed_out else error.message
+            self.request_id = new_request_id()
             self.send_error_response(status, message)
             self.log_rejected(status)
         except OSError:
             if self.timed_out:
+                self.request_id = new_request_id()
                 self.send_error_response(408, "request head not received in time")
                 self.log_rejected(408)
         finally:
@@ -585,6 +716,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def do_TRACE(self, request: Request) -> None:
         # TRACE would echo cookies and auth headers back (cross-site tracing).
         self.send_error_response(405, "TRACE is disabled", extra=[("Allow", TRACE_ALLOW)])
+        self.log_request_done(request, 405, self.error_bytes, None, "cclb", "rejected",
+                              reject_reason(405))
 
     def forward(self, request: Request) -> None:
         """Forward ``request`` to a backend, retrying where safe, and relay the answer."""
@@ -598,15 +731,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.body_pending = False
             except TimeoutError:
                 self.send_error_response(408, "request body not received in time")
-                self.log_request_done(request, 408, 0, None)
+                self.log_request_done(request, 408, self.error_bytes, None, "cclb", "body_timeout",
+                                      BODY_TIMEOUT)
                 return
             except (TruncatedBody, OSError):
-                self.log_request_done(request, 400, 0, None)
+                self.log_request_done(request, 400, 0, None, None, "client_closed")
                 self.close_connection = True  # the client gave up mid-body
                 return
         elif request.framing.has_body:
             body = None  # streamed: cannot be replayed
-        self.request_id = request_id_for(request.headers)
         head = upstream_request_head(request, self.client_ip, "https" if self.tls else "http",
                                      self.request_id)
         tried: list[Backend] = []
@@ -619,11 +752,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     self.relay_truncated(request, *truncated)
                 elif last_error is not None and last_error.sent:
                     # A backend took the request and failed: a gateway error.
-                    self.send_error_response(502, f"backend {tried[-1].url} failed: {last_error}")
+                    self.send_error_response(502, BAD_GATEWAY)
                     cluster.count_unrouted(502)
-                    self.log_request_done(request, 502, 0, tried[-1])
+                    self.log_request_done(request, 502, self.error_bytes, tried[-1], "cclb",
+                                          TERMINATIONS.get(last_error.cause, "backend_error"))
                 else:
-                    self.answer_no_backend(request, bool(tried))
+                    self.answer_no_backend(request, last_error)
                 return
             backend = attempt.backend
             with attempt:  # released exactly once, whatever happens below
@@ -633,11 +767,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 retry = http11.may_retry(request.method, error.sent, False, body is not None)
                 # A dead idle connection says nothing of the backend.
                 attempt.failed(None if error.stale else str(error), retried=retry)
+            self.attempts.append((backend.url, error.cause))
+            # The details are the operator's, never the client's (its body is fixed).
+            backend_warnings.warn((backend.url, error.cause), "backend %s failed: %s (%s %s, "
+                                  "request id %s; %s)", backend.url, error, request.method,
+                                  request.shown_target[:200], self.request_id,
+                                  "trying another backend" if retry else "answered 502")
             if error.truncated is not None:
                 truncated = (error.truncated, backend)
             if not retry:
-                self.send_error_response(502, f"backend {backend.url} failed: {error}")
-                self.log_request_done(request, 502, 0, backend)
+                self.send_error_response(502, BAD_GATEWAY)
+                self.log_request_done(request, 502, self.error_bytes, backend, "cclb",
+                                      TERMINATIONS.get(error.cause, "backend_error"))
                 return
             tried.append(backend)
             last_error = error
@@ -655,7 +796,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.write(truncated.message)
         except ClientError:
             pass
-        self.log_request_done(request, truncated.status, truncated.body_bytes, backend)
+        self.log_request_done(request, truncated.status, truncated.body_bytes, backend,
+                              termination="backend_truncated")
 
     def try_backend(self, request: Request, attempt: Attempt, head: bytes,
                     body: bytes | None) -> BackendError | None:
@@ -676,15 +818,21 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 attempt.backend.pool.close_all()
         raise AssertionError("unreachable")
 
-    def answer_no_backend(self, request: Request, after_failures: bool) -> None:
-        if after_failures:
-            message = "no backend could take the request: all attempts failed"
+    def answer_no_backend(self, request: Request, last_error: BackendError | None) -> None:
+        """A 503: no backend was available (or every one tried failed before taking it)."""
+        if last_error is not None:
+            message = ALL_FAILED
+            termination = TERMINATIONS.get(last_error.cause, "backend_error")
         else:
-            message = "no healthy backend is available right now, try again shortly"
+            message = NO_BACKEND
+            termination = "no_backend"
+            backend_warnings.warn(("-", "no_backend"), "no backend available: answered 503 to "
+                                  "%s %s (request id %s)", request.method,
+                                  request.shown_target[:200], self.request_id)
         retry_after = max(1, int(self.server.config.health_interval or 1))
         self.send_error_response(503, message, retry_after=retry_after)
         self.server.cluster.count_unrouted(503)
-        self.log_request_done(request, 503, 0, None)
+        self.log_request_done(request, 503, self.error_bytes, None, "cclb", termination)
 
     def exchange(self, request: Request, attempt: Attempt, head: bytes, body: bytes | None) -> None:
         """One attempt on ``attempt.backend``: send, read the response head, relay it.
@@ -696,34 +844,64 @@ class ProxyHandler(BaseHTTPRequestHandler):
         # --upstream-reuse safe: a client connection's first request gets a
         # backend connection no other client connection has used.
         own_only = self.first_request and self.server.config.upstream_reuse == "safe"
+        begun = time.monotonic()
         try:
             conn, reused = backend.pool.acquire(self.token, own_only)
         except OSError as error:
-            raise BackendError(describe_error(error), sent=False) from None
+            raise BackendError(describe_error(error), sent=False, cause=cause_of(error)) from None
+        connected = time.monotonic()
+        self.upstream_connect = connected - begun
         status = 0
+        # This attempt's entry in the access log's "attempts", made before the
+        # request is logged (in ``relay`` or ``fail``).
+        attempts = self.attempts
         try:
             response = self.send_and_receive(request, conn, reused, head, body)
+            self.upstream_header = time.monotonic() - connected
             status = response.status
+            attempts.append((backend.url, status))
             if status == 101:  # only ever read for an upgrade request
                 self.tunnel(request, response, conn, backend)  # closes conn
             else:
                 self.relay(request, response, conn, backend, body is not None)  # pools or closes conn
         except BackendError:
             conn.close()
+            if status:
+                attempts.pop()  # forward() lists the failure's cause instead
             status = 0  # forward() releases the backend and decides on a retry
             raise
         except ClientError as error:
             conn.close()
+            if error.status is None:
+                termination, reason = "client_closed", None
+            elif error.status == 408:
+                termination, reason = "body_timeout", BODY_TIMEOUT
+            else:
+                termination, reason = "rejected", reject_reason(error.status)
+            if not status:  # the client failed before the backend answered
+                attempts.append((backend.url, "client_closed"))
             status = error.status or 499  # 499: the client went away (nginx's code)
-            self.fail(request, backend, status, str(error), answer=error.status is not None)
+            self.fail(request, backend, status, str(error), termination,
+                      answer=error.status is not None, reason=reason)
         except TimeoutError:
             conn.close()
+            if not status:  # else the entry is the status the backend sent before failing
+                attempts.append((backend.url, "timeout"))
             status = 504
-            self.fail(request, backend, 504, f"backend {backend.url} did not answer in time")
+            backend_warnings.warn((backend.url, "timeout"), "backend %s did not answer in time "
+                                  "(%s %s, request id %s; answered 504)", backend.url,
+                                  request.method, request.shown_target[:200], self.request_id)
+            self.fail(request, backend, 504, GATEWAY_TIMEOUT, "backend_timeout")
         except (ValueError, OSError, MalformedBody) as error:
             conn.close()
+            cause = cause_of(error)
+            if not status:
+                attempts.append((backend.url, cause))
             status = 502
-            self.fail(request, backend, 502, f"backend {backend.url} failed: {error}")
+            backend_warnings.warn((backend.url, cause), "backend %s failed: %s (%s %s, request "
+                                  "id %s; answered 502)", backend.url, describe_error(error),
+                                  request.method, request.shown_target[:200], self.request_id)
+            self.fail(request, backend, 502, BAD_GATEWAY, TERMINATIONS.get(cause, "backend_error"))
         except BaseException:
             conn.close()
             status = 500
@@ -733,13 +911,22 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 attempt.done(status, time.monotonic() - self.started)
 
     def fail(self, request: Request, backend: Backend | None, status: int, message: str,
-             answer: bool = True) -> None:
-        """End a request that failed; answer ``status`` if no response byte went out yet."""
+             termination: str, answer: bool = True, reason: str | None = None) -> None:
+        """End a request that failed; answer ``status`` if no response byte went out yet.
+
+        ``message`` goes to the client: a fixed text, never internals.
+        ``termination`` and ``reason`` (a refusal's) are for the access log and metrics.
+        """
         if self.response_started or not answer:
             self.close_connection = True  # the client sees a cut-off message
+            # What the client got, if anything, was the backend's (cut short).
+            source = "backend" if self.relayed_status else None
+            self.log_request_done(request, status, 0, backend, source, termination, reason,
+                                  response_code=self.relayed_status)
         else:
             self.send_error_response(status, message)
-        self.log_request_done(request, status, 0, backend)
+            self.log_request_done(request, status, self.error_bytes, backend, "cclb",
+                                  termination, reason)
 
     def send_and_receive(self, request: Request, conn: UpstreamConnection, reused: bool,
                          head: bytes, body: bytes | None) -> ResponseHead:
@@ -777,13 +964,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
             finally:
                 reader.end_deadline()
         except EmptyResponse as error:
-            raise BackendError(str(error), sent=sent, stale=reused) from None
+            raise BackendError(str(error), sent=sent, stale=reused, cause="closed") from None
         except IncompleteHead as error:
-            raise BackendError(str(error), sent=sent) from None
+            raise BackendError(str(error), sent=sent, cause="closed") from None
         except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as error:
             # On a reused connection a reset most likely means the backend had
             # closed it while idle: not a sign the backend is down.
-            raise BackendError(describe_error(error), sent=sent, stale=reused) from None
+            raise BackendError(describe_error(error), sent=sent, stale=reused,
+                               cause="reset") from None
 
     def stream_request_body(self, request: Request, conn: UpstreamConnection) -> None:
         """Copy a large or chunked request body from the client to the backend."""
@@ -795,8 +983,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 piece = next(pieces, None)
             except BodyTooLarge:
                 raise ClientError(413, "request body too large") from None
-            except MalformedBody as error:
-                raise ClientError(400, f"malformed request body: {error}") from None
+            except MalformedBody:
+                raise ClientError(400, "malformed request body") from None
             except TimeoutError:
                 raise ClientError(408, "request body not received in time") from None
             except (TruncatedBody, OSError):
@@ -829,6 +1017,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                             id(plan.identity_headers): plan.identity_headers}.values():
                 headers.append(hsts)  # RFC 6797 7.1: sent over secure transport only
         self.close_connection = plan.close
+        self.relayed_status = response.status
         sent = 0
         try:
             if plan.body == NO_BODY:
@@ -843,7 +1032,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         # Nothing reached the client yet: try another backend;
                         # ``forward`` relays this message if none answers.
                         conn.close()
-                        raise BackendError(str(error), sent=True, truncated=Truncated(
+                        raise BackendError(str(error), sent=True, cause="truncated", truncated=Truncated(
                             message, response.status, len(error.partial))) from None
                     # What arrived, under the declared length, then a close:
                     # the client sees an incomplete message, never a short 200.
@@ -860,7 +1049,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             # The client must see an incomplete message, never a short 200.
             self.close_connection = True
             conn.close()
-            self.log_request_done(request, response.status, sent, backend)
+            self.log_request_done(request, response.status, sent, backend,
+                                  termination="backend_truncated")
             return
         if response.reusable and not conn.has_leftover_bytes():
             backend.pool.release(conn)
@@ -884,11 +1074,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.close_connection = True  # never HTTP again on this connection
         extra = [("Strict-Transport-Security", f"max-age={config.hsts}")] if self.tls and config.hsts else []
         head = switching_protocols_head(response, self.request_id, extra)  # ValueError: 502
+        self.relayed_status = 101
         self.write(head)
-        # What the client sent after its request head, what the backend sent after its 101.
-        to_backend, to_client = bytes(self.rfile.buffer), bytes(conn.reader.buffer)
-        self.rfile.buffer.clear()
-        conn.reader.buffer.clear()
+        # What the client sent after its request head, what the backend sent after its 101
+        # (read() of what is buffered takes it without a system call).
+        to_backend = self.rfile.read(self.rfile.buffered)
+        to_client = conn.reader.read(conn.reader.buffered)
         tunnel = Tunnel(self.connection, conn.sock, config.tunnel_idle_timeout, TUNNELS.counters,
                         to_backend, to_client)
         self.server.add_tunnel(tunnel)
@@ -952,8 +1143,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         if self.tls and self.server.config.hsts:
             extra = [*extra, ("Strict-Transport-Security", f"max-age={self.server.config.hsts}")]
+        if not self.request_id:
+            self.request_id = new_request_id()
+        body = error_body(message, self.request_id)
         try:
-            self.wfile.write(error_response(status, message, close, retry_after, extra))
+            self.wfile.write(error_response(status, body, close, retry_after, extra,
+                                            self.request_id))
+            self.error_bytes = len(body)
         except OSError:
             self.close_connection = True
 
@@ -962,19 +1158,68 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.send_error_response(code, message or HTTPStatus(code).phrase)
 
+    def count(self, source: str | None, status: int, reason: str | None) -> None:
+        """Count the request's answer and the client bytes since the previous count."""
+        received, sent = self.rfile.received, self.wfile.sent
+        self.server.cluster.frontend.count(source, status, received - self.received_mark,
+                                           sent - self.sent_mark, reason)
+        self.received_mark, self.sent_mark = received, sent
+
     def log_request_done(self, request: Request, status: int, sent: int,
-                         backend: Backend | None) -> None:
-        self.server.access_log.record(
+                         backend: Backend | None, source: str | None = "backend",
+                         termination: str = "ok", reason: str | None = None,
+                         response_code: int = 0) -> None:
+        """Count and access-log a finished request.
+
+        ``sent``: body bytes sent (a relayed body, or cclb's own answer's);
+        ``source``: who made the answer the client got ("cclb", "backend",
+        None when none went out), counted with ``response_code`` (else
+        ``status``); ``reason``: why cclb refused it, if it did.
+        """
+        self.count(source, response_code or status, reason)
+        access_log = self.server.access_log
+        details = None
+        if access_log.json and access_log.stream is not None:
+            details = self.log_details(request, termination)
+        access_log.record(
             self.client_ip, request.method, request.shown_target, status, sent,
-            backend.url if backend else "-", time.monotonic() - self.started, self.request_id)
+            backend.url if backend else "-", time.monotonic() - self.started, self.request_id,
+            details)
+
+    def log_details(self, request: Request | None, termination: str) -> dict[str, Any]:
+        """The JSON access log's fields beyond the base ones (see README "Logs")."""
+        headers = request.headers if request is not None else None
+        connect, header = self.upstream_connect, self.upstream_header
+        if request is not None:
+            protocol: str | None = self.request_version
+        else:
+            version = self.requestline.rpartition(" ")[2]
+            protocol = sanitize(version[:16]) if version.startswith("HTTP/") else None
+        return {
+            "host": request.host if request is not None else None,
+            "protocol": protocol,
+            "scheme": "https" if self.tls else "http",
+            "request_bytes": self.rfile.received - self.rfile.buffered - self.consumed_mark,
+            "user_agent": headers.get("user-agent") if headers is not None else None,
+            "referer": headers.get("referer") if headers is not None else None,
+            "upstream_connect_ms": None if connect is None else round(connect * 1000, 2),
+            "upstream_header_ms": None if header is None else round(header * 1000, 2),
+            "attempts": [{"backend": url, "outcome": outcome} for url, outcome in self.attempts],
+            "termination": termination,
+        }
 
     def log_rejected(self, status: int) -> None:
-        """Access-log a request refused before it was understood."""
+        """Count and access-log a request refused before it was understood."""
+        self.count("cclb", status, reject_reason(status))
+        access_log = self.server.access_log
+        details = None
+        if access_log.json and access_log.stream is not None:
+            details = self.log_details(None, "header_timeout" if status == 408 else "rejected")
         method, _, rest = self.requestline.partition(" ")
         target = rest.rpartition(" ")[0] or rest
-        self.server.access_log.record(self.client_ip, sanitize(method[:16]) or "-",
-                                      sanitize(target[:200]) or "-",
-                                      status, 0, "-", time.monotonic() - self.started)
+        access_log.record(self.client_ip, sanitize(method[:16]) or "-",
+                          sanitize(target[:200]) or "-", status, self.error_bytes, "-",
+                          time.monotonic() - self.started, self.request_id, details)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug(format, *args)

@@ -15,7 +15,8 @@ The GIL lets one Python process use about one core; workers use them all.
   re-reads the config file) and, on SIGTERM/SIGINT, stops them all and exits.
 - The admin API runs in the supervisor: backends, health, admin states and
   settings are exact, and its writes reach every worker.  Each worker reports
-  its traffic counters (responses, in-flight, failures, retries, latency)
+  its traffic counters (responses, in-flight, failures, retries, latency,
+  and the client side: rejections, responses by source, bytes, connections)
   once a second on its stdout; the supervisor adds them up, keeping what
   dead workers had counted, so /status and /metrics cover all workers.
 """
@@ -38,7 +39,7 @@ from typing import Any, Callable
 from backend_urls import parse_backend
 from cluster import DRAIN, MAINT, READY, ServerCluster
 from loops import LoopGuard
-from metrics import TrafficCounters
+from metrics import FrontendCounters, TrafficCounters
 from settings import Config
 
 log = logging.getLogger("cclb")
@@ -155,15 +156,17 @@ def apply_snapshot(cluster: ServerCluster, snapshot: list[list[Any]]) -> None:
 
 @dataclass
 class CounterReport:
-    """A worker's traffic counters: per backend URL, and answers given without one."""
+    """A worker's traffic counters: per backend URL, answers given without one, and
+    the client side (rejections, responses by source, bytes, open connections)."""
 
     backends: dict[str, TrafficCounters] = field(default_factory=dict)
     unrouted: dict[int, int] = field(default_factory=dict)
+    frontend: FrontendCounters = field(default_factory=FrontendCounters)
 
     @classmethod
     def of(cls, cluster: ServerCluster) -> CounterReport:
         stats = cluster.stats()
-        return cls({b.url: b.traffic for b in stats.backends}, stats.unrouted)
+        return cls({b.url: b.traffic for b in stats.backends}, stats.unrouted, stats.frontend)
 
     def add(self, other: CounterReport, in_flight: bool = True) -> None:
         """Add ``other`` into this report (``in_flight=False``: a dead worker's)."""
@@ -171,10 +174,12 @@ class CounterReport:
             self.backends.setdefault(url, TrafficCounters()).add(traffic, in_flight)
         for code, count in other.unrouted.items():
             self.unrouted[code] = self.unrouted.get(code, 0) + count
+        self.frontend.add(other.frontend, gauges=in_flight)
 
     def encode(self) -> bytes:
         document = {"backends": {url: t.to_json() for url, t in self.backends.items()},
-                    "unrouted": {str(code): n for code, n in self.unrouted.items()}}
+                    "unrouted": {str(code): n for code, n in self.unrouted.items()},
+                    "frontend": self.frontend.to_json()}
         return (json.dumps(document, separators=(",", ":")) + "\n").encode()
 
     @classmethod
@@ -184,7 +189,8 @@ class CounterReport:
             document = json.loads(line)
             return cls({str(url): TrafficCounters.from_json(data)
                         for url, data in document["backends"].items()},
-                       {int(code): int(n) for code, n in document["unrouted"].items()})
+                       {int(code): int(n) for code, n in document["unrouted"].items()},
+                       FrontendCounters.from_json(document["frontend"]))
         except (KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"malformed counter report: {error!r}") from None
 
@@ -386,7 +392,7 @@ class Supervisor:
         total.add(self.retired, in_flight=False)
         for worker in self.workers:
             total.add(worker.counters)
-        self.cluster.adopt_traffic(total.backends, total.unrouted)
+        self.cluster.adopt_traffic(total.backends, total.unrouted, total.frontend)
 
     def forward(self, signum: int) -> None:
         for worker in self.workers:

@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -1990,3 +1992,189 @@ class StrictTrailerTest(BalancerCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# --- accounting of the answers cclb makes itself -------------------------------
+
+def scrape(admin_port: int) -> tuple[dict[str, str], dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+    """The /metrics page, parsed with the grammar checks of tests.test_metrics: (types, samples)."""
+    from tests.test_metrics import parse_exposition
+    with socket.create_connection(("127.0.0.1", admin_port), timeout=5) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = collect_until_close(sock)[0]
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    types, samples = parse_exposition(body.decode())
+    return types, {(name, tuple(sorted(labels.items()))): value for name, labels, value in samples}
+
+
+def sample(samples: dict, name: str, **labels: str) -> float:
+    """One sample's value, 0 when absent (a counter not incremented yet)."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def json_lines(text: str) -> list[dict]:
+    """The JSON access log lines among the balancer's stderr lines."""
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+class AccountingTest(unittest.TestCase):
+    """Every answer cclb makes itself is counted by source and reason, logged with its
+    real byte count, carries X-Request-ID, and tells the client nothing internal."""
+
+    def setUp(self) -> None:
+        self.dead = free_port()  # nothing listens: connection refused
+        self.backend = RawBackend()
+        self.addCleanup(self.backend.stop)
+
+    def start(self, backends: list[int], *extra: str) -> tuple[Balancer, int]:
+        balancer = Balancer(backends, "--health-interval", "0", "--access-log", "-",
+                            "--log-format", "json", "--admin-port", "0", *extra)
+        self.addCleanup(balancer.stop)
+        return balancer, wait_admin_port(balancer)
+
+    def test_503_without_backend_is_counted_logged_and_identified(self) -> None:
+        balancer, admin = self.start([self.dead])
+        answer = http_exchange(balancer.port, get("/x", "X-Request-ID: client-id-1"))
+        self.assertEqual(answer.status, 503)
+        self.assertEqual(answer.header("X-Request-ID"), "client-id-1")
+        self.assertIn(b"client-id-1", answer.body)
+        self.assertNotIn(str(self.dead).encode(), answer.body, "no backend address to the client")
+        fresh = http_exchange(balancer.port, get("/y"))
+        self.assertRegex(fresh.header("X-Request-ID") or "", r"^[0-9a-f]{16}$")
+        _, samples = scrape(admin)
+        self.assertEqual(sample(samples, "cclb_responses_total", source="cclb", code="503"), 2)
+        self.assertEqual(sample(samples, "cclb_requests_total", backend="none", code="503"), 2)
+        self.assertGreater(sample(samples, "cclb_client_bytes_total", direction="sent"),
+                           2 * len(answer.body))
+        lines = wait_for(lambda: [e for e in json_lines(balancer.log_text())
+                                  if e["request_id"] == "client-id-1"], 5,
+                         message="the 503's access log line")
+        entry = lines[0]
+        self.assertEqual((entry["status"], entry["bytes"]), (503, len(answer.body)))
+        self.assertEqual(entry["attempts"], [{"backend": f"http://127.0.0.1:{self.dead}",
+                                              "outcome": "refused"}])
+        self.assertEqual(entry["termination"], "backend_refused")
+        # The operator learns what the client does not: the backend and the cause.
+        warnings = [line for line in balancer.log_text().splitlines() if " WARNING " in line]
+        self.assertTrue(any(f"127.0.0.1:{self.dead} failed: connection refused" in line
+                            and "client-id-1" in line for line in warnings), warnings)
+
+    def test_502_body_names_no_backend(self) -> None:
+        """A backend that breaks off after taking a POST: a fixed 502 body, details in the log."""
+        def reset(head: bytes, conn: socket.socket, reader) -> bool:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return False  # closed at once, with a reset, without an answer
+
+        broken = RawBackend(reset)
+        self.addCleanup(broken.stop)
+        balancer, admin = self.start([broken.port])
+        answer = http_exchange(balancer.port, post("/p", b"data"), method="POST")
+        self.assertEqual(answer.status, 502)
+        self.assertNotIn(str(broken.port).encode(), answer.body)
+        self.assertNotIn(b"reset", answer.body.lower())
+        self.assertEqual(answer.body, b"bad gateway: the backend failed to answer\n"
+                         + f"request id: {answer.header('X-Request-ID')}\n".encode())
+        wait_for(lambda: f"127.0.0.1:{broken.port} failed" in balancer.log_text(), 5,
+                 message="the 502's warning")
+        _, samples = scrape(admin)
+        self.assertEqual(sample(samples, "cclb_responses_total", source="cclb", code="502"), 1)
+
+    def test_refusals_counted_by_reason(self) -> None:
+        balancer, admin = self.start([self.backend.port], "--max-body-size", "1k",
+                                     "--max-header-size", "2k", "--header-timeout", "0.5")
+        cases = [
+            (b"GET / HTTP/1.1\r\n\r\n", 400),  # no Host
+            (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n", 413),
+            (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4000 + b"\r\n\r\n", 431),
+            (b"GET / HTTP/1.1\r\nHost: x\r\n", 408),  # the head never ends
+        ]
+        for data, status in cases:
+            with self.subTest(status=status):
+                received, _ = send_and_collect(balancer.port, data)
+                answer = parse_responses(received)[0]
+                self.assertEqual(answer.status, status)
+                self.assertRegex(answer.header("X-Request-ID") or "", r"^[0-9a-f]{16}$")
+        _, samples = scrape(admin)
+        for reason in ("bad_request", "body_too_large", "headers_too_large", "header_timeout"):
+            self.assertEqual(sample(samples, "cclb_rejected_total", reason=reason), 1, reason)
+        for code in ("400", "413", "431", "408"):
+            self.assertEqual(sample(samples, "cclb_responses_total", source="cclb", code=code), 1)
+        lines = wait_for(lambda: [e for e in json_lines(balancer.log_text()) if e["status"] == 408],
+                         5, message="the 408's access log line")
+        self.assertEqual(lines[0]["termination"], "header_timeout")
+        self.assertGreater(lines[0]["bytes"], 0)
+
+    def test_max_connections_rejections_counted(self) -> None:
+        balancer, admin = self.start([self.backend.port], "--max-connections", "1",
+                                     "--header-timeout", "30")
+        holder = connect(balancer.port)
+        self.addCleanup(holder.close)
+        holder.sendall(b"GET / HTTP/1.1\r\n")  # a request has started: never reclaimed
+        wait_for(lambda: sample(scrape(admin)[1], "cclb_threads", state="busy") == 1, 5,
+                 message="the holder's request to be busy")
+        for _ in range(2):
+            received, _ = send_and_collect(balancer.port, get("/"))
+            answer = parse_responses(received)[0]
+            self.assertEqual(answer.status, 503)
+            self.assertIsNotNone(answer.header("X-Request-ID"))
+        _, samples = scrape(admin)
+        self.assertEqual(sample(samples, "cclb_rejected_total", reason="max_connections"), 2)
+        self.assertEqual(sample(samples, "cclb_open_connections"), 1)
+        status = json.loads(admin_get(admin, "/status"))
+        self.assertEqual(status["frontend"]["rejected"], {"max_connections": 2})
+        self.assertEqual(status["frontend"]["open_connections"], 1)
+
+    def test_json_access_log_fields(self) -> None:
+        """Attempts list a refused backend, then the one that answered."""
+        balancer, _ = self.start([self.dead, self.backend.port])
+        for n in range(2):  # round robin: one of the two starts on the dead backend
+            answer = http_exchange(balancer.port, get(f"/f{n}", "User-Agent: probe/1",
+                                                      "Referer: http://example.test/"))
+            self.assertEqual(answer.status, 200)
+
+        def retried() -> list[dict]:
+            return [e for e in json_lines(balancer.log_text()) if len(e.get("attempts", ())) == 2]
+
+        entry = wait_for(retried, 5, message="a retried request's log line")[0]
+        dead, alive = (f"http://127.0.0.1:{port}" for port in (self.dead, self.backend.port))
+        self.assertEqual(entry["attempts"], [{"backend": dead, "outcome": "refused"},
+                                             {"backend": alive, "outcome": 200}])
+        self.assertEqual(entry["backend"], alive)
+        self.assertEqual(entry["termination"], "ok")
+        self.assertEqual((entry["protocol"], entry["scheme"]), ("HTTP/1.1", "http"))
+        self.assertEqual(entry["host"], "test.invalid")
+        self.assertEqual((entry["user_agent"], entry["referer"]), ("probe/1", "http://example.test/"))
+        self.assertEqual(entry["request_bytes"], len(get(entry["target"], "User-Agent: probe/1",
+                                                         "Referer: http://example.test/")))
+        for field in ("upstream_connect_ms", "upstream_header_ms"):
+            self.assertIsInstance(entry[field], float)
+            self.assertGreaterEqual(entry[field], 0)
+            self.assertLess(entry[field], entry["duration_ms"] + 0.01)
+
+    def test_metrics_page_follows_prometheus_rules(self) -> None:
+        """With traffic: HELP and TYPE for every family, counters end in _total, promtool silent."""
+        balancer, admin = self.start([self.dead, self.backend.port])
+        http_exchange(balancer.port, get("/"))
+        send_and_collect(balancer.port, b"GET / HTTP/1.1\r\n\r\n")
+        types, samples = scrape(admin)
+        for name, kind in types.items():
+            if kind == "counter":
+                self.assertTrue(name.endswith("_total"), name)
+        self.assertEqual(types["cclb_responses_total"], "counter")
+        self.assertEqual(types["cclb_open_connections"], "gauge")
+        self.assertGreater(sample(samples, "cclb_client_bytes_total", direction="received"), 0)
+        promtool = shutil.which("promtool")
+        if promtool is not None:
+            text = admin_get(admin, "/metrics")
+            checked = subprocess.run([promtool, "check", "metrics"], input=text, text=True,
+                                     capture_output=True, timeout=30)
+            self.assertEqual((checked.returncode, checked.stdout, checked.stderr), (0, "", ""))
+
+
+def admin_get(port: int, path: str) -> str:
+    """The body of a GET on the admin API."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = collect_until_close(sock)[0]
+    return data.partition(b"\r\n\r\n")[2].decode()

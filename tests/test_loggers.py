@@ -150,6 +150,39 @@ class FormatTests(AccessLogTestCase):
         self.assertIn('"GET /499"', lines[499])
         self.assertFalse(access_log.writer.is_alive())
 
+    def test_details_extend_json_only(self) -> None:
+        """``details`` add JSON fields after the base ones; the text line does not change."""
+        details = {"host": "h", "termination": "ok", "attempts": [{"backend": "b", "outcome": 200}]}
+        json_path, text_path = self.path("access.json"), self.path("access.log")
+        self.open_log(json_path, "json").record("c", "GET", "/d", 200, 1, "b", 0.001, "id", details)
+        self.open_log(text_path).record("c", "GET", "/d", 200, 1, "b", 0.001, "id", details)
+        entry = json.loads(self.wait_lines(json_path, 1)[0])
+        self.assertEqual(list(entry)[-3:], ["host", "termination", "attempts"])
+        self.assertEqual(entry["attempts"], [{"backend": "b", "outcome": 200}])
+        self.assertRegex(self.wait_lines(text_path, 1)[0], r'"GET /d" 200 1 b 1\.0ms id$')
+
+
+class WarningLimiterTests(unittest.TestCase):
+    """Repeated identical warnings: one per key and period, with a count of the held-back ones."""
+
+    def test_one_warning_per_key_and_period_with_a_count(self) -> None:
+        logger = logging.getLogger("cclb-test-limiter")
+        logger.setLevel(logging.WARNING)
+        clock = [100.0]
+        limiter = loggers.WarningLimiter(logger, period=1.0)
+        with mock.patch("loggers.time.monotonic", lambda: clock[0]), \
+                self.assertLogs(logger, logging.WARNING) as captured:
+            self.assertTrue(limiter.warn(("b1", "refused"), "backend %s refused", "b1"))
+            for _ in range(5):
+                self.assertFalse(limiter.warn(("b1", "refused"), "backend %s refused", "b1"))
+            self.assertTrue(limiter.warn(("b2", "refused"), "backend %s refused", "b2"))
+            self.assertTrue(limiter.warn(("b1", "reset"), "backend %s reset", "b1"))
+            clock[0] += 1.0
+            self.assertTrue(limiter.warn(("b1", "refused"), "backend %s refused", "b1"))
+        self.assertEqual([record.getMessage() for record in captured.records], [
+            "backend b1 refused", "backend b2 refused", "backend b1 reset",
+            "backend b1 refused (and 5 more like it since the last such warning)"])
+
 
 class ReopenTests(AccessLogTestCase):
     """Regression: ``reopen`` (log rotation) never loses a line."""

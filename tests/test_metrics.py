@@ -295,7 +295,7 @@ class RenderTests(unittest.TestCase):
             "cclb_requests_total": "counter", "cclb_backend_up": "gauge",
             "cclb_in_flight": "gauge", "cclb_backend_failures_total": "counter",
             "cclb_retries_total": "counter", "cclb_health_checks_total": "counter",
-            "cclb_request_duration_seconds": "histogram"})
+            "cclb_request_duration_seconds": "histogram", **FRONTEND_FAMILIES})
 
         def value(name: str, **labels: str) -> float:
             found = [v for n, lab, v in samples if n == name and lab == labels]
@@ -349,16 +349,44 @@ class RenderTests(unittest.TestCase):
         """No backends, no traffic: still valid text, every family announced."""
         empty = ServerCluster([])
         types, samples = parse_exposition(metrics.render(empty.stats()))
-        self.assertEqual(len(without_process(types)), 7)
-        self.assertEqual([s for s in samples if s[0] not in PROCESS_FAMILIES], [])
+        self.assertEqual(len(without_process(types)), 7 + len(FRONTEND_FAMILIES))
+        # The client side's gauges and byte counters are always there (zero).
+        self.assertEqual([s for s in samples if s[0] not in PROCESS_FAMILIES
+                          and s[2] != 0.0], [])
 
     def test_unrouted_only(self) -> None:
         """Answers given without any backend appear with backend="none"."""
         empty = ServerCluster([])
         empty.count_unrouted(503)
         _, samples = parse_exposition(metrics.render(empty.stats()))
-        self.assertEqual([s for s in samples if s[0] not in PROCESS_FAMILIES],
+        self.assertEqual([s for s in samples if s[0] not in PROCESS_FAMILIES
+                          and not s[0].startswith(FRONTEND_PREFIXES)],
                          [("cclb_requests_total", {"backend": "none", "code": "503"}, 1.0)])
+
+    def test_frontend_families(self) -> None:
+        """Responses by source, rejections by reason, client bytes, connections and threads."""
+        empty = ServerCluster([])
+        empty.frontend.count("cclb", 503, 80, 150)
+        empty.frontend.count("cclb", 400, 20, 120, metrics.reject_reason(400))
+        empty.frontend.count("cclb", 503, 0, 130, metrics.MAX_CONNECTIONS)
+        empty.frontend.count("backend", 200, 90, 300)
+        empty.frontend.gauges = lambda: (5, 2, 3)
+        _, samples = parse_exposition(metrics.render(empty.stats()))
+        found = {(name, tuple(sorted(labels.items()))): value for name, labels, value in samples
+                 if name.startswith(FRONTEND_PREFIXES)}
+        self.assertEqual(found, {
+            ("cclb_responses_total", (("code", "503"), ("source", "cclb"))): 2,
+            ("cclb_responses_total", (("code", "400"), ("source", "cclb"))): 1,
+            ("cclb_responses_total", (("code", "200"), ("source", "backend"))): 1,
+            ("cclb_rejected_total", (("reason", "bad_request"),)): 1,
+            ("cclb_rejected_total", (("reason", "max_connections"),)): 1,
+            ("cclb_open_connections", ()): 5,
+            ("cclb_threads", (("state", "busy"),)): 2,
+            ("cclb_threads", (("state", "idle"),)): 3,
+            ("cclb_client_bytes_total", (("direction", "received"),)): 190,
+            ("cclb_client_bytes_total", (("direction", "sent"),)): 700})
+        self.assertEqual(empty.stats().frontend.dashboard()["rejected"],
+                         {"bad_request": 1, "max_connections": 1})
 
     def test_process_metrics(self) -> None:
         """The process's own families: build info, start time, CPU, memory, fds, reloads."""
@@ -391,6 +419,13 @@ PROCESS_FAMILIES = {
     "cclb_access_log_lines_lost_total": "counter", "cclb_tls_handshake_failures_total": "counter",
     # Per process too (metrics.TUNNELS), rendered after ProcessMetrics' families.
     "cclb_tunnels_open": "gauge", "cclb_tunnel_bytes_total": "counter"}
+
+
+# The client side's families (metrics.FrontendCounters).
+FRONTEND_FAMILIES = {
+    "cclb_responses_total": "counter", "cclb_rejected_total": "counter",
+    "cclb_open_connections": "gauge", "cclb_threads": "gauge", "cclb_client_bytes_total": "counter"}
+FRONTEND_PREFIXES = tuple(FRONTEND_FAMILIES)
 
 
 def without_process(types: dict[str, str]) -> dict[str, str]:

@@ -272,7 +272,9 @@ class OperationsCase(unittest.TestCase):
         return balancer, Admin(wait_admin_port(balancer), token)
 
     def tempdir(self) -> str:
-        directory = tempfile.TemporaryDirectory()
+        # Chromium's helper processes may still write to a profile here for a moment after
+        # the browser exits (the soak run caught "Directory not empty").
+        directory = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)
         self.addCleanup(directory.cleanup)
         return directory.name
 

@@ -24,7 +24,7 @@ from tests.support import (ROOT, Balancer, DemoServer, RawBackend, accepts, admi
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 import workers  # noqa: E402
-from metrics import Histogram, TrafficCounters  # noqa: E402
+from metrics import FrontendCounters, Histogram, TrafficCounters  # noqa: E402
 from workers import SnapshotReader, decode_snapshot, encode_snapshot, write_snapshot  # noqa: E402
 from backend_urls import parse_backend  # noqa: E402
 from cluster import MAINT, READY, ServerCluster  # noqa: E402
@@ -471,6 +471,26 @@ class WorkersCountersTests(WorkersCase):
             self.fail(f"{line!r} not in the supervisor's /metrics; got {shown} (answers {answers})")
         self.assertEqual(admin_status(self, balancer, admin)["unrouted"], {"503": unrouted})
 
+    def test_supervisor_adds_up_the_rejections_of_all_workers(self) -> None:
+        """Requests refused by cclb (400 here) are counted by reason across workers."""
+        backend = DemoServer()
+        self.addCleanup(backend.stop)
+        balancer = self.start([backend.port], "--health-interval", "0", "--access-log", "off",
+                              "--admin-port", "0")
+        admin = wait_admin_port(balancer)
+        for _ in range(40):  # new connections: the kernel spreads them over both workers
+            with socket.create_connection(("127.0.0.1", balancer.port), timeout=5) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\n\r\n")  # no Host: 400
+                self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 400 "))
+        line = 'cclb_rejected_total{reason="bad_request"} 40'
+
+        def metrics() -> str:
+            return admin_call(self, balancer, admin, "GET", "/metrics")[2].decode()
+        wait_for(lambda: line in metrics(), 10, message="40 rejections in the supervisor's /metrics")
+        self.assertIn('cclb_responses_total{source="cclb",code="400"} 40', metrics())
+        frontend = admin_status(self, balancer, admin)["frontend"]
+        self.assertEqual(frontend["rejected"], {"bad_request": 40})
+
 
 class SnapshotTests(unittest.TestCase):
     """The supervisor's state snapshots (one JSON line each) and how a worker applies them,
@@ -674,7 +694,26 @@ class CounterReportTests(unittest.TestCase):
                          ({200: 4}, 1, 2))
         self.assertEqual(traffic.latency.count, 2)
         self.assertEqual(total.unrouted, {503: 2})
+        self.assertEqual(total.frontend, FrontendCounters())
         for bad in (b"{}", b"[]", b'{"backends": {"x": {}}, "unrouted": {}}', b"nonsense"):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                workers.CounterReport.decode(bad)
+
+    def test_frontend_counters_add_up_and_round_trip(self) -> None:
+        """The client side travels with the report; a dead worker's gauges are dropped."""
+        frontend = FrontendCounters({"bad_request": 2, "max_connections": 1},
+                                    {("cclb", 400): 2, ("backend", 200): 5}, 100, 900, 3, 1, 2)
+        one = workers.CounterReport({}, {}, frontend)
+        two = workers.CounterReport.decode(one.encode())
+        self.assertEqual(two, one)
+        total = workers.CounterReport()
+        total.add(one)
+        total.add(two, in_flight=False)  # retired: its connections are gone
+        self.assertEqual(total.frontend, FrontendCounters(
+            {"bad_request": 4, "max_connections": 2}, {("cclb", 400): 4, ("backend", 200): 10},
+            200, 1800, 3, 1, 2))
+        for bad in (b'{"backends": {}, "unrouted": {}}',
+                    b'{"backends": {}, "unrouted": {}, "frontend": {"rejected": 1}}'):
             with self.subTest(bad=bad), self.assertRaises(ValueError):
                 workers.CounterReport.decode(bad)
 
