@@ -54,7 +54,8 @@ def check_request_head(request_line: RequestLine, fields: Fields, max_body_size:
     Raises ProtocolError with the status the client gets: 400 (Host count or
     syntax, bad framing, bad absolute-form), 405 (CONNECT), 413 (declared
     body over ``max_body_size``), 417 (an Expect other than 100-continue),
-    501 (unsupported transfer coding).
+    501 (unsupported transfer coding).  ``Request.upgrade`` says whether the
+    request asks to switch protocols (``upgrade_protocols``).
     """
     version = request_line.version
     method = request_line.method
