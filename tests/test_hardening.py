@@ -2013,6 +2013,18 @@ def sample(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def wait_samples(admin: int, expected: list[tuple[float, str, dict[str, str]]]) -> dict:
+    """Scrape /metrics until every (value, name, labels) holds; the last scrape.
+
+    cclb counts an answer just after writing it, so a fast client can scrape first.
+    """
+    def settled() -> dict | None:
+        samples = scrape(admin)[1]
+        ok = all(sample(samples, name, **labels) == value for value, name, labels in expected)
+        return samples if ok else None
+    return wait_for(settled, 5, message=f"the counters {expected}")
+
+
 def json_lines(text: str) -> list[dict]:
     """The JSON access log lines among the balancer's stderr lines."""
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
@@ -2042,7 +2054,8 @@ class AccountingTest(unittest.TestCase):
         self.assertNotIn(str(self.dead).encode(), answer.body, "no backend address to the client")
         fresh = http_exchange(balancer.port, get("/y"))
         self.assertRegex(fresh.header("X-Request-ID") or "", r"^[0-9a-f]{16}$")
-        _, samples = scrape(admin)
+        samples = wait_samples(admin, [(2, "cclb_responses_total", {"source": "cclb", "code": "503"}),
+                                       (2, "cclb_requests_total", {"backend": "none", "code": "503"})])
         self.assertEqual(sample(samples, "cclb_responses_total", source="cclb", code="503"), 2)
         self.assertEqual(sample(samples, "cclb_requests_total", backend="none", code="503"), 2)
         self.assertGreater(sample(samples, "cclb_client_bytes_total", direction="sent"),
@@ -2077,7 +2090,7 @@ class AccountingTest(unittest.TestCase):
                          + f"request id: {answer.header('X-Request-ID')}\n".encode())
         wait_for(lambda: f"127.0.0.1:{broken.port} failed" in balancer.log_text(), 5,
                  message="the 502's warning")
-        _, samples = scrape(admin)
+        samples = wait_samples(admin, [(1, "cclb_responses_total", {"source": "cclb", "code": "502"})])
         self.assertEqual(sample(samples, "cclb_responses_total", source="cclb", code="502"), 1)
 
     def test_refusals_counted_by_reason(self) -> None:
@@ -2095,7 +2108,11 @@ class AccountingTest(unittest.TestCase):
                 answer = parse_responses(received)[0]
                 self.assertEqual(answer.status, status)
                 self.assertRegex(answer.header("X-Request-ID") or "", r"^[0-9a-f]{16}$")
-        _, samples = scrape(admin)
+        samples = wait_samples(admin, [
+            (1, "cclb_rejected_total", {"reason": reason})
+            for reason in ("bad_request", "body_too_large", "headers_too_large", "header_timeout")]
+            + [(1, "cclb_responses_total", {"source": "cclb", "code": code})
+               for code in ("400", "413", "431", "408")])
         for reason in ("bad_request", "body_too_large", "headers_too_large", "header_timeout"):
             self.assertEqual(sample(samples, "cclb_rejected_total", reason=reason), 1, reason)
         for code in ("400", "413", "431", "408"):
@@ -2118,7 +2135,7 @@ class AccountingTest(unittest.TestCase):
             answer = parse_responses(received)[0]
             self.assertEqual(answer.status, 503)
             self.assertIsNotNone(answer.header("X-Request-ID"))
-        _, samples = scrape(admin)
+        samples = wait_samples(admin, [(2, "cclb_rejected_total", {"reason": "max_connections"})])
         self.assertEqual(sample(samples, "cclb_rejected_total", reason="max_connections"), 2)
         self.assertEqual(sample(samples, "cclb_open_connections"), 1)
         status = json.loads(admin_get(admin, "/status"))
@@ -2157,6 +2174,8 @@ class AccountingTest(unittest.TestCase):
         balancer, admin = self.start([self.dead, self.backend.port])
         http_exchange(balancer.port, get("/"))
         send_and_collect(balancer.port, b"GET / HTTP/1.1\r\n\r\n")
+        wait_for(lambda: sample(scrape(admin)[1], "cclb_client_bytes_total", direction="received"),
+                 5, message="received bytes counted")
         types, samples = scrape(admin)
         for name, kind in types.items():
             if kind == "counter":
