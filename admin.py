@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 
 import metrics
 from dashboard import PAGE
-from loops import LoopGuard
+from loops import Deadlines, LoopGuard
 from settings import Config
 from backend_urls import parse_backend
 from cluster import DRAIN, MAINT, READY, Backend, BackendStats, ClusterStats, ServerCluster
@@ -165,7 +165,7 @@ class AdminHandler(BaseHTTPRequestHandler):
         super().setup()
 
     def expire(self) -> None:
-        """Called by the server, under its lock, when this request's deadline passed.
+        """Called by ``request_deadlines``, under its lock, when this request's deadline passed.
 
         Shutting the socket for reading makes the blocked read return at
         once (end of stream); ``timed_out`` tells the handler why.
@@ -215,11 +215,11 @@ class AdminHandler(BaseHTTPRequestHandler):
         """
         if not self.rfile.peek(1):  # type: ignore[attr-defined]  # a BufferedReader
             return False  # the client closed an idle connection
-        self.server.watch(self, time.monotonic() + self.server.header_timeout)
+        self.server.request_deadlines.watch(self, time.monotonic() + self.server.header_timeout)
         try:
             return self.read_head() and self.read_body()
         finally:
-            self.server.unwatch(self)
+            self.server.request_deadlines.unwatch(self)
 
     def read_head(self) -> bool:
         """Read and parse the request head; True if it ended with its empty line and is valid.
@@ -475,10 +475,9 @@ class AdminHandler(BaseHTTPRequestHandler):
 class AdminServer(ThreadingHTTPServer):
     """The admin listener: bounded connections, request deadlines, graceful close.
 
-    ``lock`` guards ``connections`` (the open client sockets),
-    ``deadlines`` (handler -> monotonic time by which its request must have
-    been read) and ``last_refusal_log``.  Expiring under the lock means a handler that has
-    unwatched can no longer be expired.  The limits are class attributes so
+    ``lock`` guards ``connections`` (the open client sockets) and
+    ``last_refusal_log``; ``request_deadlines`` (its own lock) holds the time by
+    which each request must have been read, expired by ``service_actions``.  The limits are class attributes so
     that tests can shrink them.
     """
 
@@ -498,7 +497,7 @@ class AdminServer(ThreadingHTTPServer):
         self.guard = LoopGuard("admin server")
         self.lock = threading.Lock()
         self.connections: set[socket.socket] = set()
-        self.deadlines: dict[AdminHandler, float] = {}
+        self.request_deadlines = Deadlines("admin request deadlines")
         self.last_refusal_log = -REFUSAL_LOG_INTERVAL
         # The dashboard's 15 minutes of traffic; sampled while serve_forever runs.
         self.history = metrics.TrafficHistory(cluster.stats)
@@ -608,23 +607,7 @@ class AdminServer(ThreadingHTTPServer):
 
     # --- request deadlines ----------------------------------------------------
 
-    def watch(self, handler: AdminHandler, deadline: float) -> None:
-        with self.lock:
-            self.deadlines[handler] = deadline
-
-    def unwatch(self, handler: AdminHandler) -> None:
-        with self.lock:
-            self.deadlines.pop(handler, None)
-
     def service_actions(self) -> None:
         """Called by ``serve_forever`` after every select (at least each poll interval)."""
         with self.guard:
-            self.expire_due(time.monotonic())
-
-    def expire_due(self, now: float) -> None:
-        """Expire every request whose deadline is ``now`` or earlier."""
-        with self.lock:
-            due = [handler for handler, deadline in self.deadlines.items() if deadline <= now]
-            for handler in due:
-                del self.deadlines[handler]
-                handler.expire()
+            self.request_deadlines.expire_due(time.monotonic())

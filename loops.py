@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 from types import TracebackType
+from typing import Any
 
 log = logging.getLogger("cclb")
 
@@ -65,3 +66,35 @@ class LoopGuard:
                       exc_info=(type(error), error, error.__traceback__))
         else:
             log.error("the %s loop failed again (%s); it carries on", self.name, signature)
+
+
+class Deadlines:
+    """Things with a deadline (``expire()`` methods), expired by a loop's rounds.
+
+    Shared by the proxy's header watchdog and the admin listener.  ``lock``
+    guards ``deadlines``; expiring under it means a handler that has
+    unwatched can no longer be expired.  One handler's failing ``expire``
+    is logged (``guard``) and spares none of the others.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.lock = threading.Lock()
+        self.deadlines: dict[Any, float] = {}  # handler -> monotonic deadline
+        self.guard = LoopGuard(name)
+
+    def watch(self, handler: Any, deadline: float) -> None:
+        with self.lock:
+            self.deadlines[handler] = deadline
+
+    def unwatch(self, handler: Any) -> None:
+        with self.lock:
+            self.deadlines.pop(handler, None)
+
+    def expire_due(self, now: float) -> None:
+        """Expire every handler whose deadline is ``now`` or earlier (one round)."""
+        with self.lock:
+            due = [handler for handler, deadline in self.deadlines.items() if deadline <= now]
+            for handler in due:
+                del self.deadlines[handler]
+                with self.guard:
+                    handler.expire()

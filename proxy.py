@@ -33,7 +33,7 @@ from forwarding import (BUFFERED, NO_BODY, TRACE_ALLOW, Request, ResponsePlan, c
 from forwarding import switching_protocols_head
 from http11 import Headers, ProtocolError
 from loggers import AccessLog, WarningLimiter, sanitize
-from loops import LoopGuard
+from loops import Deadlines
 from message_reader import (BodyTooLarge, EmptyResponse, IncompleteHead, Limits, MalformedBody, ResponseHead,
                             TruncatedBody, iter_body, read_field_lines, read_response_head,
                             read_small_body)
@@ -194,7 +194,7 @@ class BackendError(Exception):
         self.truncated = truncated  # the cut-off response, relayed if no retry answers
 
 
-class Watchdog(threading.Thread):
+class Watchdog(threading.Thread, Deadlines):
     """Enforces whole-header-section deadlines (slowloris defence).
 
     A socket timeout only bounds the gap between two bytes; a client sending
@@ -206,34 +206,15 @@ class Watchdog(threading.Thread):
     """
 
     def __init__(self, period: float = 0.2) -> None:
-        super().__init__(name="header-watchdog", daemon=True)
+        threading.Thread.__init__(self, name="header-watchdog", daemon=True)
+        Deadlines.__init__(self, "header watchdog")
         self.period = period
-        self.lock = threading.Lock()
-        self.deadlines: dict[ProxyHandler, float] = {}
         self.stopped = threading.Event()
-        self.guard = LoopGuard("header watchdog")
-
-    def watch(self, handler: ProxyHandler, deadline: float) -> None:
-        with self.lock:
-            self.deadlines[handler] = deadline
-
-    def unwatch(self, handler: ProxyHandler) -> None:
-        with self.lock:
-            self.deadlines.pop(handler, None)
 
     def run(self) -> None:
         while not self.stopped.wait(self.period):
             with self.guard:
                 self.expire_due(time.monotonic())
-
-    def expire_due(self, now: float) -> None:
-        """Expire every handler whose deadline is ``now`` or earlier (one round)."""
-        with self.lock:
-            expired = [h for h, deadline in self.deadlines.items() if deadline <= now]
-            for handler in expired:
-                del self.deadlines[handler]
-                with self.guard:  # one handler's fault must not spare the others
-                    handler.expire()
 
 
 class LoadBalancerServer(ThreadingHTTPServer):
