@@ -1,12 +1,18 @@
 """The forwarding path: ``LoadBalancerServer`` and its ``ProxyHandler``.
 
-One thread per client connection (``ThreadingHTTPServer``).  The handler
-does the I/O and the sequencing only: it reads each request head
-(``message_reader``), has ``forwarding`` check it and build the head sent
-upstream, asks the ``ServerCluster`` for a backend, sends the request over a
-pooled keep-alive connection, and relays the response the way
-``forwarding.response_plan`` says (gzip, framing, Connection).  Failures that
-are safe to retry go to the next backend.
+Connections are owned by the ``engine``: while a client is idle, or its
+request head (or a small body) is still arriving, or its TLS handshake is
+in progress, the connection is parked in the engine's selector thread and
+costs no thread.  Once a whole request head is buffered, one of
+``--threads`` pool threads runs the handler with blocking I/O, as a
+thread-per-connection server would.  The handler does the I/O and the
+sequencing only: it reads each request head (``message_reader``), has
+``forwarding`` check it and build the head sent upstream, asks the
+``ServerCluster`` for a backend, sends the request over a pooled keep-alive
+connection, and relays the response the way ``forwarding.response_plan``
+says (gzip, framing, Connection).  Failures that are safe to retry go to
+the next backend.  Then the connection is parked again, closed, or (an
+upgrade tunnel) kept by a thread of its own.
 """
 
 from __future__ import annotations
@@ -33,10 +39,10 @@ from forwarding import (BUFFERED, NO_BODY, TRACE_ALLOW, Request, ResponsePlan, c
 from forwarding import switching_protocols_head
 from http11 import Headers, ProtocolError
 from loggers import AccessLog, WarningLimiter, sanitize
-from loops import Deadlines
 from message_reader import (BodyTooLarge, EmptyResponse, IncompleteHead, Limits, MalformedBody, ResponseHead,
                             TruncatedBody, iter_body, read_field_lines, read_response_head,
                             read_small_body)
+from engine import EOF, NOTHING, READ, WRITE, Engine, Verdict, head_ready, receive
 from socket_io import RECV_SIZE, SocketReader, SocketWriter
 from tls import CertificateStore, set_timeouts
 from metrics import BODY_TIMEOUT, MAX_CONNECTIONS, PROCESS, TUNNELS, reject_reason
@@ -75,16 +81,45 @@ def cause_of(error: BaseException) -> str:
     return "error"
 
 
-class CountingReader(SocketReader):
-    """A ``SocketReader`` that counts the bytes it receives (``received``)."""
+class BodyRate:
+    """--min-body-rate: a streamed body must come at ``rate`` bytes/s or more over each window.
 
-    __slots__ = ("received",)
+    ``check`` (before each read) raises TimeoutError once a window has
+    passed with fewer bytes than that; the socket's timeout is at most one
+    window, so a client that goes silent is caught too.
+    """
+
+    __slots__ = ("rate", "window", "start", "mark")
+
+    def __init__(self, rate: int, window: float, received: int) -> None:
+        self.rate, self.window = rate, window
+        self.start, self.mark = time.monotonic(), received
+
+    def check(self, received: int) -> None:
+        now = time.monotonic()
+        elapsed = now - self.start
+        if elapsed >= self.window:
+            if received - self.mark < self.rate * elapsed:
+                raise TimeoutError("request body slower than --min-body-rate")
+            self.start, self.mark = now, received
+
+
+class CountingReader(SocketReader):
+    """A ``SocketReader`` that counts the bytes it receives (``received``).
+
+    ``floor``: while a body streams, its ``BodyRate`` (checked before each read).
+    """
+
+    __slots__ = ("received", "floor")
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(sock)
         self.received = 0
+        self.floor: BodyRate | None = None
 
     def fill(self) -> bool:
+        if self.floor is not None:
+            self.floor.check(self.received)
         before = len(self.buffer)
         if not SocketReader.fill(self):
             return False
@@ -93,6 +128,8 @@ class CountingReader(SocketReader):
 
     def read1(self, n: int) -> bytes:
         if not self.buffer and n >= RECV_SIZE:
+            if self.floor is not None:
+                self.floor.check(self.received)
             # SocketReader.read1 then recv()s straight into the result, bypassing fill().
             data = SocketReader.read1(self, n)
             self.received += len(data)
@@ -132,6 +169,15 @@ RESPONSE_LIMITS = Limits(max_line=16 * 1024, max_header_bytes=128 * 1024, max_fi
 # buffered) until its answer is written.  RECLAIMED: the server closed it
 # while idle; the handler ends quietly.
 IDLE, BUSY, RECLAIMED = "idle", "busy", "reclaimed"
+
+# What a parked connection waits for in the engine's selector thread
+# (``ProxyHandler.phase``): its TLS handshake to finish, the first byte of a
+# request (keep-alive), the rest of a request head, or the rest of a body
+# that cclb buffers anyway (up to BUFFER_LIMIT).
+HANDSHAKE, WAITING, HEAD, BODY = "handshake", "waiting", "head", "body"
+# --min-body-rate is checked over windows of this many seconds (at most --body-timeout).
+BODY_RATE_WINDOW = 10.0
+MAX_CONNECTIONS_PER_IP = "max_connections_per_ip"  # cclb_rejected_total reason
 
 # Tokens naming client connections, for ``ConnectionPool.acquire``'s owner
 # rule (``--upstream-reuse safe``).  ``next()`` on a count is atomic under
@@ -194,42 +240,24 @@ class BackendError(Exception):
         self.truncated = truncated  # the cut-off response, relayed if no retry answers
 
 
-class Watchdog(threading.Thread, Deadlines):
-    """Enforces whole-header-section deadlines (slowloris defence).
-
-    A socket timeout only bounds the gap between two bytes; a client sending
-    one byte every few seconds would never hit it.  Handlers register a
-    deadline while they read a request head; past it, the watchdog shuts the
-    socket for reading so the blocked read returns, and the handler answers
-    408.  ``lock`` guards ``deadlines``; expiring under the lock means a
-    handler that has unregistered can no longer be expired.
-    """
-
-    def __init__(self, period: float = 0.2) -> None:
-        threading.Thread.__init__(self, name="header-watchdog", daemon=True)
-        Deadlines.__init__(self, "header watchdog")
-        self.period = period
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.period):
-            with self.guard:
-                self.expire_due(time.monotonic())
-
-
 class LoadBalancerServer(ThreadingHTTPServer):
     """The listening side: bounded connections, big backlog, graceful stop.
 
+    ``serve_forever`` (the acceptor thread) accepts; each connection gets
+    its ``ProxyHandler`` at once and is handed to ``engine`` (parked until a
+    request head is complete, then served by a pool thread).
+
     ``lock`` guards ``connections`` (open client socket -> its handler, None
-    until the handler thread starts) and every handler's ``state`` (IDLE,
-    BUSY, RECLAIMED).  A connection is closed from here (to make room at
-    ``--max-connections``, or to drain) only if it is IDLE with nothing to
-    read, and it is marked RECLAIMED in the same critical section; a handler
-    moves IDLE -> BUSY under the lock before it consumes a byte of the next
-    request.  So a request that has started is never cut off.
+    while its TLS handshake is in progress), ``per_ip`` (open connections by
+    client address) and every handler's ``state`` (IDLE, BUSY, RECLAIMED).
+    A connection is closed from here (to make room at ``--max-connections``,
+    or to drain) only if it is IDLE with nothing to read, and it is marked
+    RECLAIMED in the same critical section; a handler moves IDLE -> BUSY
+    under the lock before it consumes a byte of the next request.  So a
+    request that has started is never cut off.
     """
 
-    request_queue_size = 1024  # the stdlib's 5 drops connections under load
+    request_queue_size = 4096  # the stdlib's 5 drops connections under load
     daemon_threads = True
     allow_reuse_address = True
 
@@ -245,12 +273,15 @@ class LoadBalancerServer(ThreadingHTTPServer):
         self.response_limits = RESPONSE_LIMITS
         self.lock = threading.Lock()
         self.connections: dict[socket.socket, ProxyHandler | None] = {}
+        self.addresses: dict[socket.socket, str] = {}  # client address of each open connection
+        self.per_ip: dict[str, int] = {}  # open connections by client address
+        self.closed = False  # server_close() was called: the engine stops with the last connection
         self.draining = False
         # Open upgrade tunnels, so that a drain can end them; guarded by ``lock``.
         # ``tunnels_closed``: drain() has stopped them, later ones stop at once.
         self.tunnels: set[Tunnel] = set()
         self.tunnels_closed = False
-        self.watchdog = Watchdog()
+        self.engine = Engine(config.threads, name="cclb")
         cluster.frontend.gauges = self.gauges
         self.allow_reuse_port = reuse_port  # --workers: siblings bind the same port
         if ":" in listener.host:
@@ -276,6 +307,7 @@ class LoadBalancerServer(ThreadingHTTPServer):
         """Apply new settings (a reload); requests read them per request."""
         self.limits = Limits(config.max_request_line, config.max_header_size, config.max_headers)
         self.config = config
+        self.engine.resize(config.threads)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind would call socket.getfqdn(), a DNS lookup.
@@ -284,39 +316,54 @@ class LoadBalancerServer(ThreadingHTTPServer):
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         SHARED_IDLE_WATCHER.start()  # the process's idle pooled backend connections
-        self.watchdog.start()
-        try:
-            super().serve_forever(poll_interval)
-        finally:
-            self.watchdog.stopped.set()
+        self.engine.start()
+        super().serve_forever(poll_interval)
+
+    def server_close(self) -> None:
+        """Close the listening socket; the engine ends once the last connection has closed."""
+        super().server_close()
+        with self.lock:
+            self.closed = True
+            stop = not self.connections
+        if stop:
+            self.engine.stop()
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        """Admit a new connection (or answer a fast 503) and hand it to the engine."""
+        address = client_address[0] if isinstance(client_address, tuple) else "-"
+        per_ip = self.config.max_connections_per_ip
+        reason: str | None = None
+        idle = None
         with self.lock:
-            full = len(self.connections) >= self.config.max_connections
-            idle = None
-            if full:
+            if per_ip and self.per_ip.get(address, 0) >= per_ip:
+                reason = MAX_CONNECTIONS_PER_IP  # refused first: no one's idle connection is reclaimed for it
+            elif len(self.connections) >= self.config.max_connections:
                 # Like nginx, reclaim an idle keep-alive connection before
                 # turning a new client away.
                 idle = self.reclaim_idle()
-                full = idle is None
-            if not full:
+                if idle is None:
+                    reason = MAX_CONNECTIONS
+            if reason is None:
                 self.connections[request] = None
+                self.addresses[request] = address
+                self.per_ip[address] = self.per_ip.get(address, 0) + 1
         if idle is not None:
-            shutdown_quietly(idle)  # its handler wakes up, sees RECLAIMED and ends
-        if full:
-            self.reject_connection(request, client_address)
+            shutdown_quietly(idle)  # the selector sees it end; its handler sees RECLAIMED
+        if reason is not None:
+            self.reject_connection(request, client_address, reason)
             return
         try:
-            super().process_request(request, client_address)
-        except RuntimeError:  # can't start a new thread
+            handler = self.RequestHandlerClass(request, client_address, self)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
             self.forget(request)
-            self.reject_connection(request, client_address)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.forget(request)
+            return
+        if handler.tls:
+            self.engine.park(handler)  # the handshake is done by the selector thread
+        else:
+            # Often the request is already there: read it now, saving a trip through the selector.
+            self.engine.dispatch(handler, handler.on_ready(0))
 
     def reclaim_idle(self) -> socket.socket | None:
         """Take one idle connection out of the table, marked RECLAIMED; caller holds ``lock``.
@@ -329,19 +376,35 @@ class LoadBalancerServer(ThreadingHTTPServer):
         for sock, handler in self.connections.items():
             if handler is not None and handler.state == IDLE and not has_input(sock):
                 handler.state = RECLAIMED
-                del self.connections[sock]
+                self.remove(sock)
                 return sock
         return None
 
+    def remove(self, sock: socket.socket) -> None:
+        """Take ``sock`` out of the table (and its address's count); caller holds ``lock``."""
+        if self.connections.pop(sock, False) is False:
+            return
+        address = self.addresses.pop(sock, "-")
+        left = self.per_ip.get(address, 1) - 1
+        if left > 0:
+            self.per_ip[address] = left
+        else:
+            self.per_ip.pop(address, None)
+
     def forget(self, request: Any) -> None:
         with self.lock:
-            self.connections.pop(request, None)
+            self.remove(request)
+            stop = self.closed and not self.connections
+        if stop:
+            self.engine.stop()
 
-    def reject_connection(self, request: socket.socket, client_address: Any) -> None:
-        """Answer a connection over the limit with a fast 503, from the accept thread.
+    def reject_connection(self, request: socket.socket, client_address: Any,
+                          reason: str = MAX_CONNECTIONS) -> None:
+        """Answer a connection over a limit with a fast 503, from the accept thread.
 
-        Counted as rejected (``max_connections``) and access-logged, like
-        any answer cclb makes itself.
+        Counted as rejected (``reason``: ``max_connections`` or
+        ``max_connections_per_ip``) and access-logged, like any answer cclb
+        makes itself.
         """
         request_id = new_request_id()
         body = error_body(TOO_MANY_CONNECTIONS, request_id)
@@ -357,7 +420,7 @@ class LoadBalancerServer(ThreadingHTTPServer):
             except OSError:
                 pass
         self.shutdown_request(request)
-        self.cluster.frontend.count(source, 503, 0, sent, MAX_CONNECTIONS)
+        self.cluster.frontend.count(source, 503, 0, sent, reason)
         client = client_address[0] if isinstance(client_address, tuple) else "-"
         access_log = self.access_log
         details: dict[str, Any] | None = None
@@ -371,7 +434,11 @@ class LoadBalancerServer(ThreadingHTTPServer):
                           request_id, details)
 
     def gauges(self) -> tuple[int, int, int]:
-        """Open client connections, and handler threads busy / idle (``FrontendMetrics.gauges``)."""
+        """Open client connections, and those busy with a request / idle between two (``FrontendMetrics.gauges``).
+
+        Busy counts a request from its first byte (its head may still be
+        arriving, parked) to its answer; idle, keep-alive connections waiting.
+        """
         with self.lock:
             states = [handler.state for handler in self.connections.values() if handler is not None]
             return len(self.connections), states.count(BUSY), states.count(IDLE)
@@ -481,7 +548,15 @@ def error_response(status: int, body: bytes, close: bool, retry_after: int | Non
 
 
 class ProxyHandler(BaseHTTPRequestHandler):
-    """Handles one client connection: reads requests, forwards them, relays answers."""
+    """Handles one client connection: reads requests, forwards them, relays answers.
+
+    Its life is split between the engine's threads (``engine.Connection``):
+    ``setup`` at accept; ``on_ready``/``on_deadline`` in the selector thread
+    while parked (non-blocking: the TLS handshake, reading a head or a small
+    body); ``run`` in a pool thread once a whole head is buffered (the
+    request, its answer, and any pipelined request already buffered); then
+    ``park`` again, or ``close``.  Only one thread holds it at a time.
+    """
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
@@ -489,17 +564,29 @@ class ProxyHandler(BaseHTTPRequestHandler):
     wfile: CountingWriter  # type: ignore[assignment]
     server: LoadBalancerServer
 
+    def __init__(self, request: Any, client_address: Any, server: LoadBalancerServer) -> None:
+        # Not BaseRequestHandler.__init__, which serves the connection to its end
+        # in the calling thread: here setup() runs now, the engine does the rest.
+        self.request = request
+        self.client_address = client_address
+        self.server = server
+        self.setup()
+
     def setup(self) -> None:
         # Instead of StreamRequestHandler's makefile() pair: see socket_io.
         self.connection = self.request
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.fd = self.connection.fileno()
         self.tls = isinstance(self.connection, ssl.SSLSocket)
-        self.handshake_failed = False
-        self.timed_out = False
+        self.timed_out = False  # the head's deadline passed (408)
+        self.body_timed_out = False  # the body parked for went silent (408)
+        config = self.server.config
         if self.tls:
-            self.handshake_failed = not self.handshake()
-        self.timeout_now = self.server.config.keepalive_timeout
-        set_timeouts(self.connection, self.timeout_now)
+            self.connection.settimeout(0)  # parked: non-blocking (see park)
+            self.timeout_now = 0.0
+        else:
+            self.timeout_now = config.keepalive_timeout
+            set_timeouts(self.connection, self.timeout_now)
         self.rfile = CountingReader(self.connection)
         self.wfile = CountingWriter(self.connection)
         # Client bytes already counted in cclb_client_bytes_total.
@@ -509,43 +596,270 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.response_started = False
         self.client_ip = self.client_address[0]
         self.state = IDLE  # guarded by server.lock; see LoadBalancerServer
-        # The idle wait: poll, so that waiting consumes nothing (see wait_for_request).
-        self.poller = select.poll()
-        self.poller.register(self.connection, select.POLLIN)
         self.request_id = ""
         self.token = next(_client_tokens)  # this client connection, as backend connections' owner
         self.first_request = True  # no request of this connection has been forwarded yet
-        self.server.register(self)
+        # Parked in the engine: what for (phase), until when, readable or writable.
+        self.phase = HANDSHAKE if self.tls else WAITING
+        self.interest = READ
+        now = time.monotonic()
+        self.deadline = now + (config.header_timeout if self.tls else config.keepalive_timeout)
+        self.head_started = now  # when the current request's first byte came
+        self.parked_request: Request | None = None  # parked for its body (phase BODY)
+        self.body_needed = 0
+        if not self.tls:
+            self.server.register(self)  # a TLS connection once its handshake is done
 
-    def handshake(self) -> bool:
-        """The TLS handshake, within --header-timeout (the watchdog enforces the whole of it).
+    def fileno(self) -> int:
+        return self.fd
+
+    # --- parked: the selector thread (never blocks) ---------------------------------
+
+    def on_ready(self, events: int) -> Verdict:
+        """The socket is ready: read what is there; RUN once a whole head (or the body) is in.
+
+        ``events`` 0: not known to be ready (a connection just accepted, tried at once).
+        """
+        if self.phase == HANDSHAKE:
+            verdict = self.handshake()
+            if verdict is not None:
+                return verdict
+        if self.phase == WAITING:
+            if not self.claim(bool(events)):
+                return Verdict.CLOSE  # reclaimed (--max-connections) or drained while idle
+            got = self.pull()
+            if got == NOTHING:  # woken for nothing: idle again
+                with self.server.lock:
+                    if self.state == RECLAIMED:
+                        return Verdict.CLOSE
+                    self.state = IDLE
+                return Verdict.WAIT
+            if got < 0:
+                return Verdict.CLOSE  # the client closed (or reset) between requests
+            self.begin_head()
+            return Verdict.RUN if self.head_in() else Verdict.WAIT
+        got = self.pull()
+        if self.phase == HEAD:
+            if got == EOF or (got > 0 and self.head_in()):
+                return Verdict.RUN  # a truncated head gets its 400 from the parser
+            return Verdict.CLOSE if got < 0 else Verdict.WAIT
+        # BODY: the request waits for a body that cclb buffers anyway.
+        if got > 0:
+            self.deadline = time.monotonic() + self.server.config.body_timeout
+        if got < 0 or self.rfile.buffered >= self.body_needed:
+            return Verdict.RUN  # complete, or cut short (logged as the client's doing)
+        return Verdict.WAIT
+
+    def on_deadline(self) -> Verdict:
+        """The deadline passed while parked: close, or RUN to answer 408."""
+        if self.phase == HANDSHAKE:
+            self.timed_out = True
+            self.handshake_failed("timed out")
+            return Verdict.CLOSE
+        if self.phase == WAITING:
+            return Verdict.CLOSE  # idle keep-alive timeout: closed quietly
+        if self.phase == HEAD:
+            self.timed_out = True
+            try:  # the parser reads what came, then the end: 408 with the request line logged
+                self.connection.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+            return Verdict.RUN
+        self.body_timed_out = True
+        return Verdict.RUN
+
+    def handshake(self) -> Verdict | None:
+        """One step of the TLS handshake, within --header-timeout; None once it is done.
 
         A failed or abandoned handshake (plain HTTP on the TLS port, a scanner,
         a client that stalls) is counted and logged at DEBUG, never a traceback.
         """
-        deadline = time.monotonic() + self.server.config.header_timeout
-        set_timeouts(self.connection, self.server.config.header_timeout)
-        self.server.watchdog.watch(self, deadline)
         try:
             self.connection.do_handshake()  # type: ignore[attr-defined]
-            return True
+        except ssl.SSLWantReadError:
+            self.interest = READ
+            return Verdict.WAIT
+        except ssl.SSLWantWriteError:
+            self.interest = WRITE
+            return Verdict.WAIT
         except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
-            PROCESS.count_tls_handshake_failure()
-            log.debug("TLS handshake with %s failed: %s", self.client_address[0],
-                      "timed out" if self.timed_out else error)
-            return False
-        finally:
-            self.server.watchdog.unwatch(self)
+            self.handshake_failed(error)
+            return Verdict.CLOSE
+        self.phase = WAITING
+        self.interest = READ
+        self.deadline = time.monotonic() + self.server.config.keepalive_timeout
+        self.server.register(self)
+        return None
+
+    def handshake_failed(self, error: object) -> None:
+        PROCESS.count_tls_handshake_failure()
+        log.debug("TLS handshake with %s failed: %s", self.client_address[0], error)
+
+    def claim(self, readable: bool = True) -> bool:
+        """IDLE -> BUSY before the first byte of a request is consumed; False if reclaimed."""
+        if readable:
+            self.before_claim()
+        with self.server.lock:
+            if self.state == RECLAIMED:
+                return False
+            self.state = BUSY
+        return True
+
+    def before_claim(self) -> None:
+        """Called between "the next request is readable" and claiming it (a test seam)."""
+
+    def pull(self) -> int:
+        """Read what the socket has now (bytes, or NOTHING/EOF/FAILED), counted as received."""
+        got, self.interest = receive(self.connection, self.rfile.buffer)
+        if got > 0:
+            self.rfile.received += got
+        return got
+
+    def begin_head(self) -> None:
+        """A request's first bytes are buffered: its head has --header-timeout from now."""
+        self.phase = HEAD
+        self.timed_out = False
+        self.head_started = now = time.monotonic()
+        self.deadline = now + self.server.config.header_timeout
+
+    def head_in(self) -> bool:
+        """Is a whole head buffered (or enough for the parser to refuse it)?"""
+        limits = self.server.limits
+        return head_ready(self.rfile.buffer, limits.max_line, limits.max_header_bytes)
+
+    def park(self) -> None:
+        """Hand the connection back to the selector thread (``phase`` and ``deadline`` set)."""
+        if self.tls and self.timeout_now != 0.0:
+            self.connection.settimeout(0)  # TLS is read in non-blocking mode while parked
+            self.timeout_now = 0.0
+        self.server.engine.park(self)
+
+    # --- running: a pool thread (blocking I/O) --------------------------------------
+
+    def run(self) -> None:
+        """Serve the requests whose heads are buffered; then park, close or hand on the connection."""
+        self.serve_connection(True, None)
 
     def handle(self) -> None:
-        if not self.handshake_failed:
-            super().handle()
+        self.run()
+
+    def serve_connection(self, pooled: bool, request: Request | None) -> None:
+        keep = False
+        try:
+            keep = self.serve(pooled, request)
+        except Exception:
+            self.server.handle_error(self.request, self.client_address)
+        finally:
+            if not keep:
+                self.close()
+
+    def serve(self, pooled: bool, request: Request | None) -> bool:
+        """The request loop; True when the connection lives on (parked, or with its own thread).
+
+        ``pooled``: running on a pool thread, which an upgrade request must
+        not hold for the tunnel's life (it gets a thread of its own).
+        """
+        config = self.server.config
+        try:
+            self.set_client_timeout(config.keepalive_timeout)  # TLS: blocking again, with a timeout
+        except OSError:
+            return False
+        if request is None and self.parked_request is not None:
+            request, self.parked_request = self.parked_request, None
+            if self.body_timed_out:
+                self.send_error_response(408, "request body not received in time")
+                self.log_request_done(request, 408, self.error_bytes, None, "cclb", "body_timeout",
+                                      BODY_TIMEOUT)
+                return False
+        while True:
+            if request is None:
+                request = self.next_request()
+                if request is None:
+                    return False
+                if self.wait_for_body(request):
+                    return True
+                if pooled and request.upgrade is not None and self.detach(request):
+                    return True
+            self.dispatch(request)
+            request = None
+            if self.close_connection:
+                return False
+            verdict = self.next_step()
+            if verdict is Verdict.CLOSE:
+                return False
+            if verdict is Verdict.WAIT:
+                return True
+
+    def next_step(self) -> Verdict:
+        """After an answer: RUN if the next head is buffered already, else park (WAIT) or CLOSE.
+
+        Pipelined requests already buffered are served without a trip
+        through the selector; so is a request that is already there (one
+        non-blocking read, while still BUSY, so no reclaim can cut it off).
+        """
+        if not self.rfile.buffer:
+            if self.tls:
+                self.connection.settimeout(0)
+                self.timeout_now = 0.0
+            got = self.pull()
+            if got == NOTHING:
+                with self.server.lock:
+                    if self.state == RECLAIMED:
+                        return Verdict.CLOSE
+                    self.state = IDLE
+                self.phase = WAITING
+                self.deadline = time.monotonic() + self.server.config.keepalive_timeout
+                self.park()
+                return Verdict.WAIT
+            if got < 0:
+                return Verdict.CLOSE
+        self.begin_head()
+        if self.head_in():
+            return Verdict.RUN
+        self.park()
+        return Verdict.WAIT
+
+    def wait_for_body(self, request: Request) -> bool:
+        """Park for a body that ``forward`` buffers anyway, if it is not all here yet.
+
+        So a client sending its body slowly holds no pool thread; past
+        --body-timeout of silence it gets its 408 all the same.
+        """
+        framing = request.framing
+        if (framing.kind != "length" or framing.length > BUFFER_LIMIT or request.expect_continue
+                or self.rfile.buffered >= framing.length or hasattr(self, f"do_{request.method}")):
+            return False
+        self.parked_request = request
+        self.body_needed = framing.length
+        self.body_timed_out = False
+        self.phase = BODY
+        self.deadline = time.monotonic() + self.server.config.body_timeout
+        self.park()
+        return True
+
+    def detach(self, request: Request) -> bool:
+        """Serve an upgrade request (a tunnel's whole life) on a thread of its own."""
+        try:
+            threading.Thread(target=self.serve_connection, args=(False, request),
+                             name="cclb-tunnel", daemon=True).start()
+        except RuntimeError:  # can't start a new thread: the pool thread serves it
+            return False
+        return True
+
+    def close(self) -> None:
+        """The connection's end: its last bytes counted, the socket closed, out of the table."""
+        try:
+            self.finish()
+        finally:
+            self.server.shutdown_request(self.connection)
+            self.server.forget(self.connection)
 
     def finish(self) -> None:
         # Bytes no request accounted for (a head never completed, a connection idle-closed).
         received, sent = self.rfile.received - self.received_mark, self.wfile.sent - self.sent_mark
         if received or sent:
             self.server.cluster.frontend.count(None, 0, received, sent)
+            self.received_mark, self.sent_mark = self.rfile.received, self.wfile.sent
         self.rfile.close()
 
     def reset_request_state(self) -> None:
@@ -563,22 +877,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
             set_timeouts(self.connection, seconds)
             self.timeout_now = seconds
 
-    def expire(self) -> None:
-        """Called by the watchdog (under its lock) when the head deadline passed."""
-        self.timed_out = True
-        try:
-            self.connection.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
-
     # --- the request loop ---------------------------------------------------
 
     def handle_one_request(self) -> None:
-        """Read one request and dispatch it to ``do_<METHOD>`` (or ``forward``)."""
+        """Read one buffered request and dispatch it to ``do_<METHOD>`` (or ``forward``)."""
+        request = self.next_request()
+        if request is not None:
+            self.dispatch(request)
+
+    def next_request(self) -> Request | None:
+        """The buffered request head, parsed and checked; None once answered or if the client left."""
         self.close_connection = True
         request = self.read_request()
         if request is None:
-            return
+            return None
         self.close_connection = not request.keep_alive or self.server.draining
         self.command, self.path = request.method, request.shown_target
         self.request_version = f"HTTP/{request.version[0]}.{request.version[1]}"
@@ -587,77 +899,31 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.continue_sent = False
         # Every answer carries it, cclb's own included (the client's valid one, else new).
         self.request_id = request_id_for(request.headers)
+        return request
+
+    def dispatch(self, request: Request) -> None:
         try:
             # http.server's idiom: do_<METHOD> where one exists, else forward.
             getattr(self, f"do_{request.method}", self.forward)(request)
         finally:
             self.first_request = False
-            self.end_request()
-
-    def end_request(self) -> None:
-        """BUSY -> IDLE once a request is answered, unless the next one is already buffered."""
-        with self.server.lock:
-            if self.state == BUSY and not self.rfile.buffered:
-                self.state = IDLE
-
-    def wait_for_request(self, timeout: float) -> bool:
-        """Wait for the next request and claim it (IDLE -> BUSY); False: close quietly.
-
-        The wait (``poll``) consumes nothing, so the server can tell an idle
-        connection (nothing readable) from one whose next request has
-        arrived; only then, under the server's lock, does the state move to
-        BUSY, unless the server reclaimed the connection first.  Pipelined
-        bytes already buffered need no wait: ``end_request`` left the state BUSY.
-
-        Cost: one ``poll`` per request on top of the read (measured at a few
-        per cent of req/s).  Reading first without waiting, while still BUSY,
-        and polling only if nothing was there, measured no better: under load
-        the next request was there only ~40% of the time, and a miss costs
-        three system calls.
-        """
-        if self.rfile.buffered:
-            return True
-        if self.tls and self.connection.pending():  # type: ignore[attr-defined]
-            pass  # decrypted bytes wait inside the TLS layer: the kernel shows nothing
-        elif not self.poller.poll(timeout * 1000):
-            return False  # idle keep-alive timeout
-        self.before_claim()
-        with self.server.lock:
-            if self.state == RECLAIMED:
-                return False
-            self.state = BUSY
-        return True
-
-    def before_claim(self) -> None:
-        """Called between "the next request is readable" and claiming it (a test seam)."""
 
     def read_request(self) -> Request | None:
-        """Wait for the next request and read its head, or answer an error.
+        """Parse the buffered request head, or answer an error.
 
-        Returns None when the connection should close (client gone, idle
-        timeout, or an error answered here).
+        The engine hands the connection over only with a whole head
+        buffered, past its deadline (``timed_out``: the socket is shut for
+        reading, so the parser sees the end and the answer is a 408), or at
+        the end of the stream.  Returns None when the connection should
+        close (client gone, or an error answered here).
         """
-        config = self.server.config
-        try:
-            if not self.wait_for_request(config.keepalive_timeout):
-                return None
-            self.set_client_timeout(config.keepalive_timeout)
-            buffered = self.rfile.peek(1)
-            if not buffered:
-                return None  # client closed the connection
-        except OSError:
-            return None  # reset, or a timeout: close quietly
-        self.started = time.monotonic()
+        if not self.rfile.buffer:
+            return None
+        self.started = self.head_started
         self.requestline = ""
         self.request_id = ""
         self.reset_request_state()
-        # Usually the whole head arrived in one segment: no deadline to enforce.
-        watchdog = None if b"\r\n\r\n" in buffered else self.server.watchdog
-        if watchdog is not None:
-            watchdog.watch(self, self.started + config.header_timeout)
         try:
-            # The per-read timeout stays the idle one: the watchdog enforces
-            # the deadline for the whole head.
             return self.parse_head()
         except ProtocolError as error:
             status = 408 if self.timed_out else error.status
@@ -670,9 +936,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.request_id = new_request_id()
                 self.send_error_response(408, "request head not received in time")
                 self.log_rejected(408)
-        finally:
-            if watchdog is not None:
-                watchdog.unwatch(self)
         return None  # the connection closes: its state no longer matters
 
     def parse_head(self) -> Request:
@@ -681,8 +944,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         line = self.rfile.readline(limits.max_line + 3)
         if line == b"\r\n":  # RFC 9112 2.2: ignore an empty line before the request line
             line = self.rfile.readline(limits.max_line + 3)
-        if self.timed_out:
-            raise ProtocolError(408, "timeout")
+        if self.timed_out and not line.endswith(b"\n"):
+            raise ProtocolError(408, "timeout")  # a request line that never ended: nothing to log
         if len(line) > limits.max_line + 2:
             raise ProtocolError(414, "request line too long")
         self.requestline = line.rstrip(b"\r\n").decode("latin-1")
@@ -955,8 +1218,24 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                cause="reset") from None
 
     def stream_request_body(self, request: Request, conn: UpstreamConnection) -> None:
-        """Copy a large or chunked request body from the client to the backend."""
-        self.set_client_timeout(self.server.config.body_timeout)
+        """Copy a large or chunked request body from the client to the backend.
+
+        It holds a pool thread, so it must keep coming: --min-body-rate over
+        each window (``BodyRate``), besides --body-timeout of silence.
+        """
+        config = self.server.config
+        if config.min_body_rate:
+            window = min(BODY_RATE_WINDOW, config.body_timeout)
+            self.set_client_timeout(window)
+            self.rfile.floor = BodyRate(config.min_body_rate, window, self.rfile.received)
+        else:
+            self.set_client_timeout(config.body_timeout)
+        try:
+            self.stream_body_pieces(request, conn)
+        finally:
+            self.rfile.floor = None
+
+    def stream_body_pieces(self, request: Request, conn: UpstreamConnection) -> None:
         chunked = request.framing.kind == "chunked"
         pieces = iter_body(self.rfile, request.framing, PIECE, self.server.config.max_body_size)
         while True:

@@ -330,8 +330,21 @@ class Config:
         ("--max-headers",), 100, _number(int, 1, 10000),
         "most header fields in a request (431 beyond)", "N", "limits")
     max_connections: int = option(
-        ("--max-connections",), 1024, _number(int, 1, 100000),
-        "most client connections at once; beyond it new ones get a fast 503", "N", "limits")
+        ("--max-connections",), 10000, _number(int, 1, 1000000),
+        "most client connections at once, idle and half-received ones included; beyond it new "
+        "ones get a fast 503 (the open-file limit is raised to fit at start)", "N", "limits")
+    max_connections_per_ip: int = option(
+        ("--max-connections-per-ip",), 0, _number(int, 0, 1000000),
+        "most connections at once from one client address; beyond it new ones from that address "
+        "get a fast 503 (0: no limit)", "N", "limits")
+    threads: int = option(
+        ("--threads",), 64, _number(int, 1, 4096),
+        "handler threads per process serving requests whose head has arrived (idle and slow "
+        "clients wait without one; see README \"Engine\")", "N", "limits")
+    min_body_rate: int = option(
+        ("--min-body-rate",), 1024, _number(int, 0, 10 ** 9),
+        "slowest a streamed request body (beyond 256 KiB, or chunked) may arrive, in bytes per "
+        "second over each 10 s window, before a 408 (0: no floor)", "BYTES_PER_S", "timeouts")
     drain_timeout: float = option(
         ("--drain-timeout",), 10.0, _number(float, 0, 3600),
         "seconds SIGTERM waits for requests in flight before closing them", "SECONDS", "timeouts")

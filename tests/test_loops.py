@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import unittest
 from unittest import mock
 
 import cclb
+import engine
 import proxy
 import workers
 from backend_urls import parse_backend
@@ -62,37 +64,57 @@ class LoopGuardTests(unittest.TestCase):
 
 
 class ExpiringHandler:
-    """Stands in for a ProxyHandler registered with the header watchdog."""
+    """Stands in for a ProxyHandler parked in the engine with a head deadline."""
 
     def __init__(self, fault: bool = False) -> None:
         self.fault = fault
         self.expired = threading.Event()
+        self.closed = threading.Event()
+        self.sock, self.peer = socket.socketpair()
+        self.deadline = 0.0
+        self.interest = engine.READ
 
-    def expire(self) -> None:
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def on_ready(self, events: int) -> engine.Verdict:
+        return engine.Verdict.WAIT
+
+    def on_deadline(self) -> engine.Verdict:
         self.expired.set()
         if self.fault:
             raise OSError(9, "injected: bad file descriptor")
+        return engine.Verdict.CLOSE
+
+    def run(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.sock.close()
+        self.peer.close()
+        self.closed.set()
 
 
 class WatchdogTests(unittest.TestCase):
-    """The header-deadline watchdog (slowloris defence) of proxy.py."""
+    """Head deadlines (slowloris defence): the engine's timer heap, which replaced proxy.Watchdog."""
 
     def test_a_fault_expiring_one_handler_spares_the_others_and_the_loop(self) -> None:
-        watchdog = proxy.Watchdog(period=0.01)
+        timers = engine.Engine(1, name="test")
         faulty, other, later = ExpiringHandler(fault=True), ExpiringHandler(), ExpiringHandler()
-        watchdog.watch(faulty, 0.0)  # type: ignore[arg-type]
-        watchdog.watch(other, 0.0)  # type: ignore[arg-type]
+        timers.park(faulty, 0.0)  # type: ignore[arg-type]
+        timers.park(other, 0.0)  # type: ignore[arg-type]
         with self.assertLogs("cclb", logging.ERROR) as logs:
-            watchdog.start()
-            self.addCleanup(watchdog.join, 5)
-            self.addCleanup(watchdog.stopped.set)
+            timers.start()
+            self.addCleanup(timers.stop, 5)
             self.assertTrue(other.expired.wait(5), "a fault in one expiry spared the next handler")
-            watchdog.watch(later, 0.0)  # type: ignore[arg-type]
-            self.assertTrue(later.expired.wait(5), "the watchdog loop stopped after the fault")
+            timers.park(later, 0.0)  # type: ignore[arg-type]
+            self.assertTrue(later.expired.wait(5), "the selector loop stopped after the fault")
         self.assertTrue(faulty.expired.is_set())
-        self.assertTrue(watchdog.is_alive())
+        self.assertTrue(faulty.closed.wait(5), "the faulty connection is closed")
+        assert timers.selector_thread is not None
+        self.assertTrue(timers.selector_thread.is_alive())
         self.assertIn("injected: bad file descriptor", "\n".join(logs.output))
-        self.assertEqual(watchdog.deadlines, {})
+        self.assertEqual(timers.timer_of, {})
 
 
 class FakeProcess:
