@@ -41,6 +41,7 @@ from health_checkers import HealthChecker, HealthSettings
 from loggers import AccessLog, setup_app_logger
 from loops import LoopGuard
 from metrics import PROCESS
+from engine import raise_fd_limit
 from proxy import LoadBalancerServer
 from redirect_http import RedirectServer
 from settings import Config
@@ -248,6 +249,7 @@ class Balancer(Process):
                 self.tls = CertificateStore(config.tls_certs, parse_min_version(config.tls_min_version))
             except TLSConfigError as error:
                 raise StartError(str(error), code=2) from None
+        self.raise_fd_limit()
         access_log = AccessLog("off")
         try:
             self.server = LoadBalancerServer(replace(config.listener, port=port), config, self.cluster,
@@ -270,6 +272,26 @@ class Balancer(Process):
                 access_log.close()
                 raise
         spawn(self.server.serve_forever, "acceptor")
+
+    def raise_fd_limit(self) -> None:
+        """Raise the soft open-file limit to fit --max-connections, and log the limits in force.
+
+        Each client connection needs a descriptor, and each busy one a second
+        for its backend; plus some for logs, pipes and listeners.
+        """
+        config = self.config
+        wanted = 2 * config.max_connections + 256
+        before, soft, hard = raise_fd_limit(wanted)
+        level = logging.DEBUG if self.role is Role.WORKER else logging.INFO
+        shown_hard = "unlimited" if hard < 0 else str(hard)
+        log.log(level, "limits: --max-connections %d, --threads %d; open files %d%s (hard limit %s)",
+                config.max_connections, config.threads, soft,
+                f" (raised from {before})" if soft != before else "", shown_hard)
+        if soft < config.max_connections + 64:
+            log.warning("the open-file limit (%d, hard %s) is below --max-connections %d: accepting "
+                        "fails beyond about %d connections; raise the hard limit (ulimit -Hn, "
+                        "systemd LimitNOFILE=) or lower --max-connections", soft, shown_hard,
+                        config.max_connections, max(0, soft - 64))
 
     def announce(self) -> None:
         assert self.server is not None

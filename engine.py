@@ -336,6 +336,11 @@ class Engine:
         with self.lock:
             return len(self.workers)
 
+    def parked_count(self) -> int:
+        """Connections parked in the selector thread now."""
+        with self.lock:
+            return len(self.parked)
+
     def queue_length(self) -> int:
         """Connections waiting in the FIFO for a pool thread (approximate)."""
         return self.queue.qsize()

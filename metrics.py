@@ -337,6 +337,62 @@ class TunnelMetrics:
 TUNNELS = TunnelMetrics()
 
 
+class EngineMetrics:
+    """The connection engine of this process (``engine.Engine``): handler threads, queue, parked.
+
+    ``engine`` is attached by the listening server when it starts; ``lock``
+    guards it.  Read at render time: handler threads busy and idle, the
+    FIFO queue's length and how long requests waited in it (a histogram),
+    and the connections parked in the selector.  Per process, like the
+    tunnel metrics (with --workers the supervisor shows none).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.engine: Any = None
+
+    def attach(self, engine: Any) -> None:
+        with self.lock:
+            self.engine = engine
+
+    def families(self) -> list[tuple[str, str, str, list[str]]]:
+        with self.lock:
+            engine = self.engine
+        if engine is None:  # no listener in this process (the supervisor): every family, zero
+            bounds: tuple[float, ...] = ()
+            counts, total, count, busy, threads, queued, parked = [0], 0.0, 0, 0, 0, 0, 0
+        else:
+            bounds = tuple(engine.stats.bounds)
+            counts, total, count, busy = engine.stats.snapshot()
+            threads, queued, parked = engine.threads, engine.queue_length(), engine.parked_count()
+        samples = []
+        cumulative = 0
+        for bound, n in zip(bounds + (float("inf"),), counts):
+            cumulative += n
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            samples.append(f"cclb_handler_queue_wait_seconds_bucket{_labels(le=le)} {cumulative}")
+        samples.append(f"cclb_handler_queue_wait_seconds_sum {total:.6f}")
+        samples.append(f"cclb_handler_queue_wait_seconds_count {count}")
+        return [
+            ("cclb_handler_threads", "gauge",
+             "Pool threads (--threads) serving a request now (busy) or waiting for one (idle).",
+             [f"cclb_handler_threads{_labels(state='busy')} {busy}",
+              f"cclb_handler_threads{_labels(state='idle')} {max(0, threads - busy)}"]),
+            ("cclb_handler_queue_length", "gauge",
+             "Connections with a complete request waiting for a free handler thread.",
+             [f"cclb_handler_queue_length {queued}"]),
+            ("cclb_handler_queue_wait_seconds", "histogram",
+             "Time from a complete request head to a handler thread taking it.", samples),
+            ("cclb_parked_connections", "gauge",
+             "Connections held by the selector thread: idle keep-alive, request head or body "
+             "still arriving, TLS handshake in progress.",
+             [f"cclb_parked_connections {parked}"]),
+        ]
+
+
+ENGINE = EngineMetrics()
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -398,13 +454,15 @@ def render(stats: ClusterStats) -> str:
     family("cclb_open_connections", "gauge", "Client connections currently open.",
            [f"cclb_open_connections {frontend.open_connections}"])
     family("cclb_threads", "gauge",
-           "Client handler threads: busy with a request, or idle on a keep-alive connection.",
+           "Client connections busy with a request (from its first byte to its answer), or idle "
+           "between two (keep-alive).",
            [f"cclb_threads{_labels(state='busy')} {frontend.busy}",
             f"cclb_threads{_labels(state='idle')} {frontend.idle}"])
     family("cclb_client_bytes_total", "counter", "Bytes received from and sent to clients.",
            [f"cclb_client_bytes_total{_labels(direction='received')} {frontend.received}",
             f"cclb_client_bytes_total{_labels(direction='sent')} {frontend.sent}"])
-    for name, kind, help_text, process_samples in PROCESS.families() + TUNNELS.families():
+    for name, kind, help_text, process_samples in (PROCESS.families() + TUNNELS.families()
+                                                   + ENGINE.families()):
         family(name, kind, help_text, process_samples)
     return "\n".join(lines) + "\n"
 

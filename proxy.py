@@ -45,7 +45,7 @@ from message_reader import (BodyTooLarge, EmptyResponse, IncompleteHead, Limits,
 from engine import EOF, NOTHING, READ, WRITE, Engine, Verdict, head_ready, receive
 from socket_io import RECV_SIZE, SocketReader, SocketWriter
 from tls import CertificateStore, set_timeouts
-from metrics import BODY_TIMEOUT, MAX_CONNECTIONS, PROCESS, TUNNELS, reject_reason
+from metrics import BODY_TIMEOUT, ENGINE, MAX_CONNECTIONS, PROCESS, TUNNELS, reject_reason
 from settings import Config, Listener
 from tunnel import Tunnel
 from upstream import SHARED_IDLE_WATCHER, UpstreamConnection, describe_error
@@ -317,6 +317,7 @@ class LoadBalancerServer(ThreadingHTTPServer):
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         SHARED_IDLE_WATCHER.start()  # the process's idle pooled backend connections
         self.engine.start()
+        ENGINE.attach(self.engine)
         super().serve_forever(poll_interval)
 
     def server_close(self) -> None:

@@ -13,10 +13,13 @@ import socket
 import threading
 import time
 import unittest
+from pathlib import Path
 
 import engine
 from engine import EOF, NOTHING, READ, Engine, Verdict, head_ready, receive
-from tests.support import wait_for
+from tests.support import (Balancer, DemoServer, RawBackend, collect_until_close, connect, get,
+                           http_exchange, parse_responses, post, process_threads, read_response,
+                           send_and_collect, wait_admin_port, wait_for)
 
 
 class HeadConnection:
@@ -167,7 +170,7 @@ class DeadlineTests(EngineCase):
         connection, _ = self.pair(deadline=0.3)
         self.assertTrue(connection.expired.wait(5))
         self.assertGreaterEqual(time.monotonic() - started, 0.29)
-        self.assertTrue(connection.closed.is_set())
+        self.assertTrue(connection.closed.wait(5))
 
     def test_deadlines_expire_in_their_order_whatever_the_order_of_parking(self) -> None:
         order: list[int] = []
@@ -312,6 +315,230 @@ class FdLimitTests(unittest.TestCase):
         self.assertEqual((before, reported_hard), (lowered, hard))
         self.assertEqual(now, lowered + 100 if hard == resource.RLIM_INFINITY or hard >= lowered + 100 else hard)
         self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE)[0], now)
+
+
+# --- end to end: cclb.py on the engine ----------------------------------------------------
+
+CERTS = Path(__file__).resolve().parent / "certs"
+
+
+def scrape_metrics(admin_port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from tests.test_metrics import parse_exposition
+    with socket.create_connection(("127.0.0.1", admin_port), timeout=5) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = collect_until_close(sock)[0]
+    _, samples = parse_exposition(data.partition(b"\r\n\r\n")[2].decode())
+    return {(name, tuple(sorted(labels.items()))): value for name, labels, value in samples}
+
+
+def metric(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def websocket_open(port: int) -> tuple[socket.socket, bytes]:
+    """A WebSocket handshake through cclb to server.py's /ws; (socket, response head)."""
+    import websocket
+    sock = connect(port)
+    sock.sendall(("GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                  f"Sec-WebSocket-Key: {websocket.new_key()}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = sock.recv(4096)
+        if not data:
+            break
+        head += data
+    return sock, head
+
+
+class EngineEndToEndTests(unittest.TestCase):
+    """cclb.py with one handler thread: what waits (slow, idle, tunnels) holds none of it."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.demo = DemoServer()
+        cls.addClassCleanup(cls.demo.stop)
+        cls.balancer = Balancer([cls.demo.port], "--health-interval", "0", "--access-log", "off",
+                                "--threads", "1", "--admin-port", "0", "--header-timeout", "30",
+                                "--body-timeout", "30")
+        cls.addClassCleanup(cls.balancer.stop)
+        cls.admin = wait_admin_port(cls.balancer)
+
+    def tearDown(self) -> None:
+        self.assertNotIn("Traceback", self.balancer.log_text())
+
+    def open(self) -> socket.socket:
+        sock = connect(self.balancer.port)
+        self.addCleanup(sock.close)
+        return sock
+
+    def settled_threads(self) -> int:
+        """The balancer's thread count once it stops changing (after a warm-up request)."""
+        self.quick_get("warm-up")
+        counts: list[int] = []
+
+        def stable() -> bool:
+            counts.append(process_threads(self.balancer.pid))
+            return len(counts) >= 5 and len(set(counts[-5:])) == 1
+        wait_for(stable, 10, interval=0.05, message="the thread count to settle")
+        return counts[-1]
+
+    def quick_get(self, path: str) -> None:
+        started = time.monotonic()
+        response = http_exchange(self.balancer.port, get(f"/users?{path}", "Connection: close"), timeout=5)
+        self.assertEqual(response.status, 200)
+        self.assertLess(time.monotonic() - started, 2.0, f"{path} waited behind slow clients")
+
+    def test_slow_heads_slow_bodies_and_tunnels_leave_the_one_thread_free(self) -> None:
+        pid = self.balancer.pid
+        threads_before = self.settled_threads()
+        slow = []
+        for number in range(20):  # slowloris: heads that never end
+            sock = self.open()
+            sock.sendall(f"GET /slow/{number} HTTP/1.1\r\nHost: x\r\n".encode())
+            slow.append(sock)
+        for number in range(10):  # slow bodies that cclb buffers anyway (100 bytes declared, 10 sent)
+            sock = self.open()
+            sock.sendall(post(f"/echo?n={number}", b"x" * 100)[:-90])
+            slow.append(sock)
+        tunnels = []
+        for _ in range(2):
+            sock, head = websocket_open(self.balancer.port)
+            self.addCleanup(sock.close)
+            self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+            tunnels.append(sock)
+        for number in range(10):
+            self.quick_get(f"n={number}")
+        # One thread per tunnel; none for the 30 slow clients.
+        self.assertLessEqual(process_threads(pid), threads_before + len(tunnels) + 1)
+        samples = scrape_metrics(self.admin)
+        self.assertGreaterEqual(metric(samples, "cclb_parked_connections"), 30)
+        self.assertEqual(metric(samples, "cclb_handler_threads", state="busy")
+                         + metric(samples, "cclb_handler_threads", state="idle"), 1)
+        # The slow bodies, once complete, are served.
+        slow[-1].sendall(b"x" * 90)
+        with slow[-1].makefile("rb") as reader:
+            self.assertEqual(read_response(reader).status, 200)
+
+    def test_idle_keepalive_connections_hold_no_thread(self) -> None:
+        pid = self.balancer.pid
+        threads_before = self.settled_threads()
+        idle = []
+        for number in range(200):
+            sock = self.open()
+            sock.sendall(get(f"/users?idle={number}"))
+            idle.append(sock)
+        for sock in idle:
+            with sock.makefile("rb") as reader:
+                self.assertEqual(read_response(reader).status, 200)
+        self.assertLessEqual(process_threads(pid), threads_before + 1)
+        wait_for(lambda: metric(scrape_metrics(self.admin), "cclb_parked_connections") >= 200, 5,
+                 message="200 parked connections")
+        self.quick_get("after-idle")
+
+    def test_queue_metrics(self) -> None:
+        before = metric(scrape_metrics(self.admin), "cclb_handler_queue_wait_seconds_count")
+        for number in range(5):
+            self.quick_get(f"q={number}")
+        samples = scrape_metrics(self.admin)
+        self.assertGreaterEqual(metric(samples, "cclb_handler_queue_wait_seconds_count"), before + 5)
+        self.assertIn(("cclb_handler_queue_length", ()), samples)
+        self.assertGreaterEqual(metric(samples, "cclb_handler_queue_wait_seconds_bucket", le="+Inf"),
+                                before + 5)
+
+
+class PerAddressLimitTests(unittest.TestCase):
+
+    def test_one_address_over_its_share_gets_a_fast_503(self) -> None:
+        demo = DemoServer()
+        self.addCleanup(demo.stop)
+        balancer = Balancer([demo.port], "--health-interval", "0", "--access-log", "off",
+                            "--max-connections-per-ip", "2", "--admin-port", "0")
+        self.addCleanup(balancer.stop)
+        admin = wait_admin_port(balancer)
+        held = [connect(balancer.port) for _ in range(2)]
+        for sock in held:
+            self.addCleanup(sock.close)
+            sock.sendall(get("/users"))
+            with sock.makefile("rb") as reader:
+                self.assertEqual(read_response(reader).status, 200)
+        raw, closed = send_and_collect(balancer.port, get("/third"), timeout=5)
+        answer = parse_responses(raw)[0]
+        self.assertEqual(answer.status, 503)
+        self.assertEqual(answer.header("Retry-After"), "1")
+        self.assertTrue(closed)
+        wait_for(lambda: metric(scrape_metrics(admin), "cclb_rejected_total",
+                                reason="max_connections_per_ip") == 1, 5, message="the refusal counted")
+        held[0].close()
+        wait_for(lambda: send_and_collect(balancer.port, get("/users?later", "Connection: close"))[0]
+                 .startswith(b"HTTP/1.1 200 "), 5, message="room for the address again")
+
+
+class MinBodyRateTests(unittest.TestCase):
+
+    def test_a_streamed_body_slower_than_the_floor_gets_408(self) -> None:
+        backend = RawBackend()
+        self.addCleanup(backend.stop)
+        balancer = Balancer([backend.port], "--health-interval", "0", "--access-log", "off",
+                            "--min-body-rate", "100000", "--body-timeout", "1")
+        self.addCleanup(balancer.stop)
+        body = 400_000  # over the 256 KiB cclb buffers: streamed, holding a handler thread
+        sock = connect(balancer.port)
+        self.addCleanup(sock.close)
+        sock.sendall(f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {body}\r\n\r\n".encode())
+        started = time.monotonic()
+        sent = 0
+        sock.settimeout(0.1)
+        answer = b""
+        while time.monotonic() - started < 5 and sent < body:
+            try:  # 20 KB/s: never silent, but a fifth of the floor
+                sock.sendall(b"x" * 2000)
+                sent += 2000
+            except OSError:
+                break
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            answer += data
+            if not data or b"\r\n\r\n" in answer:
+                break
+        elapsed = time.monotonic() - started
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer[:200])
+        self.assertLess(elapsed, 4.0)
+        self.assertLess(sent, body)
+        # A body at full speed is not affected.
+        data = post("/fast", b"y" * body)
+        raw, _ = send_and_collect(balancer.port, data, timeout=10)
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw[:200])
+        self.assertNotIn("Traceback", balancer.log_text())
+
+
+class ParkedHandshakeTests(unittest.TestCase):
+
+    def test_stalled_tls_handshakes_do_not_block_the_one_thread(self) -> None:
+        demo = DemoServer()
+        self.addCleanup(demo.stop)
+        balancer = Balancer([demo.port], "--health-interval", "0", "--access-log", "off",
+                            "--threads", "1", "--tls-cert", str(CERTS / "localhost.pem"))
+        self.addCleanup(balancer.stop)
+        stalled = [connect(balancer.port) for _ in range(5)]  # TCP only: no ClientHello
+        for sock in stalled:
+            self.addCleanup(sock.close)
+        half = connect(balancer.port)
+        self.addCleanup(half.close)
+        half.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, then nothing
+        import tls
+        context = tls.client_context(str(CERTS / "ca.pem"))
+        for _ in range(3):
+            started = time.monotonic()
+            with context.wrap_socket(connect(balancer.port), server_hostname="localhost") as client:
+                client.sendall(get("/users", "Connection: close"))
+                with client.makefile("rb") as reader:
+                    self.assertEqual(read_response(reader).status, 200)
+            self.assertLess(time.monotonic() - started, 2.0)
+        self.assertNotIn("Traceback", balancer.log_text())
 
 
 if __name__ == "__main__":
