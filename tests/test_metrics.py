@@ -351,7 +351,7 @@ class RenderTests(unittest.TestCase):
         types, samples = parse_exposition(metrics.render(empty.stats()))
         self.assertEqual(len(without_process(types)), 7 + len(FRONTEND_FAMILIES))
         # The client side's gauges and byte counters are always there (zero).
-        self.assertEqual([s for s in samples if family_of(s[0]) not in PROCESS_FAMILIES
+        self.assertEqual([s for s in samples if process_family(s[0]) not in PROCESS_FAMILIES
                           and s[2] != 0.0], [])
 
     def test_unrouted_only(self) -> None:
@@ -359,7 +359,7 @@ class RenderTests(unittest.TestCase):
         empty = ServerCluster([])
         empty.count_unrouted(503)
         _, samples = parse_exposition(metrics.render(empty.stats()))
-        self.assertEqual([s for s in samples if family_of(s[0]) not in PROCESS_FAMILIES
+        self.assertEqual([s for s in samples if process_family(s[0]) not in PROCESS_FAMILIES
                           and not s[0].startswith(FRONTEND_PREFIXES)],
                          [("cclb_requests_total", {"backend": "none", "code": "503"}, 1.0)])
 
@@ -431,8 +431,8 @@ FRONTEND_FAMILIES = {
 FRONTEND_PREFIXES = tuple(FRONTEND_FAMILIES)
 
 
-def family_of(sample_name: str) -> str:
-    """The family a sample belongs to (a histogram's _bucket, _sum and _count samples)."""
+def process_family(sample_name: str) -> str:
+    """The process family a sample belongs to (a histogram's _bucket, _sum and _count samples)."""
     for suffix in ("_bucket", "_sum", "_count"):
         if sample_name.endswith(suffix) and sample_name[:-len(suffix)] in PROCESS_FAMILIES:
             return sample_name[:-len(suffix)]
