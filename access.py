@@ -171,10 +171,14 @@ def real_client(peer: str, forwarded_for: Sequence[str], trusted: AddressList) -
     walked over (a trusted proxy), or the peer when there is none, is the
     client: the element was written either by a trusted proxy that did not
     know its client (e.g. nginx/Squid's ``unknown``) or by the client
-    itself, and in both cases nothing to its left can be believed.  This is
-    nginx's ``real_ip_recursive`` and HAProxy's behaviour; the first untrusted
-    element (not the left-most one) is used for the same reason.  Returned
-    addresses from the header are canonical text (``2001:db8::1``).
+    itself, and in both cases nothing to its left can be believed.  nginx's
+    ``real_ip_recursive`` does the same with an unparsable element (its
+    ``ngx_http_get_forwarded_addr_internal`` keeps the last good address);
+    nginx skips empty elements where we stop (no well-behaved proxy writes
+    one, so it is the client's).  The first untrusted element from the right,
+    never the left-most one, is the client for the same reason: everything
+    left of it is the client's own text.  Addresses taken from the header are
+    returned as canonical text (``2001:db8::1``; a port is dropped).
     """
     if not trusted or peer not in trusted:
         return peer
