@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Hashable, Iterable, Sequence
 
+
 def _address_bits(address: str) -> tuple[int, int] | None:
     """``(version, integer)`` of a textual address, or None when it is not one.
 
@@ -53,6 +54,8 @@ class AddressList:
     __slots__ = ("what", "networks", "_v4", "_v6")
 
     def __init__(self, entries: Iterable[str], what: str) -> None:
+        if isinstance(entries, (str, bytes)):  # a lone string would be read character by character
+            raise ValueError(f"{what}: expected a list of addresses or CIDRs, got {entries!r}")
         self.what = what
         networks: list[IPv4Network | IPv6Network] = []
         v4: dict[int, set[int]] = {}
@@ -284,10 +287,8 @@ class RateLimiter:
                 bucket = buckets[key] = _Bucket(tokens, now, now)
             else:
                 buckets.move_to_end(key)
-                elapsed = now - bucket.stamp
-                tokens = bucket.tokens
-                if elapsed > 0:
-                    tokens = min(rate.burst, tokens + elapsed * rate.per_second)
+                # min(): also when a reload lowered the burst
+                tokens = min(rate.burst, bucket.tokens + max(0.0, now - bucket.stamp) * rate.per_second)
             if tokens >= 1.0:
                 tokens -= 1.0
                 wait = 0.0
@@ -299,7 +300,7 @@ class RateLimiter:
             return wait
 
     def _make_room(self, now: float) -> None:
-        """Before adding a key: drop full buckets from the old end, then the oldest if still full."""
+        """Before adding a key: drop full buckets at the old end, then the oldest if still at max_keys."""
         buckets = self._buckets  # caller holds _lock
         for _ in range(self.SWEEP):
             if not buckets:

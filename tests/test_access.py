@@ -66,6 +66,11 @@ class AddressListTest(unittest.TestCase):
                     AddressList(["127.0.0.1", entry], "allow")  # type: ignore[list-item]
                 self.assertEqual(str(caught.exception), f"allow: {entry!r} is not an address or CIDR")
 
+    def test_a_string_is_not_a_list(self) -> None:
+        with self.assertRaises(ValueError) as caught:
+            AddressList("10.0.0.0/8", "deny")
+        self.assertEqual(str(caught.exception), "deny: expected a list of addresses or CIDRs, got '10.0.0.0/8'")
+
     def test_equality_for_reload_comparisons(self) -> None:
         self.assertEqual(AddressList(["10.0.0.0/8"], "allow"), AddressList(["10.0.0.1/8"], "deny"))
         self.assertNotEqual(AddressList(["10.0.0.0/8"], "allow"), AddressList(["10.0.0.0/16"], "allow"))
@@ -199,6 +204,13 @@ class RateLimiterTest(unittest.TestCase):
         self.assertGreater(limiter.take("k", rate, 10.0), 0.0)
         self.assertAlmostEqual(limiter.take("k", rate, 50.5), 0.5)
         self.assertEqual(limiter.take("k", rate, 51.0), 0.0)
+
+    def test_a_lower_burst_applies_at_once(self) -> None:
+        limiter = RateLimiter()
+        limiter.take("k", parse_rate("1/s", 100), 0.0)  # 99 tokens left
+        small = parse_rate("1/s", 2)
+        self.assertEqual([limiter.take("k", small, 0.0) for _ in range(2)], [0.0, 0.0])
+        self.assertGreater(limiter.take("k", small, 0.0), 0.0)
 
     def test_denied_requests_do_not_spend(self) -> None:
         limiter = RateLimiter()
