@@ -287,7 +287,8 @@ class RateLimiter:
                 bucket = buckets[key] = _Bucket(tokens, now, now)
             else:
                 buckets.move_to_end(key)
-                # min(): also when a reload lowered the burst
+                # min(): also when a reload lowered the burst.  (A test pauses a take between
+                # reading bucket.tokens and reading rate.per_second, to force a concurrent take.)
                 tokens = min(rate.burst, bucket.tokens + max(0.0, now - bucket.stamp) * rate.per_second)
             if tokens >= 1.0:
                 tokens -= 1.0
