@@ -6,8 +6,9 @@ with scenarios of their own:
 
 * ``tls``       - GET the small document over HTTPS, keep-alive (wrk): the cost
                   of encrypting, once the handshake is amortised
-* ``tls-close`` - the same with ``Connection: close``: one full TLS handshake
-                  per request (wrk's default, no session resumption)
+* ``tls-close`` - the same with ``Connection: close``: a new TLS connection per
+                  request (wrk resumes its TLS 1.2 session, an abbreviated
+                  handshake, as a returning browser does; wrk speaks TLS 1.2)
 * ``ws``        - WebSocket echo of 128-byte binary messages, one message in flight
                   per connection, through the balancer to ``server.py /ws``
 * ``ws64k``     - the same with 64 KiB messages (bytes copied through the tunnel)
