@@ -121,6 +121,8 @@ def nginx_balancer(d: Path, port: int, backends: list[int], workers: int, cert: 
         connection = ('proxy_set_header Upgrade $http_upgrade;\n'
                       '            proxy_set_header Connection "upgrade";\n'
                       '            proxy_buffer_size 64k;\n'
+                      '            proxy_buffers 8 64k;\n'
+                      '            proxy_busy_buffers_size 128k;\n'
                       '            proxy_read_timeout 3600s;')
     conf = procs._nginx_common(d, workers) + f"""
 http {{
@@ -217,7 +219,7 @@ def _ws_connect(port: int, timeout: float = 10.0) -> tuple[socket.socket, bytear
 
 
 def _ws_echo_loop(port: int, size: int, deadline: float, latencies: list[float], errors: list[int]) -> None:
-    """One connection: send a masked binary message, read its echo, until ``deadline``."""
+    """One connection: send a masked binary message, read its echo, until ``deadline`` (at least once)."""
     try:
         sock, buf = _ws_connect(port)
     except OSError:
@@ -231,7 +233,7 @@ def _ws_echo_loop(port: int, size: int, deadline: float, latencies: list[float],
     scratch = bytearray(1 << 17)
     clock = time.perf_counter
     try:
-        while clock() < deadline:
+        while True:
             begun = clock()
             sock.sendall(frame)
             while len(buf) < expected:
@@ -243,6 +245,8 @@ def _ws_echo_loop(port: int, size: int, deadline: float, latencies: list[float],
                 raise ConnectionError(f"unexpected frame byte {buf[0]:#x}")
             del buf[:expected]
             latencies.append(clock() - begun)
+            if clock() >= deadline:
+                break
         sock.sendall(websocket.encode_frame(websocket.Opcode.CLOSE, websocket.encode_close(1000), mask=True))
     except OSError:
         errors[0] += 1
@@ -314,7 +318,7 @@ def probe_tls(port: int, route: str) -> str:
 def probe_ws(port: int, size: int) -> str:
     latencies: list[float] = []
     errors = [0]
-    _ws_echo_loop(port, size, time.perf_counter() + 0.01, latencies, errors)
+    _ws_echo_loop(port, size, 0.0, latencies, errors)  # one echo
     return "ok" if latencies and not errors[0] else "echo failed"
 
 
