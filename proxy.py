@@ -791,6 +791,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return False
             if verdict is Verdict.WAIT:
                 return True
+            if pooled and self.server.engine.queue_length():
+                # Others wait for a thread: this connection's next request queues behind them.
+                self.server.engine.submit(self)
+                return True
 
     def next_step(self) -> Verdict:
         """After an answer: RUN if the next head is buffered already, else park (WAIT) or CLOSE.
@@ -798,6 +802,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         Pipelined requests already buffered are served without a trip
         through the selector; so is a request that is already there (one
         non-blocking read, while still BUSY, so no reclaim can cut it off).
+        RUN does not jump the queue: when other connections wait for a
+        thread, ``serve`` puts this one at the back of it.
         """
         if not self.rfile.buffer:
             if self.tls:

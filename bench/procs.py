@@ -165,6 +165,31 @@ def tree_cpu_seconds(root_pids: list[int]) -> float:
 
 # ----------------------------------------------------------------------- content
 
+def tree_threads_rss(root_pids: list[int]) -> tuple[int, int]:
+    """Threads and resident KiB of the processes ``root_pids`` and their descendants."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    todo, seen = list(root_pids), set()
+    threads = rss = 0
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        todo += children.get(pid, [])
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("Threads:"):
+                    threads += int(line.split()[1])
+                elif line.startswith("VmRSS:"):
+                    rss += int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+    return threads, rss
+
+
 def small_json() -> bytes:
     """A JSON document of exactly SMALL_BYTES bytes (compressible, like an API answer)."""
     users = [{"id": i, "name": f"user{i}", "active": i % 2 == 0} for i in range(18)]
@@ -321,14 +346,15 @@ def python_backend(python: str, server_py: Path, port: int, name: str, log: Path
 
 
 def cclb(python: str, cclb_py: Path, port: int, backends: list[int], workers: int,
-         log: Path) -> Managed:
-    """The checkout's balancer; `--workers` is only passed when workers > 1."""
+         log: Path, extra: list[str] | None = None) -> Managed:
+    """The checkout's balancer; `--workers` is only passed when workers > 1; `extra` args last."""
     argv = [python, str(cclb_py), "-p", str(port), "--host", "127.0.0.1"]
     for p in backends:
         argv += ["-b", f"http://127.0.0.1:{p}"]
     argv += ["--access-log", "/dev/null", "--log-level", "WARNING"]
     if workers > 1:
         argv += ["--workers", str(workers)]
+    argv += extra or []
     label = "cclb" if workers <= 1 else f"cclb-w{workers}"
     return Managed(label, argv, port, log, cwd=cclb_py.parent)
 

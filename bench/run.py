@@ -13,7 +13,11 @@ own port, and loaded in turn with ``wrk`` (or a stdlib generator):
 
 Scenarios: ``small`` (GET 1 KiB JSON), ``gzip`` (the same with
 ``Accept-Encoding: gzip``), ``post16k`` (POST a 16 KiB body), ``big`` (GET
-1 MiB), ``close`` (small GET with ``Connection: close``).  For every cell it
+1 MiB), ``close`` (small GET with ``Connection: close``); ``c200`` and
+``c1000`` (small GETs over 200 and 1,000 connections); ``idle10k`` (10
+connections of small GETs while ``bench/siege.py`` holds 10,000 idle
+keep-alive connections, 2,000 slowloris heads and 500 slow bodies) and
+``slowloris`` (the same with 2,000 slowloris heads only).  For every cell it
 reports req/s, p50/p99 latency, errors (socket errors + non-2xx), the
 contender's CPU time (whole process tree, from /proc) per 10k requests and per
 request, and on cclb rows cclb's req/s relative to nginx and HAProxy.
@@ -30,6 +34,7 @@ import http.client
 import math
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -62,6 +67,8 @@ class Scenario:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     expect_bytes: int | None = None  # body size from the nginx backends
+    concurrency: int | None = None  # fixed connection count (c200, c1000, the sieges)
+    siege: tuple[int, int, int] | None = None  # bench/siege.py: idle, slowloris, slow-body connections
 
 
 POST_BODY = b"x" * procs.POST_BYTES
@@ -73,7 +80,15 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("big", "GET", "/big", None, expect_bytes=procs.BIG_BYTES),
     Scenario("close", "GET", "/small", "/users", {"Connection": "close"},
              expect_bytes=procs.SMALL_BYTES),
+    # The connection engine's scenarios (issue 12): many connections, and slow or idle ones.
+    Scenario("c200", "GET", "/small", "/users", expect_bytes=procs.SMALL_BYTES, concurrency=200),
+    Scenario("c1000", "GET", "/small", "/users", expect_bytes=procs.SMALL_BYTES, concurrency=1000),
+    Scenario("idle10k", "GET", "/small", "/users", expect_bytes=procs.SMALL_BYTES, concurrency=10,
+             siege=(10000, 2000, 500)),
+    Scenario("slowloris", "GET", "/small", "/users", expect_bytes=procs.SMALL_BYTES, concurrency=10,
+             siege=(0, 2000, 0)),
 ]}
+ENGINE_SCENARIOS = ("c200", "c1000", "idle10k", "slowloris")
 
 
 @dataclass
@@ -134,6 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "(default: %(default)s, like single-process cclb)")
     ap.add_argument("--cclb", type=Path, default=REPO / "cclb.py",
                     help="path of cclb.py (default: the checkout's)")
+    ap.add_argument("--cclb-args", default="",
+                    help="extra arguments for every cclb, one string (e.g. '--max-connections "
+                         "14000' for idle10k)")
     ap.add_argument("--server", type=Path, default=REPO / "server.py",
                     help="path of server.py for --backends python (default: the checkout's)")
     ap.add_argument("--python", default=sys.executable,
@@ -193,7 +211,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if backends == "python" and s.python_route is None:
             notes.append(f"{sname}: skipped, server.py has no 1 MiB route")
             continue
-        if args.concurrency == "auto":
+        if s.siege is not None and not all(c.startswith("cclb") for c in contenders):
+            notes.append(f"{sname}: cclb only (the peers' connection limits are not set for it)")
+        if s.concurrency is not None:
+            concs = [s.concurrency]
+        elif args.concurrency == "auto":
             concs = [1, 50] if sname == "small" else [50]
         else:
             concs = sorted({int(c) for c in csv(args.concurrency)})
@@ -275,6 +297,65 @@ def run_load(plan: Plan, port: int, req: Request, conc: int, duration: float,
     return loadgen.run_python(port, req, conc, duration, workdir)
 
 
+class Sampler:
+    """Samples a process tree's thread count and resident memory every 0.2 s (their maximum)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        import threading
+        self.pids = pids
+        self.threads = 0
+        self.rss_kib = 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.2):
+            threads, rss = procs.tree_threads_rss(self.pids)
+            self.threads, self.rss_kib = max(self.threads, threads), max(self.rss_kib, rss)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(2)
+
+
+def run_siege(plan: Plan, args: argparse.Namespace, s: Scenario, port: int, route: str,
+              pids: list[int], req: Request, conc: int, workdir: Path,
+              cell: Cell) -> LoadResult:
+    """Hold the scenario's slow and idle connections (bench/siege.py) while the load runs."""
+    assert s.siege is not None
+    idle, slowloris, slow_body = s.siege
+    hold = max(1, math.ceil(args.duration)) + 3
+    siege = subprocess.Popen(
+        [args.python, str(Path(__file__).resolve().parent / "siege.py"), "--port", str(port),
+         "--route", route, "--idle", str(idle), "--slowloris", str(slowloris),
+         "--slow-body", str(slow_body), "--duration", str(hold), "--ramp-timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert siege.stdout is not None
+        ready = siege.stdout.readline().strip()
+        if not ready.startswith("ready"):
+            raise RuntimeError(f"siege did not start: {ready or siege.stderr.read()[-300:]}")
+        sampler = Sampler(pids)
+        try:
+            cpu0 = procs.tree_cpu_seconds(pids)
+            result = run_load(plan, port, req, conc, args.duration, workdir)
+            cell.cpu_s = procs.tree_cpu_seconds(pids) - cpu0
+        finally:
+            sampler.stop()
+        summary_line = siege.stdout.readline().strip()
+        siege.wait(hold + 30)
+    finally:
+        if siege.poll() is None:
+            siege.kill()
+            siege.wait()
+    held = ready.removeprefix("ready ")
+    cell.check = (f"{cell.check}; held {held}; max {sampler.threads} threads, "
+                  f"{sampler.rss_kib / 1024:.0f} MiB RSS")
+    cell.detail = summary_line
+    return result
+
+
 def measure(plan: Plan, args: argparse.Namespace, name: str, port: int, pids: list[int],
             backend_pids: list[int], workdir: Path, cells: list[Cell]) -> None:
     """Run every cell of the plan against one started contender, appending to `cells`."""
@@ -291,10 +372,15 @@ def measure(plan: Plan, args: argparse.Namespace, name: str, port: int, pids: li
         cell = Cell(s.name, route, conc, name, plan.tool)
         cell.check = probe(port, s, route)
         req = Request(s.method, route, dict(s.headers), s.body)
+        if s.siege is not None and not name.startswith("cclb"):
+            continue  # noted in the plan
         try:
             cpu0, bcpu0 = procs.tree_cpu_seconds(pids), procs.tree_cpu_seconds(backend_pids)
-            res = run_load(plan, port, req, conc, args.duration, workdir)
-            cell.cpu_s = procs.tree_cpu_seconds(pids) - cpu0
+            if s.siege is not None:
+                res = run_siege(plan, args, s, port, route, pids, req, conc, workdir, cell)
+            else:
+                res = run_load(plan, port, req, conc, args.duration, workdir)
+                cell.cpu_s = procs.tree_cpu_seconds(pids) - cpu0
             cell.backend_cpu_s = procs.tree_cpu_seconds(backend_pids) - bcpu0
         except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
             cell.check = f"load failed: {e}"[:200]
@@ -323,7 +409,8 @@ def start_contender(name: str, args: argparse.Namespace, tmp: Path,
         workers = 1 if name == "cclb" else int(name.removeprefix("cclb-w"))
         if not args.cclb.is_file():
             raise StartError(f"{args.cclb} not found")
-        m = procs.cclb(args.python, args.cclb, port, backend_ports, workers, d / "out.log")
+        m = procs.cclb(args.python, args.cclb, port, backend_ports, workers, d / "out.log",
+                       shlex.split(args.cclb_args))
     m.start(args.start_timeout)
     return m
 
