@@ -387,11 +387,12 @@ class EngineMetrics:
             engine = self.engine
         if engine is None:  # no listener in this process (the supervisor): every family, zero
             bounds: tuple[float, ...] = ()
-            counts, total, count, busy, threads, queued, parked = [0], 0.0, 0, 0, 0, 0, 0
+            counts, total, count, busy, threads, queued, parked, limit = [0], 0.0, 0, 0, 0, 0, 0, 0
         else:
             bounds = tuple(engine.stats.bounds)
             counts, total, count, busy = engine.stats.snapshot()
             threads, queued, parked = engine.threads, engine.queue_length(), engine.parked_count()
+            limit = engine.thread_limit()
         samples = []
         cumulative = 0
         for bound, n in zip(bounds + (float("inf"),), counts):
@@ -405,6 +406,10 @@ class EngineMetrics:
              "Pool threads (--threads) serving a request now (busy) or waiting for one (idle).",
              [f"cclb_handler_threads{_labels(state='busy')} {busy}",
               f"cclb_handler_threads{_labels(state='idle')} {max(0, threads - busy)}"]),
+            ("cclb_handler_thread_limit", "gauge",
+             "Handler threads allowed to serve at once now: fewer while the process is CPU-bound, "
+             "up to --threads while requests wait on slow backends.",
+             [f"cclb_handler_thread_limit {limit}"]),
             ("cclb_handler_queue_length", "gauge",
              "Connections with a complete request waiting for a free handler thread.",
              [f"cclb_handler_queue_length {queued}"]),

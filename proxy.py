@@ -175,6 +175,9 @@ IDLE, BUSY, RECLAIMED = "idle", "busy", "reclaimed"
 # request (keep-alive), the rest of a request head, or the rest of a body
 # that cclb buffers anyway (up to BUFFER_LIMIT).
 HANDSHAKE, WAITING, HEAD, BODY = "handshake", "waiting", "head", "body"
+# After an answer, a pool thread waits this long (ms) for the connection's next
+# request before parking it, when no other connection waits for a thread.
+LINGER_MS = 2
 # --min-body-rate is checked over windows of this many seconds (at most --body-timeout).
 BODY_RATE_WINDOW = 10.0
 MAX_CONNECTIONS_PER_IP = "max_connections_per_ip"  # cclb_rejected_total reason
@@ -608,6 +611,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.deadline = now + (config.header_timeout if self.tls else config.keepalive_timeout)
         self.head_started = now  # when the current request's first byte came
         self.parked_request: Request | None = None  # parked for its body (phase BODY)
+        self.poller: select.poll | None = None  # linger()'s, made on first use
         self.body_needed = 0
         if not self.tls:
             self.server.register(self)  # a TLS connection once its handshake is done
@@ -810,6 +814,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.connection.settimeout(0)
                 self.timeout_now = 0.0
             got = self.pull()
+            if got == NOTHING and self.linger():
+                got = self.pull()
             if got == NOTHING:
                 with self.server.lock:
                     if self.state == RECLAIMED:
@@ -826,6 +832,26 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return Verdict.RUN
         self.park()
         return Verdict.WAIT
+
+    def linger(self) -> bool:
+        """Wait LINGER seconds for the next request on this thread, if nobody waits for one.
+
+        A client that sends its next request at once (a busy keep-alive
+        client, a benchmark) then costs no trip through the selector thread:
+        two thread wake-ups fewer per request, measured at about a third of
+        the CPU per request with one connection.  Still BUSY meanwhile, so
+        no reclaim can cut the request off.  True if something came.
+        """
+        if self.server.engine.queue_length():
+            return False
+        poller = self.poller
+        if poller is None:
+            poller = self.poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
+        try:
+            return bool(poller.poll(LINGER_MS))
+        except (OSError, ValueError):
+            return True  # closed meanwhile: the read says so
 
     def wait_for_body(self, request: Request) -> bool:
         """Park for a body that ``forward`` buffers anyway, if it is not all here yet.

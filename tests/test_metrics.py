@@ -420,7 +420,7 @@ PROCESS_FAMILIES = {
     # Per process too (metrics.TUNNELS), rendered after ProcessMetrics' families.
     "cclb_tunnels_open": "gauge", "cclb_tunnel_bytes_total": "counter",
     # The connection engine's (metrics.ENGINE), per process, rendered last.
-    "cclb_handler_threads": "gauge", "cclb_handler_queue_length": "gauge",
+    "cclb_handler_threads": "gauge", "cclb_handler_thread_limit": "gauge", "cclb_handler_queue_length": "gauge",
     "cclb_handler_queue_wait_seconds": "histogram", "cclb_parked_connections": "gauge"}
 
 
