@@ -278,7 +278,7 @@ async function refresh() {
       fill.style.width = (4 * rates[b.id] / maxRate) + "rem"; rate.appendChild(fill);
       const r = b.responses;
       const check = b.last_check ? b.last_check + (b.last_check_latency_ms != null
-        ? " (" + b.last_check_latency_ms + "\u00a0ms)" : "") : "-";
+        ? " (" + b.last_check_latency_ms + "\\u00a0ms)" : "") : "-";
       const url = cell(b.url, "url", "backend"); url.style.borderLeft = "4px solid " + color(b.url);
       tr.append(cell(b.id, "", "#"), url, state, cell(b.weight, "n", "weight"),
         cell(b.in_flight, "n", "in flight"), rate, cell(b.requests, "n", "requests"),
