@@ -311,7 +311,7 @@ class Engine:
     def start(self) -> None:
         """Start the selector thread and the pool (once)."""
         with self.lock:
-            if self.started:
+            if self.started or self.stopping:
                 return
             self.started = True
             size = self.size
@@ -358,6 +358,11 @@ class Engine:
                 return
             self.stopping = True
             workers = len(self.workers)
+            started = self.started
+        if not started:  # no selector thread to close them
+            self.arming.close()
+            self.wakeup.close()
+            return
         with self.slots:
             self.closing = True
             self.slots.notify_all()

@@ -134,6 +134,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--duration", type=float, default=4.0,
                     help="measured seconds per cell; wrk rounds up to whole seconds "
                          "(default: %(default)s)")
+    ap.add_argument("--siege-duration", type=float, default=30.0,
+                    help="measured seconds of the idle10k and slowloris cells, while the slow "
+                         "and idle connections are held (default: %(default)s)")
     ap.add_argument("--warmup", type=float, default=1.0,
                     help="unmeasured seconds of small GETs at concurrency 50 after each "
                          "contender starts; 0 = none (default: %(default)s)")
@@ -325,7 +328,8 @@ def run_siege(plan: Plan, args: argparse.Namespace, s: Scenario, port: int, rout
     """Hold the scenario's slow and idle connections (bench/siege.py) while the load runs."""
     assert s.siege is not None
     idle, slowloris, slow_body = s.siege
-    hold = max(1, math.ceil(args.duration)) + 3
+    seconds = args.siege_duration
+    hold = max(1, math.ceil(seconds)) + 3
     siege = subprocess.Popen(
         [args.python, str(Path(__file__).resolve().parent / "siege.py"), "--port", str(port),
          "--route", route, "--idle", str(idle), "--slowloris", str(slowloris),
@@ -339,7 +343,7 @@ def run_siege(plan: Plan, args: argparse.Namespace, s: Scenario, port: int, rout
         sampler = Sampler(pids)
         try:
             cpu0 = procs.tree_cpu_seconds(pids)
-            result = run_load(plan, port, req, conc, args.duration, workdir)
+            result = run_load(plan, port, req, conc, seconds, workdir)
             cell.cpu_s = procs.tree_cpu_seconds(pids) - cpu0
         finally:
             sampler.stop()

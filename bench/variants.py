@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", default="4")
     ap.add_argument("--tool", default="python")
     ap.add_argument("--backends", default="python")
+    ap.add_argument("--siege-duration", default="30")
     args = ap.parse_args(argv)
     results: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="cclb-variants-") as tmpdir:
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = [sys.executable, str(HERE / "run.py"), "--tool", args.tool,
                        "--backends", args.backends, "--contenders", "cclb", "--cclb-workers", "1",
                        "--scenarios", args.scenarios, "--concurrency", args.concurrency,
-                       "--duration", args.duration, "--cclb", str(wrapper), "--json", str(out)]
+                       "--duration", args.duration, "--siege-duration", args.siege_duration,
+                       "--cclb", str(wrapper), "--json", str(out)]
                 print(f"round {round_ + 1}/{args.rounds}: {name}", flush=True)
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 for cell in json.loads(out.read_text())["results"]:

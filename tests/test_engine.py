@@ -14,6 +14,7 @@ import threading
 import time
 import unittest
 from pathlib import Path
+from unittest import mock
 
 import engine
 from engine import EOF, NOTHING, READ, Engine, Verdict, head_ready, receive
@@ -240,6 +241,77 @@ class FifoTests(EngineCase):
         connection, client = self.pair()
         client.sendall(b"GET / HTTP/1.1\r\n\r\n")
         self.assertTrue(connection.ran.wait(5))
+
+
+class AdaptiveLimitTests(unittest.TestCase):
+    """How many pool threads serve at once: more while requests wait and CPU is spare, fewer while CPU-bound."""
+
+    def step(self, eng: Engine, used: float, waits: list[float]) -> int:
+        for waited in waits:
+            eng.stats.observe(waited)
+            eng.stats.done()
+        eng.cpu_mark, eng.adapted_at = 0.0, 0.0
+        with mock.patch.object(engine.time, "process_time", return_value=used):
+            eng.adapt(1.0)  # one second, ``used`` CPU seconds
+        return eng.thread_limit()
+
+    def test_the_limit_follows_the_load(self) -> None:
+        eng = Engine(64, name="adaptive")
+        self.addCleanup(eng.stop)
+        self.assertEqual(eng.thread_limit(), 16)
+        slow_backend = [0.02] * 10  # requests waited 20 ms, the process mostly idle
+        self.assertEqual(self.step(eng, 0.2, slow_backend), 32)
+        self.assertEqual(self.step(eng, 0.2, slow_backend), 64)
+        self.assertEqual(self.step(eng, 0.2, slow_backend), 64)  # --threads caps it
+        self.assertEqual(self.step(eng, 0.5, []), 64)  # calm: unchanged
+        self.assertEqual(self.step(eng, 0.5, [0.001] * 10), 64)  # short waits: unchanged
+        self.assertEqual(self.step(eng, 1.0, slow_backend), 56)  # CPU-bound: an eighth fewer
+        for _ in range(20):
+            limit = self.step(eng, 1.0, slow_backend)
+        self.assertEqual(limit, 16)  # never below min(16, --threads)
+
+    def test_a_small_pool_serves_with_all_its_threads(self) -> None:
+        eng = Engine(4, name="small")
+        self.addCleanup(eng.stop)
+        self.assertEqual(eng.thread_limit(), 4)
+        self.assertEqual(self.step(eng, 1.0, [0.02]), 4)
+
+    def test_a_fixed_pool_does_not_adapt(self) -> None:
+        eng = Engine(64, name="fixed", adaptive=False)
+        self.addCleanup(eng.stop)
+        self.assertEqual(eng.thread_limit(), 64)
+        self.assertEqual(self.step(eng, 1.0, [0.02]), 64)
+
+    def test_threads_over_the_limit_wait_and_serve_once_it_rises(self) -> None:
+        eng = Engine(8, name="gate", adaptive=False)
+        self.addCleanup(eng.stop, 5)
+        with eng.slots:
+            eng.limit = 1
+        eng.start()
+        release = threading.Event()
+        running: list[str] = []
+        lock = threading.Lock()
+
+        def hold(connection: HeadConnection) -> None:
+            with lock:
+                running.append(threading.current_thread().name)
+            release.wait(10)
+
+        pairs = []
+        for _ in range(3):
+            server, client = socket.socketpair()
+            self.addCleanup(server.close)
+            self.addCleanup(client.close)
+            connection = HeadConnection(server, eng, on_run=hold)
+            eng.park(connection)
+            client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            pairs.append(connection)
+        wait_for(lambda: len(running) == 1 and eng.queue_length() == 2, 5, message="one served, two queued")
+        with eng.slots:
+            eng.limit = 3
+            eng.slots.notify_all()
+        wait_for(lambda: len(running) == 3, 5, message="all three served")
+        release.set()
 
 
 class FallbackTests(unittest.TestCase):
