@@ -104,6 +104,38 @@ MAX_CONNECTIONS = "max_connections"  # turned away at --max-connections (a 503, 
 BODY_TIMEOUT = "body_timeout"  # a 408 while reading the request body, not its head
 
 
+class RouteCounters:
+    """Per-route request, 403 and 429 counters, by route name (they survive reloads).
+
+    ``lock`` guards ``counts`` (route name -> [requests, forbidden, limited]).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: dict[str, list[int]] = {}
+
+    def count(self, name: str, status: int) -> None:
+        """A request taken by route ``name``; ``status`` 403 or 429 when refused."""
+        with self.lock:
+            row = self.counts.get(name)
+            if row is None:
+                row = self.counts[name] = [0, 0, 0]
+            row[0] += 1
+            if status == 403:
+                row[1] += 1
+            elif status == 429:
+                row[2] += 1
+
+    def snapshot(self) -> dict[str, list[int]]:
+        with self.lock:
+            return {name: list(row) for name, row in self.counts.items()}
+
+    def adopt(self, counts: dict[str, list[int]]) -> None:
+        """--workers: show the sums of the workers' counters."""
+        with self.lock:
+            self.counts = {name: list(row) for name, row in counts.items()}
+
+
 def reject_reason(status: int) -> str:
     """The ``cclb_rejected_total`` reason of a request cclb refused with ``status``."""
     return REJECT_REASONS.get(status) or f"status_{status}"

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import select
 import socket
 import ssl
 import threading
 import time
 import zlib
+from dataclasses import replace
 from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,12 +28,12 @@ from socketserver import TCPServer
 from typing import Any, NamedTuple, Sequence
 
 import http11
-from cluster import Attempt, Backend, ServerCluster
+from cluster import Attempt, Backend, Routing, ServerCluster
 from forwarding import (BUFFERED, NO_BODY, TRACE_ALLOW, Request, ResponsePlan, check_request_head,
                         error_closes_connection, new_request_id, request_id_for, response_plan,
                         upstream_request_head)
 from forwarding import switching_protocols_head
-from http11 import Headers, ProtocolError
+from http11 import Fields, Headers, ProtocolError
 from loggers import AccessLog, WarningLimiter, sanitize
 from loops import Deadlines
 from message_reader import (BodyTooLarge, EmptyResponse, IncompleteHead, Limits, MalformedBody, ResponseHead,
@@ -40,6 +42,7 @@ from message_reader import (BodyTooLarge, EmptyResponse, IncompleteHead, Limits,
 from socket_io import RECV_SIZE, SocketReader, SocketWriter
 from tls import CertificateStore, set_timeouts
 from metrics import BODY_TIMEOUT, MAX_CONNECTIONS, PROCESS, TUNNELS, reject_reason
+from routing import Answer, HeaderRules, cookie_value, decide, set_cookie
 from settings import Config, Listener
 from tunnel import Tunnel
 from upstream import SHARED_IDLE_WATCHER, UpstreamConnection, describe_error
@@ -232,6 +235,9 @@ class LoadBalancerServer(ThreadingHTTPServer):
     request_queue_size = 1024  # the stdlib's 5 drops connections under load
     daemon_threads = True
     allow_reuse_address = True
+    # The route table and pools (cclb.py sets it; a reload replaces it whole).
+    # None: no routing configured, every request goes to ``cluster`` as before.
+    routing: Routing | None = None
 
     def __init__(self, listener: Listener, config: Config, cluster: ServerCluster,
                  access_log: AccessLog, reuse_port: bool = False,
@@ -556,6 +562,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.relayed_status = 0  # the backend's status, once its head went to the client
         self.error_bytes = 0  # body bytes of the answer cclb made itself
         self.consumed_mark = self.rfile.received - self.rfile.buffered  # where the request starts
+        self.client = ""  # the real client address when it differs from the peer's (routing)
+        self.response_edit: tuple[HeaderRules, str | None, str | None] | None = None
 
     def set_client_timeout(self, seconds: float) -> None:
         """Change the client socket's kernel timeouts (only when it differs)."""
@@ -702,7 +710,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def forward(self, request: Request) -> None:
         """Forward ``request`` to a backend, retrying where safe, and relay the answer."""
+        routing = self.server.routing
         cluster = self.server.cluster
+        client = self.client_ip
+        sticky = None
+        if routing is not None:
+            routed = self.route(request, routing)
+            if routed is None:
+                return  # answered by cclb (redirect, respond, 403, 404, 429)
+            request, cluster, sticky = routed
+            client = self.client or client
         body: bytes | None = b""
         if request.framing.kind == "length" and request.framing.length <= BUFFER_LIMIT \
                 and not request.expect_continue:
@@ -727,7 +744,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         last_error: BackendError | None = None
         truncated: tuple[Truncated, Backend] | None = None
         while True:
-            attempt = cluster.acquire(self.client_ip, tuple(tried))
+            attempt = cluster.acquire(client, tuple(tried), sticky)
             if attempt is None:
                 if truncated is not None:
                     self.relay_truncated(request, *truncated)
@@ -738,7 +755,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     self.log_request_done(request, 502, self.error_bytes, tried[-1], "cclb",
                                           TERMINATIONS.get(last_error.cause, "backend_error"))
                 else:
-                    self.answer_no_backend(request, last_error)
+                    self.answer_no_backend(request, last_error, cluster)
                 return
             backend = attempt.backend
             with attempt:  # released exactly once, whatever happens below
@@ -763,6 +780,78 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return
             tried.append(backend)
             last_error = error
+
+    def route(self, request: Request, routing: Routing
+              ) -> tuple[Request, ServerCluster, str | None] | None:
+        """Apply the route table: the request to forward, its pool and sticky cookie value.
+
+        None when cclb answered itself (redirect, respond, 403, 404, 429).
+        The decision is ``routing.decide``'s (pure); the rate limit is the one
+        stateful rule, taken here.
+        """
+        client = self.client_ip
+        trusted = routing.trusted
+        if trusted and client in trusted:
+            chain = [address.strip() for value in request.headers.index.get("x-forwarded-for", ())
+                     for address in value.split(",") if address.strip()]
+            from access import real_client  # (clientaddr branch) TODO: module level once merged
+            client = real_client(client, chain, trusted)
+        self.client = client
+        decision = decide(request.method, request.target, request.host, request.headers, client,
+                          routing.table)
+        route = decision.route
+        if isinstance(decision, Answer):
+            if route is not None:
+                routing.counters.count(route.name, decision.status)
+            else:
+                routing.front.count_unrouted(decision.status)
+            self.answer(request, decision.status, decision.body, decision.location,
+                        decision.refused)
+            return None
+        cluster = routing.pools[decision.pool]
+        if route is not None:
+            if route.rate is not None and routing.limiter is not None:
+                wait = routing.limiter.take((route.name, client), route.rate, time.monotonic())
+                if wait > 0:
+                    routing.counters.count(route.name, 429)
+                    self.answer(request, 429, "too many requests, slow down", None, True,
+                                retry_after=max(1, math.ceil(wait)))
+                    return None
+            routing.counters.count(route.name, 0)
+            if route.request_headers or decision.target != request.target:
+                request = replace(request, target=decision.target,
+                                  headers=route.request_headers.apply(request.headers))
+        sticky = None
+        name = cluster.sticky_cookie
+        if name is not None:
+            sticky = cookie_value(request.headers, name)
+        if name is not None or (route is not None and route.response_headers):
+            self.response_edit = (route.response_headers if route is not None else HeaderRules(),
+                                  name, sticky)
+        return request, cluster, sticky
+
+    def answer(self, request: Request, status: int, text: str, location: str | None,
+               refused: bool, retry_after: int | None = None) -> None:
+        """An answer a route makes (redirect, respond) or a refusal (403, 404, 429)."""
+        extra = [("Location", location)] if location is not None else []
+        if self.tls and self.server.config.hsts:
+            extra.append(("Strict-Transport-Security", f"max-age={self.server.config.hsts}"))
+        close = self.close_connection or self.body_pending or self.server.draining
+        self.close_connection = close
+        if location is not None and not text:
+            text = f"see {location}"
+        body = f"{text}\n".encode("utf-8") if text else b""
+        data = error_response(status, body, close, retry_after, extra, self.request_id)
+        if request.method == "HEAD":  # RFC 9110 9.3.2: the fields of a GET, no content
+            data = data[:len(data) - len(body)]
+        try:
+            self.wfile.write(data)
+            self.error_bytes = 0 if request.method == "HEAD" else len(body)
+        except OSError:
+            self.close_connection = True
+        self.log_request_done(request, status, self.error_bytes, None, "cclb",
+                              "rejected" if refused else "ok",
+                              reject_reason(status) if refused else None)
 
     def relay_truncated(self, request: Request, truncated: Truncated, backend: Backend) -> None:
         """Send a response that was cut short and could not be retried, then close.
@@ -799,7 +888,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 attempt.backend.pool.close_all()
         raise AssertionError("unreachable")
 
-    def answer_no_backend(self, request: Request, last_error: BackendError | None) -> None:
+    def answer_no_backend(self, request: Request, last_error: BackendError | None,
+                          cluster: ServerCluster) -> None:
         """A 503: no backend was available (or every one tried failed before taking it)."""
         if last_error is not None:
             message = ALL_FAILED
@@ -812,7 +902,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                   request.shown_target[:200], self.request_id)
         retry_after = max(1, int(self.server.config.health_interval or 1))
         self.send_error_response(503, message, retry_after=retry_after)
-        self.server.cluster.count_unrouted(503)
+        cluster.count_unrouted(503)
         self.log_request_done(request, 503, self.error_bytes, None, "cclb", termination)
 
     def exchange(self, request: Request, attempt: Attempt, head: bytes, body: bytes | None) -> None:
@@ -988,6 +1078,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if any, is still held).
         """
         config = self.server.config
+        if self.response_edit is not None:
+            response = self.edit_response(response, backend)
         # Draining (SIGTERM) may have begun since the request arrived: close after this one.
         plan = response_plan(request, response, self.request_id, config.gzip_level,
                              config.gzip_min_size, self.close_connection or self.server.draining,
@@ -1038,6 +1130,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
         else:
             conn.close()
         self.log_request_done(request, response.status, sent, backend)
+
+    def edit_response(self, response: ResponseHead, backend: Backend) -> ResponseHead:
+        """The route's response header rules, and the sticky cookie when it must be (re)set."""
+        assert self.response_edit is not None
+        rules, cookie, sent = self.response_edit
+        headers = rules.apply(response.headers) if rules else response.headers
+        if cookie is not None and sent != backend.cookie:
+            if headers is response.headers:
+                headers = Fields(headers.items)
+            headers.add(*set_cookie(cookie, backend.cookie))
+        return replace(response, headers=headers)
 
     def tunnel(self, request: Request, response: ResponseHead, conn: UpstreamConnection,
                backend: Backend) -> None:
@@ -1163,7 +1266,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if access_log.json and access_log.stream is not None:
             details = self.log_details(request, termination)
         access_log.record(
-            self.client_ip, request.method, request.shown_target, status, sent,
+            self.client or self.client_ip, request.method, request.shown_target, status, sent,
             backend.url if backend else "-", time.monotonic() - self.started, self.request_id,
             details)
 

@@ -140,6 +140,7 @@ class Answer:
     status: int
     body: str = ""
     location: str | None = None
+    refused: bool = False  # a refusal (403, 404), not an answer the route is configured to give
 
 
 Decision = Forward | Answer
@@ -216,10 +217,10 @@ def decide(method: str, target: str, host: str | None, fields: Fields, client: s
     if route is None:
         default = table.default
         if default is None:
-            return Answer(None, 404, "no route for this request")
+            return Answer(None, 404, "no route for this request", refused=True)
         return Forward(None, default, target)
     if route.refuses(client):
-        return Answer(route, 403, "access denied")
+        return Answer(route, 403, "access denied", refused=True)
     if route.redirect is not None:
         return Answer(route, route.status, location=with_query(route.redirect, query, bool(question)))
     if route.respond is not None:
@@ -334,8 +335,9 @@ def parse_route(index: int, item: Any, pools: frozenset[str]) -> Route:
     if isinstance(status, bool) or status not in REDIRECT_STATUSES:
         raise RouteError(key("status"), f"must be one of {', '.join(map(str, REDIRECT_STATUSES))}, got {status!r}")
     if respond is not None and (isinstance(respond, bool) or not isinstance(respond, int)
-                                or not 200 <= respond <= 599):
-        raise RouteError(key("respond"), f"expected a status in 200..599, got {respond!r}")
+                                or not 200 <= respond <= 599 or respond in (204, 304)):
+        raise RouteError(key("respond"), f"expected a status in 200..599 (not 204 or 304: "
+                         f"they have no body), got {respond!r}")
     body = item.get("body", "")
     if "body" in item and respond is None:
         raise RouteError(key("body"), "only respond takes a body")

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import unittest
 from pathlib import Path
 
+import cclb
+import server
 import settings
+from tests.support import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -162,6 +168,189 @@ class PoolSettingsTest(unittest.TestCase):
         self.assertEqual(result.stderr.strip().splitlines(),
                          [f"cclb.py: error: {path} (line 3): routes[0].pool: unknown pool 'nope' "
                           "(pools: default)"])
+
+
+def start_backend(test: type[unittest.TestCase], name: str) -> int:
+    """An in-process demo backend (server.py) named ``name``; its port."""
+    backend = server.BackendServer(("127.0.0.1", 0), name, {"users": [], "products": []}, False)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    test.addClassCleanup(backend.server_close)
+    test.addClassCleanup(backend.shutdown)
+    return backend.server_address[1]
+
+
+def start_balancer(test: type[unittest.TestCase], path: str) -> cclb.Balancer:
+    """cclb in this process (the single role) with the config file ``path``."""
+    config = settings.resolve({"config": path, "port": 0, "host": "127.0.0.1",
+                               "access_log": "off", "log_level": "warning"})
+    balancer = cclb.Balancer(config, cclb.Role.SINGLE)
+    balancer.start()
+    test.addClassCleanup(balancer.stop)
+    return balancer
+
+
+class Client:
+    """A keep-alive http.client connection to cclb."""
+
+    def __init__(self, test: unittest.TestCase, port: int) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        test.addCleanup(self.conn.close)
+
+    def get(self, path: str, host: str = "example.com", method: str = "GET",
+            **headers: str) -> tuple[int, http.client.HTTPMessage, bytes]:
+        self.conn.request(method, path, headers={"Host": host,
+                                                 **{k.replace("_", "-"): v for k, v in headers.items()}})
+        response = self.conn.getresponse()
+        return response.status, response.headers, response.read()
+
+    def echo(self, path: str, host: str = "example.com", **headers: str) -> dict:
+        status, _, body = self.get(path, host, **headers)
+        assert status == 200, (status, body)
+        return json.loads(body)
+
+
+TWO_SERVICES = """
+    health_interval = 0
+    [pools.api]
+    backends = ["127.0.0.1:{api1}", "127.0.0.1:{api2}"]
+    sticky_cookie = "cclb_api"
+    [pools.web]
+    backends = ["127.0.0.1:{web}"]
+
+    [[routes]]
+    name = "api"
+    host = "api.example.com"
+    path_prefix = "/api/"
+    strip_prefix = true
+    pool = "api"
+
+    [[routes]]
+    path_prefix = "/old"
+    redirect = "https://example.com/new"
+    status = 301
+
+    [[routes]]
+    path_prefix = "/gone"
+    respond = 410
+    body = "gone for good"
+
+    [[routes]]
+    name = "web"
+    host = "*.example.com"
+    pool = "web"
+    request_headers = {{ set = {{ "X-Env" = "prod" }}, add = {{ "X-Via" = "cclb" }}, remove = ["X-Debug"] }}
+    response_headers = {{ set = {{ "X-Frame-Options" = "DENY" }}, remove = ["X-Backend-Server"] }}
+    """
+
+
+class TwoServicesTest(unittest.TestCase):
+    """Two services behind one port (the README's worked example), in this process."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.ports = {name: start_backend(cls, name) for name in ("api1", "api2", "web")}
+        handle, cls.path = tempfile.mkstemp(suffix=".toml")
+        os.close(handle)
+        cls.addClassCleanup(os.unlink, cls.path)
+        cls.write(TWO_SERVICES)
+        cls.balancer = start_balancer(cls, cls.path)
+        cls.port = cls.balancer.port()
+
+    @classmethod
+    def write(cls, text: str) -> None:
+        with open(cls.path, "w") as out:
+            out.write(textwrap.dedent(text.format(**cls.ports)))
+
+    def test_host_and_path_choose_the_pool_and_strip_the_prefix(self) -> None:
+        client = Client(self, self.port)
+        seen = set()
+        for _ in range(4):
+            echo = client.echo("/api/echo?x=1", "API.example.com:8080")
+            self.assertEqual((echo["path"], echo["query"]), ("/echo", "x=1"))
+            seen.add(echo["server"])
+        self.assertEqual(seen, {"api1", "api2"})  # round-robin within the pool
+        # The api route wants its host: this goes to web, which has no /api/echo.
+        status, _, body = client.get("/api/echo", "www.example.com")
+        self.assertEqual((status, json.loads(body)), (404, {"error": "not found"}))
+
+    def test_header_rules(self) -> None:
+        client = Client(self, self.port)
+        status, headers, body = client.get("/echo", "www.example.com", X_Debug="1", X_Env="dev",
+                                           X_Via="edge")
+        self.assertEqual(status, 200)
+        sent = [(name.lower(), value) for name, value in json.loads(body)["headers"]]
+        self.assertNotIn("x-debug", dict(sent))
+        self.assertEqual([v for n, v in sent if n == "x-env"], ["prod"])
+        self.assertEqual([v for n, v in sent if n == "x-via"], ["edge", "cclb"])
+        self.assertEqual(headers["X-Frame-Options"], "DENY")
+        self.assertIsNone(headers["X-Backend-Server"])
+
+    def test_redirect_respond_and_404(self) -> None:
+        client = Client(self, self.port)
+        status, headers, _ = client.get("/old/page?a=1", "x")
+        self.assertEqual((status, headers["Location"]), (301, "https://example.com/new?a=1"))
+        status, _, body = client.get("/gone", "x")
+        self.assertEqual((status, body), (410, b"gone for good\n"))
+        status, headers, body = client.get("/gone", "x", method="HEAD")
+        self.assertEqual((status, body, headers["Content-Length"]), (410, b"", "14"))
+        # No route matches and there is no pool default: 404 from cclb, connection kept.
+        status, _, body = client.get("/echo", "other.org")
+        self.assertEqual(status, 404)
+        self.assertEqual(client.echo("/echo", "www.example.com")["server"], "web")
+
+    def test_sticky_cookie(self) -> None:
+        client = Client(self, self.port)
+        status, headers, _ = client.get("/api/echo", "api.example.com")
+        cookie = headers["Set-Cookie"]
+        self.assertRegex(cookie, r"^cclb_api=[0-9a-f]{20}; Path=/; HttpOnly; SameSite=Lax$")
+        value = cookie.split(";")[0]
+        self.assertNotIn(str(self.ports["api1"]), value)
+        servers = set()
+        for _ in range(6):
+            status, headers, body = client.get("/api/echo", "api.example.com", Cookie=f"a=b; {value}")
+            self.assertIsNone(headers["Set-Cookie"])  # the cookie is right: not set again
+            servers.add(json.loads(body)["server"])
+        self.assertEqual(len(servers), 1)
+        # A cookie naming no backend (removed, or forged) is replaced.
+        status, headers, _ = client.get("/api/echo", "api.example.com", Cookie="cclb_api=ffff")
+        self.assertIn("cclb_api=", headers["Set-Cookie"])
+        # The same value in a new process (stable across restarts and workers).
+        backend = next(b for b in self.balancer.routing.pools["api"].snapshot()
+                       if b.cookie == value.partition("=")[2])
+        self.assertEqual(routing_value(backend.url), backend.cookie)
+
+    def test_reload_swaps_pools_and_routes_on_a_kept_alive_connection(self) -> None:
+        client = Client(self, self.port)
+        self.assertEqual(client.echo("/echo", "www.example.com")["server"], "web")
+        api_ids = {b.url: b.id for b in self.balancer.routing.pools["api"].snapshot()}
+        # web's route now sends to a new pool "v2"; api loses api2
+        self.write(TWO_SERVICES.replace('"127.0.0.1:{api2}"', '"127.0.0.1:{api1}"')
+                   .replace('backends = ["127.0.0.1:{api1}", "127.0.0.1:{api1}"]',
+                            'backends = ["127.0.0.1:{api1}"]')
+                   .replace('[pools.web]\n    backends = ["127.0.0.1:{web}"]',
+                            '[pools.web]\n    backends = ["127.0.0.1:{web}"]\n    [pools.v2]\n'
+                            '    backends = ["127.0.0.1:{api2}"]')
+                   .replace('host = "*.example.com"\n    pool = "web"',
+                            'host = "*.example.com"\n    pool = "v2"'))
+        self.addCleanup(self.reload, TWO_SERVICES)
+        self.reload(None)
+        self.assertEqual(client.echo("/echo", "www.example.com")["server"], "api2")
+        self.assertEqual({b.url: b.id for b in self.balancer.routing.pools["api"].snapshot()},
+                         {url: id for url, id in api_ids.items() if str(self.ports["api1"]) in url})
+        self.assertEqual(client.echo("/api/echo", "api.example.com")["server"], "api1")
+
+    def reload(self, text: str | None) -> None:
+        if text is not None:
+            self.write(text)
+        with self.assertLogs("cclb", "WARNING") as logs:
+            self.balancer.reload()
+        self.assertIn("configuration reloaded", logs.output[-1])
+
+
+def routing_value(url: str) -> str:
+    from cluster import sticky_key
+    from routing import sticky_value
+    return sticky_value(sticky_key(None), url)
 
 
 if __name__ == "__main__":
