@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import settings
 import systemd
+from access import AddressList, RateLimiter
 import workers
 from admin import AdminServer
 from cluster import Routing, ServerCluster, sticky_key
@@ -151,12 +152,10 @@ class Process:
             pools[name] = cluster
         trusted = limiter = None
         if config.trusted_proxies:
-            from access import AddressList
             trusted = AddressList(config.trusted_proxies, "trusted_proxies")
         if any(route.rate is not None for route in config.routes.routes):
             limiter = old.limiter if old is not None and old.limiter is not None else None
             if limiter is None:
-                from access import RateLimiter
                 limiter = RateLimiter()
         counters = old.counters if old is not None else RouteCounters()
         return Routing(config.routes, pools, self.cluster, counters, limiter, trusted)

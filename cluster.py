@@ -19,8 +19,9 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
+from access import AddressList, RateLimiter
 from backend_urls import BackendSpec
 from balancing import Policy, RoundRobin, make_policy
 from metrics import FrontendCounters, FrontendMetrics, Histogram, RouteCounters, TrafficCounters
@@ -28,7 +29,6 @@ from routing import RouteTable, sticky_value
 from upstream import BackendTLS, ConnectionPool
 
 if TYPE_CHECKING:
-    from access import AddressList
     from settings import PoolSettings
 
 log = logging.getLogger("cclb")
@@ -481,7 +481,7 @@ class Routing:
     pools: dict[str, ServerCluster]
     front: ServerCluster
     counters: RouteCounters
-    limiter: Any = None  # access.RateLimiter, when a route has a rate limit
+    limiter: RateLimiter | None = None  # when a route has a rate limit
     trusted: AddressList | None = None  # trusted_proxies
 
     @property

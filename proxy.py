@@ -28,6 +28,7 @@ from socketserver import TCPServer
 from typing import Any, NamedTuple, Sequence
 
 import http11
+from access import real_client
 from cluster import Attempt, Backend, Routing, ServerCluster
 from forwarding import (BUFFERED, NO_BODY, TRACE_ALLOW, Request, ResponsePlan, check_request_head,
                         error_closes_connection, new_request_id, request_id_for, response_plan,
@@ -792,10 +793,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         client = self.client_ip
         trusted = routing.trusted
         if trusted and client in trusted:
-            chain = [address.strip() for value in request.headers.index.get("x-forwarded-for", ())
-                     for address in value.split(",") if address.strip()]
-            from access import real_client  # (clientaddr branch) TODO: module level once merged
-            client = real_client(client, chain, trusted)
+            client = real_client(client, request.headers.index.get("x-forwarded-for", ()), trusted)
         self.client = client
         decision = decide(request.method, request.target, request.host, request.headers, client,
                           routing.table)

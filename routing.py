@@ -19,12 +19,10 @@ import hashlib
 import hmac
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
+from access import AddressList, Rate, parse_rate
 from http11 import HOP_BY_HOP, Fields, Headers
-
-if TYPE_CHECKING:
-    from access import AddressList, Rate
 
 DEFAULT_POOL = "default"
 
@@ -401,7 +399,6 @@ def _address_list(item: dict[str, Any], name: str, where: str) -> AddressList | 
     value = item[name]
     if not isinstance(value, list) or not all(isinstance(entry, str) for entry in value):
         raise RouteError(where, f"expected a list of addresses or CIDRs, got {value!r}")
-    from access import AddressList
     try:
         return AddressList(value, name)
     except ValueError as error:
@@ -413,7 +410,6 @@ def _rate(value: Any, burst: Any, key: Any) -> Rate:
         raise RouteError(key("rate_limit"), f"expected a rate such as \"20/s\" or \"100/m\", got {value!r}")
     if burst is not None and (isinstance(burst, bool) or not isinstance(burst, (int, float)) or burst < 1):
         raise RouteError(key("rate_limit_burst"), f"expected a number of requests >= 1, got {burst!r}")
-    from access import parse_rate
     try:
         return parse_rate(value, None if burst is None else float(burst))
     except ValueError as error:

@@ -211,6 +211,7 @@ class Client:
 
 TWO_SERVICES = """
     health_interval = 0
+    trusted_proxies = ["127.0.0.1"]
     [pools.api]
     backends = ["127.0.0.1:{api1}", "127.0.0.1:{api2}"]
     sticky_cookie = "cclb_api"
@@ -233,6 +234,20 @@ TWO_SERVICES = """
     path_prefix = "/gone"
     respond = 410
     body = "gone for good"
+
+    [[routes]]
+    name = "private"
+    path_prefix = "/private"
+    pool = "web"
+    allow = ["10.0.0.0/8"]
+    deny = ["10.9.0.0/16"]
+
+    [[routes]]
+    name = "limited"
+    path_prefix = "/limited"
+    pool = "web"
+    rate_limit = "1/m"
+    rate_limit_burst = 2
 
     [[routes]]
     name = "web"
@@ -297,6 +312,35 @@ class TwoServicesTest(unittest.TestCase):
         status, _, body = client.get("/echo", "other.org")
         self.assertEqual(status, 404)
         self.assertEqual(client.echo("/echo", "www.example.com")["server"], "web")
+
+    def test_allow_deny_and_trusted_proxies(self) -> None:
+        client = Client(self, self.port)
+        cases = [
+            ({}, 403),  # the peer, 127.0.0.1, is a trusted proxy: the client is itself
+            ({"X_Forwarded_For": "10.1.2.3"}, 404),  # allowed: the web backend has no /private
+            ({"X_Forwarded_For": "10.9.0.1"}, 403),  # denied first
+            ({"X_Forwarded_For": "10.1.2.3, 192.0.2.7"}, 403),  # right-most untrusted
+            ({"X_Forwarded_For": "192.0.2.7, 10.1.2.3, 127.0.0.1"}, 404),
+        ]
+        for headers, status in cases:
+            with self.subTest(headers=headers):
+                got, _, body = client.get("/private", "x", **headers)
+                self.assertEqual(got, status, body)
+        counts = self.balancer.routing.counters.snapshot()
+        self.assertGreaterEqual(counts["private"][1], 3)
+
+    def test_rate_limit(self) -> None:
+        client = Client(self, self.port)
+        for _ in range(2):  # the burst
+            status, _, _ = client.get("/limited", "x", X_Forwarded_For="10.7.7.7")
+            self.assertEqual(status, 404)  # forwarded (web has no /limited)
+        status, headers, body = client.get("/limited", "x", X_Forwarded_For="10.7.7.7")
+        self.assertEqual(status, 429, body)
+        self.assertTrue(1 <= int(headers["Retry-After"]) <= 60, headers["Retry-After"])
+        # Per client address: another client still gets through.
+        status, _, _ = client.get("/limited", "x", X_Forwarded_For="10.7.7.8")
+        self.assertEqual(status, 404)
+        self.assertGreaterEqual(self.balancer.routing.counters.snapshot()["limited"][2], 1)
 
     def test_sticky_cookie(self) -> None:
         client = Client(self, self.port)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unittest
 from typing import Any
 
@@ -88,6 +89,32 @@ class MatchTest(unittest.TestCase):
         for path, prefix, stripped in [("/api/x", "/api/", "/x"), ("/api/x", "/api", "/x"),
                                        ("/api", "/api", "/"), ("/api/", "/api/", "/")]:
             self.assertEqual(strip(path, prefix), stripped)
+
+
+class AccessTest(unittest.TestCase):
+    def test_deny_is_checked_first_then_allow(self) -> None:
+        t = table({"path_prefix": "/a", "pool": "api", "allow": ["10.0.0.0/8", "::1"],
+                   "deny": ["10.9.0.0/16"]},
+                  {"path_prefix": "/b", "pool": "api", "deny": ["192.0.2.0/24"]})
+        cases = [("/a", "10.1.1.1", 200), ("/a", "10.9.1.1", 403), ("/a", "127.0.0.1", 403),
+                 ("/a", "::1", 200), ("/b", "192.0.2.9", 403), ("/b", "127.0.0.1", 200)]
+        for target, client, status in cases:
+            with self.subTest(target=target, client=client):
+                decision = request(t, target, client=client)
+                self.assertEqual(decision.status if isinstance(decision, Answer) else 200, status)
+
+    def test_rates_and_lists_are_checked(self) -> None:
+        route = table({"pool": "api", "rate_limit": "20/s"}).routes[0]
+        self.assertEqual((route.rate.per_second, route.rate.burst), (20.0, 20.0))
+        route = table({"pool": "api", "rate_limit": "100/m", "rate_limit_burst": 40}).routes[0]
+        self.assertEqual(route.rate.burst, 40.0)
+        for bad, key in [({"rate_limit": "fast"}, "routes[0].rate_limit"),
+                         ({"rate_limit": "1/s", "rate_limit_burst": 0}, "routes[0].rate_limit_burst"),
+                         ({"allow": ["10.0.0.0/33"]}, "routes[0].allow"),
+                         ({"deny": ["nonsense"]}, "routes[0].deny")]:
+            with self.subTest(bad=bad):
+                with self.assertRaisesRegex(RouteError, rf"^{re.escape(key)}: "):
+                    table({"pool": "api", **bad})
 
 
 class HeaderRulesTest(unittest.TestCase):
