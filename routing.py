@@ -19,7 +19,7 @@ import hashlib
 import hmac
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 from access import AddressList, Rate, parse_rate
 from http11 import HOP_BY_HOP, Fields, Headers
@@ -101,17 +101,6 @@ class Route:
     deny: AddressList | None = None
     rate: Rate | None = None
 
-    def matches_rest(self, method: str, path: str, fields: Fields) -> bool:
-        """Everything but the host (the table has sorted routes by host already)."""
-        if self.path_prefix is not None and not path.startswith(self.path_prefix):
-            return False
-        if self.methods is not None and method not in self.methods:
-            return False
-        for lname, value in self.headers:
-            if value not in fields.index.get(lname, ()):
-                return False
-        return True
-
     def refuses(self, client: str) -> bool:
         """``deny`` first, then ``allow``: whether ``client`` gets a 403 here."""
         if self.deny is not None and client in self.deny:
@@ -121,17 +110,19 @@ class Route:
 
 # --- decisions ------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class Forward:
-    """Send the request to ``pool``, with ``target`` as the request target."""
+class Forward(NamedTuple):
+    """Send the request to ``pool``, with ``target`` as the request target.
+
+    (Decisions are NamedTuples: made per request, and a frozen dataclass's
+    ``__init__`` costs several times as much.)
+    """
 
     route: Route | None  # None: no route matched, the default pool takes it
     pool: str
     target: str
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
+class Answer(NamedTuple):
     """cclb answers itself: a redirect (``location``), a configured response, 403 or 404."""
 
     route: Route | None
@@ -144,28 +135,66 @@ class Answer:
 Decision = Forward | Answer
 
 
+# One route as the matching loop wants it: (path prefix, "" for any; methods or
+# None; header matches; wildcard suffix ".example.com" or None; the route).
+Entry = tuple[str, "frozenset[str] | None", "tuple[tuple[str, str], ...]", "str | None", "Route"]
+
+
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    """Routes that may match one host, narrowed further by the path's first segment.
+
+    A route whose prefix names a whole first segment ("/api/...") is only in
+    ``by_segment[that segment]``; the others ("/", "/api", none) are in every
+    list and in ``rest``, which serves a path whose first segment no prefix
+    names.  Every list keeps file order, so the first match still wins.
+    """
+
+    by_segment: dict[str, tuple[Entry, ...]]
+    rest: tuple[Entry, ...]
+
+    @classmethod
+    def of(cls, entries: Sequence[Entry]) -> Candidates:
+        keys = [segment_of(entry[0]) for entry in entries]
+        by_segment = {key: tuple(e for e, k in zip(entries, keys) if k is None or k == key)
+                      for key in set(keys) if key is not None}
+        return cls(by_segment, tuple(e for e, k in zip(entries, keys) if k is None))
+
+
+def segment_of(path: str) -> str | None:
+    """The first segment of ``path`` when the path goes on after it ("/a/b" -> "a"), else None."""
+    end = path.find("/", 1)
+    return path[1:end] if end > 0 else None
+
+
 @dataclass(frozen=True, eq=False)
 class RouteTable:
     """The compiled routes and the pool names they may use; swapped whole on reload.
 
-    Matching first narrows the routes by host: ``by_host`` holds, for every
-    exact host named by a route, the routes that can match it (host-less
-    ones, wildcards that cover it, and its own) in file order; any other host
-    tries ``other`` (host-less routes and wildcards, the latter checked).
+    Matching narrows the routes by host, then by the path's first segment
+    (``Candidates``): ``by_host`` holds, for every exact host named by a
+    route, the routes that can match it (host-less ones, wildcards that
+    cover it, and its own) in file order; any other host tries ``other``
+    (host-less routes and wildcards, the latter checked).
     """
 
     routes: tuple[Route, ...] = ()
     pools: frozenset[str] = frozenset({DEFAULT_POOL})
-    by_host: dict[str, tuple[Route, ...]] = field(default_factory=dict)
-    other: tuple[Route, ...] = ()
+    by_host: dict[str, Candidates] = field(default_factory=dict)
+    other: Candidates = Candidates({}, ())
 
     @classmethod
     def build(cls, routes: Sequence[Route], pools: Iterable[str]) -> RouteTable:
+        def entry(route: Route, check_host: bool) -> Entry:
+            wildcard = route.host[1:] if check_host and route.host and route.host.startswith("*.") else None
+            return (route.path_prefix or "", route.methods, route.headers, wildcard, route)
+
         exact = {route.host for route in routes if route.host and not route.host.startswith("*.")}
-        by_host = {host: tuple(route for route in routes if host_matches(route.host, host))
+        by_host = {host: Candidates.of([entry(route, False) for route in routes
+                                        if host_matches(route.host, host)])
                    for host in exact}
-        other = tuple(route for route in routes
-                      if route.host is None or route.host.startswith("*."))
+        other = Candidates.of([entry(route, True) for route in routes
+                               if route.host is None or route.host.startswith("*.")])
         return cls(tuple(routes), frozenset(pools), by_host, other)
 
     @property
@@ -193,17 +222,27 @@ def normalise_host(host: str | None) -> str:
 
 
 def match(method: str, path: str, host: str, fields: Fields, table: RouteTable) -> Route | None:
-    """The first route that takes the request, or None.  ``host`` is normalised."""
-    candidates = table.by_host.get(host)
-    if candidates is not None:
-        for route in candidates:
-            if route.matches_rest(method, path, fields):
-                return route
-        return None
-    for route in table.other:
-        if (route.host is None or host_matches(route.host, host)) and \
-                route.matches_rest(method, path, fields):
-            return route
+    """The first route that takes the request, or None.  ``host`` is normalised.
+
+    The hot loop of routing: plain tuple unpacking and string tests, the
+    cheapest test (the path prefix) first.
+    """
+    narrowed = table.by_host.get(host)
+    if narrowed is None:
+        narrowed = table.other
+    end = path.find("/", 1)
+    candidates = narrowed.rest if end < 0 else narrowed.by_segment.get(path[1:end], narrowed.rest)
+    index = fields.index
+    for prefix, methods, headers, wildcard, route in candidates:
+        if not path.startswith(prefix):
+            continue
+        if methods is not None and method not in methods:
+            continue
+        if wildcard is not None and not (host.endswith(wildcard) and len(host) > len(wildcard)):
+            continue
+        if headers and not all(value in index.get(lname, ()) for lname, value in headers):
+            continue
+        return route
     return None
 
 

@@ -56,6 +56,23 @@ class MatchTest(unittest.TestCase):
                 self.assertIsInstance(decision, Forward)
                 self.assertEqual((decision.pool, decision.target), (pool, forwarded))
 
+    def test_narrowing_by_segment_keeps_file_order(self) -> None:
+        t = table({"path_prefix": "/api/v2/", "pool": "web"},
+                  {"path_prefix": "/api", "pool": "api"},      # no trailing slash: /apiary too
+                  {"path_prefix": "/api/", "pool": "web"},     # shadowed by the one above
+                  {"host": "h.example.com", "path_prefix": "/", "pool": "web"},
+                  {"host": "*.example.com", "path_prefix": "/x/", "pool": "web"},
+                  pools=("api", "web"))
+        cases = [("/api/v2/a", "a.b", "web"), ("/api/v1", "a.b", "api"), ("/apiary/x", "a.b", "api"),
+                 ("/api", "a.b", "api"), ("/x/1", "a.example.com", "web"), ("/x/1", "a.b", None),
+                 ("/api/v2/", "h.example.com", "web"), ("/api/v1", "h.example.com", "api"),
+                 ("/other/1", "h.example.com", "web"), ("/", "h.example.com", "web"),
+                 ("/", "a.b", None), ("/x", "a.example.com", None)]
+        for target, host, pool in cases:
+            with self.subTest(target=target, host=host):
+                decision = request(t, target, host)
+                self.assertEqual(decision.pool if isinstance(decision, Forward) else None, pool)
+
     def test_redirect_keeps_the_query(self) -> None:
         cases = [
             ("/old", "https://example.com/new"),
