@@ -198,6 +198,7 @@ class Process:
                                          on_change=self.on_admin_change)
                 # The dashboard's client-side row: this listener's (or, adopted, all workers').
                 self.admin.frontend = lambda: self.cluster.frontend.snapshot().dashboard()
+                self.admin.routing = lambda: self.routing  # read at each request: reloads swap it
             except OSError as error:
                 raise listen_error("admin port ", self.config.admin_host,
                                    self.config.admin_port, error) from None

@@ -133,6 +133,7 @@ class ClusterStats:
     unrouted: dict[int, int]  # answers given without a backend, by status
     # The client side: rejections, responses by source, bytes, connections.
     frontend: FrontendCounters = field(default_factory=FrontendCounters)
+    pool: str = "default"  # the pool's name
 
 
 class Attempt:
@@ -300,7 +301,7 @@ class ServerCluster:
         frontend = self.frontend.snapshot()  # outside our lock: it reads the server's
         with self._lock:
             return ClusterStats(self.policy.name, [b.stats() for b in self.backends],
-                                dict(self.unrouted), frontend)
+                                dict(self.unrouted), frontend, self.name)
 
     def backend_stats(self, backend: Backend) -> BackendStats:
         with self._lock:
