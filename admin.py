@@ -357,7 +357,11 @@ class AdminHandler(BaseHTTPRequestHandler):
             self.reply_json(200, document)
         elif path == "/metrics":
             front, pools, routing = self.server.pool_stats()
-            routes = routing.counters.snapshot() if routing is not None else None
+            routes = None
+            if routing is not None:  # every route of the table, counted or not yet
+                counts = routing.counters.snapshot()
+                routes = {route.name: counts.get(route.name, [0, 0, 0])
+                          for route in routing.table.routes}
             self.reply(200, metrics.render(front, pools, routes).encode(),
                        "text/plain; version=0.0.4; charset=utf-8")
         else:

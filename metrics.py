@@ -99,6 +99,7 @@ REJECT_REASONS = {
     400: "bad_request", 405: "method_not_allowed", 408: "header_timeout",
     413: "body_too_large", 414: "uri_too_long", 417: "expectation_failed",
     431: "headers_too_large", 501: "not_implemented", 505: "version_not_supported",
+    403: "denied", 404: "no_route", 429: "rate_limited",  # [[routes]]: allow/deny, no match, rate_limit
 }
 MAX_CONNECTIONS = "max_connections"  # turned away at --max-connections (a 503, then close)
 BODY_TIMEOUT = "body_timeout"  # a 408 while reading the request body, not its head

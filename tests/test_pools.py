@@ -180,8 +180,8 @@ def start_backend(test: type[unittest.TestCase], name: str) -> int:
 
 
 def start_balancer(test: type[unittest.TestCase], path: str) -> cclb.Balancer:
-    """cclb in this process (the single role) with the config file ``path``."""
-    config = settings.resolve({"config": path, "port": 0, "host": "127.0.0.1",
+    """cclb in this process (the single role, admin API on a free port) with the config ``path``."""
+    config = settings.resolve({"config": path, "port": 0, "host": "127.0.0.1", "admin_port": 0,
                                "access_log": "off", "log_level": "warning"})
     balancer = cclb.Balancer(config, cclb.Role.SINGLE)
     balancer.start()
@@ -382,6 +382,56 @@ class TwoServicesTest(unittest.TestCase):
         self.assertEqual({b.url: b.id for b in self.balancer.routing.pools["api"].snapshot()},
                          {url: id for url, id in api_ids.items() if str(self.ports["api1"]) in url})
         self.assertEqual(client.echo("/api/echo", "api.example.com")["server"], "api1")
+
+    def admin(self, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+        assert self.balancer.admin is not None
+        conn = http.client.HTTPConnection("127.0.0.1", self.balancer.admin.server_port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                     headers={"Content-Type": "application/json"} if body is not None else {})
+        response = conn.getresponse()
+        return response.status, response.read()
+
+    def test_admin_status_metrics_and_adding_to_a_pool(self) -> None:
+        client = Client(self, self.port)
+        client.echo("/echo", "www.example.com")
+        client.get("/private", "x")  # 403
+        status, body = self.admin("GET", "/status")
+        document = json.loads(body)
+        self.assertEqual([p["name"] for p in document["pools"]], ["api", "web"])
+        self.assertEqual(document["pools"][0]["sticky_cookie"], "cclb_api")
+        self.assertEqual(document["backends"], [])  # no pool default in this configuration
+        self.assertIsNone(document["default_route"])
+        ids = [b["id"] for p in document["pools"] for b in p["backends"]]
+        self.assertEqual(len(ids), len(set(ids)))  # unique across pools
+        routes = {r["name"]: r for r in document["routes"]}
+        self.assertEqual(list(routes), ["api", "1", "2", "private", "limited", "web"])
+        self.assertEqual(routes["api"]["match"], {"host": "api.example.com", "path_prefix": "/api/"})
+        self.assertEqual((routes["1"]["redirect"], routes["1"]["status"]), ("https://example.com/new", 301))
+        self.assertGreaterEqual(routes["web"]["requests"], 1)
+        self.assertGreaterEqual(routes["private"]["denied"], 1)
+        status, body = self.admin("GET", "/metrics")
+        text = body.decode()
+        web = f"http://127.0.0.1:{self.ports['web']}"
+        self.assertRegex(text, rf'cclb_backend_up{{backend="{web}",pool="web"}} 1\n')
+        self.assertRegex(text, rf'cclb_requests_total{{backend="{web}",pool="web",code="200"}} \d+')
+        self.assertRegex(text, r'cclb_route_requests_total{route="web"} [1-9]')
+        self.assertRegex(text, r'cclb_route_denied_total{route="private"} [1-9]')
+        self.assertIn('cclb_route_limited_total{route="limited"}', text)
+        # POST /backends takes a pool; a URL already in another pool is a conflict.
+        extra = start_backend(type(self), "web2")
+        status, body = self.admin("POST", "/backends", {"url": f"127.0.0.1:{extra}", "pool": "web"})
+        self.assertEqual(status, 201, body)
+        added = json.loads(body)
+        self.assertEqual(added["pool"], "web")
+        self.assertNotIn(added["id"], ids)
+        status, body = self.admin("POST", "/backends", {"url": f"127.0.0.1:{extra}", "pool": "api"})
+        self.assertEqual((status, json.loads(body)["error"]),
+                         (409, f"http://127.0.0.1:{extra} is already a backend (pool web)"))
+        status, body = self.admin("POST", "/backends", {"url": "127.0.0.1:1", "pool": "nope"})
+        self.assertEqual(status, 404, body)
+        status, body = self.admin("DELETE", f"/backends/{added['id']}")
+        self.assertEqual(status, 200, body)
 
     def reload(self, text: str | None) -> None:
         if text is not None:
