@@ -284,6 +284,10 @@ class Process:
     def tick(self) -> None:
         """One round of the main loop (every 0.1 s)."""
 
+    def all_clusters(self) -> list[ServerCluster]:
+        """The front pool first, then every other pool (for workers' snapshots and counters)."""
+        return [self.cluster, *(c for c in self.routing.pools.values() if c is not self.cluster)]
+
     def close_pools(self) -> None:
         for cluster in {id(c): c for c in [self.cluster, *self.routing.pools.values()]}.values():
             cluster.close()
@@ -356,8 +360,9 @@ class Balancer(Process):
         assert self.server is not None
         if self.role is Role.WORKER:
             spawn(workers.follow_supervisor, "supervisor-link",
-                  self.cluster, sys.stdin.fileno(), self.on_supervisor_gone)
-            spawn(workers.report_counters, "counter-report", self.cluster, self.stopped)
+                  self.all_clusters, sys.stdin.fileno(), self.on_supervisor_gone)
+            spawn(workers.report_counters, "counter-report", self.all_clusters, self.stopped,
+                  self.routing.counters)
             sys.stdout.buffer.write(workers.READY_LINE)
             sys.stdout.flush()
         else:
@@ -450,6 +455,8 @@ class SupervisorProcess(Process):
     def __init__(self, config: Config, argv: list[str]) -> None:
         super().__init__(config)
         self.supervisor = workers.Supervisor(config, argv, self.cluster)
+        self.supervisor.pools = self.all_clusters
+        self.supervisor.route_counters = self.routing.counters
 
     def on_health_round(self) -> None:
         self.supervisor.publish_state()

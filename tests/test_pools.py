@@ -16,7 +16,7 @@ from pathlib import Path
 import cclb
 import server
 import settings
-from tests.support import wait_for
+from tests.support import Balancer, admin_status, wait_admin_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -439,6 +439,52 @@ class TwoServicesTest(unittest.TestCase):
         with self.assertLogs("cclb", "WARNING") as logs:
             self.balancer.reload()
         self.assertIn("configuration reloaded", logs.output[-1])
+
+
+class WorkersTest(unittest.TestCase):
+    """--workers 2 with two pools: routing in every worker, one view in the supervisor."""
+
+    def test_pools_and_route_counters_across_workers(self) -> None:
+        ports = {name: start_backend(type(self), name) for name in ("a", "b")}
+        path = write_config(self, f"""
+            health_interval = 0.5
+            access_log = "off"
+            [pools.one]
+            backends = ["127.0.0.1:{ports['a']}"]
+            sticky_cookie = "s1"
+            [pools.two]
+            backends = ["127.0.0.1:{ports['b']}"]
+            [[routes]]
+            name = "to-two"
+            path_prefix = "/two/"
+            strip_prefix = true
+            pool = "two"
+            [[routes]]
+            name = "to-one"
+            pool = "one"
+            """)
+        balancer = Balancer([], "--config", path, "--workers", "2", "--admin-port", "0")
+        self.addCleanup(balancer.stop)
+        admin = wait_admin_port(balancer)
+        cookies = set()
+        for i in range(8):
+            status, headers, body = Client(self, balancer.port).get(f"/two/echo?i={i}")
+            self.assertEqual((status, json.loads(body)["server"], json.loads(body)["path"]),
+                             (200, "b", "/echo"))
+            status, headers, body = Client(self, balancer.port).get("/echo")
+            self.assertEqual(json.loads(body)["server"], "a")
+            cookies.add(headers["Set-Cookie"])
+        self.assertEqual(len(cookies), 1, "every worker makes the same sticky cookie value")
+
+        def settled() -> dict | None:
+            document = admin_status(self, balancer, admin)
+            routes = {r["name"]: r["requests"] for r in document["routes"]}
+            return document if routes == {"to-two": 8, "to-one": 8} else None
+        document = wait_for(settled, 10, message="the workers' route counters")
+        pools = {p["name"]: p for p in document["pools"]}
+        self.assertEqual(sorted(pools), ["one", "two"])
+        self.assertEqual(pools["two"]["backends"][0]["requests"], 8)
+        self.assertEqual(pools["one"]["backends"][0]["state"], "up")
 
 
 def routing_value(url: str) -> str:
