@@ -29,6 +29,7 @@ from typing import Any, NamedTuple, Sequence
 
 import http11
 from access import real_client
+from proxy_protocol import ProxyProtocolError, read_proxy_header
 from cluster import Attempt, Backend, Routing, ServerCluster
 from forwarding import (BUFFERED, NO_BODY, TRACE_ALLOW, Request, ResponsePlan, check_request_head,
                         error_closes_connection, new_request_id, request_id_for, response_plan,
@@ -503,7 +504,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.tls = isinstance(self.connection, ssl.SSLSocket)
         self.handshake_failed = False
         self.timed_out = False
-        if self.tls:
+        if self.server.config.proxy_protocol:  # before TLS: the header precedes the ClientHello
+            self.handshake_failed = not self.take_proxy_header()
+        if self.tls and not self.handshake_failed:
             self.handshake_failed = not self.handshake()
         self.timeout_now = self.server.config.keepalive_timeout
         set_timeouts(self.connection, self.timeout_now)
@@ -543,6 +546,32 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return False
         finally:
             self.server.watchdog.unwatch(self)
+
+    def take_proxy_header(self) -> bool:
+        """``proxy_protocol``: read the PROXY header; its source becomes the client address.
+
+        Accepted only from a trusted proxy; anything else (an untrusted peer,
+        a malformed or late header, a reset) closes the connection quietly
+        (logged at DEBUG, never a traceback).  The header is read from the
+        raw socket even on a TLS listener: it precedes the TLS handshake.
+        """
+        peer = self.client_address[0]
+        routing = self.server.routing
+        if routing is None or not routing.trusted or peer not in routing.trusted:
+            log.debug("PROXY protocol: %s is not a trusted proxy; connection closed", peer)
+            return False
+        sock = self.connection
+        raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
+        try:
+            header = read_proxy_header(raw, self.server.config.header_timeout)
+        except (ProxyProtocolError, OSError) as error:  # TimeoutError is an OSError
+            log.debug("PROXY protocol header from %s refused: %s", peer, error)
+            return False
+        finally:
+            raw.detach()  # the fd stays the connection's
+        if header.source is not None:
+            self.client_address = header.source
+        return True
 
     def handle(self) -> None:
         if not self.handshake_failed:

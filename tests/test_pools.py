@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -16,7 +18,7 @@ from pathlib import Path
 import cclb
 import server
 import settings
-from tests.support import Balancer, admin_status, wait_admin_port, wait_for
+from tests.support import Balancer, admin_status, read_until_close, wait_admin_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -439,6 +441,63 @@ class TwoServicesTest(unittest.TestCase):
         with self.assertLogs("cclb", "WARNING") as logs:
             self.balancer.reload()
         self.assertIn("configuration reloaded", logs.output[-1])
+
+
+class ProxyProtocolTest(unittest.TestCase):
+    """proxy_protocol = true: the header's source is the client; anything else is closed."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        port = start_backend(cls, "web")
+        handle, path = tempfile.mkstemp(suffix=".toml")
+        with os.fdopen(handle, "w") as out:
+            out.write(textwrap.dedent(f"""
+                health_interval = 0
+                trusted_proxies = ["127.0.0.1"]
+                proxy_protocol = true
+                header_timeout = 2
+                backends = ["127.0.0.1:{port}"]
+                [[routes]]
+                path_prefix = "/private"
+                respond = 200
+                body = "inside"
+                allow = ["203.0.113.0/24"]
+                """))
+        cls.addClassCleanup(os.unlink, path)
+        cls.port = start_balancer(cls, path).port()
+
+    def exchange(self, data: bytes, source: str = "127.0.0.1") -> bytes:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10,
+                                        source_address=(source, 0))
+        self.addCleanup(sock.close)
+        sock.sendall(data)
+        return read_until_close(sock, 10)
+
+    def test_v1_and_v2_headers_give_the_client_address(self) -> None:
+        v2 = (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + socket.inet_aton("203.0.113.9")
+              + socket.inet_aton("10.0.0.1") + struct.pack("!HH", 5555, 80))
+        for header in (b"PROXY TCP4 203.0.113.5 10.0.0.1 5555 80\r\n", v2):
+            with self.subTest(header=header[:12]):
+                answer = self.exchange(header + b"GET /private HTTP/1.1\r\nHost: x\r\n"
+                                       b"Connection: close\r\n\r\n")
+                self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+                self.assertTrue(answer.endswith(b"inside\n"), answer)
+        answer = self.exchange(b"PROXY TCP4 198.51.100.1 10.0.0.1 5555 80\r\n"
+                               b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        echo = json.loads(answer.partition(b"\r\n\r\n")[2])
+        self.assertIn(["X-Forwarded-For", "198.51.100.1"], echo["headers"])  # not the proxy
+        answer = self.exchange(b"PROXY TCP4 198.51.100.1 10.0.0.1 5555 80\r\n"
+                               b"GET /private HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 403 "), answer)
+
+    def test_no_bad_or_untrusted_header_closes_without_an_answer(self) -> None:
+        cases = [(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "127.0.0.1"),  # no header
+                 (b"PROXY TCP4 999.0.0.1 10.0.0.1 1 2\r\nGET / HTTP/1.1\r\n\r\n", "127.0.0.1"),
+                 (b"PROXY TCP4 203.0.113.5 10.0.0.1 5555 80\r\nGET / HTTP/1.1\r\n\r\n",
+                  "127.0.0.2")]  # from a peer that is not a trusted proxy
+        for data, source in cases:
+            with self.subTest(data=data[:20], source=source):
+                self.assertEqual(self.exchange(data, source), b"")
 
 
 class WorkersTest(unittest.TestCase):
