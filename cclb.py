@@ -55,7 +55,7 @@ DEMO_PORTS = (7000, 7001, 7002)
 DEMO_PORTS_ENV = "CCLB_DEMO_PORTS"
 
 # Settings that belong to the listening sockets: a reload cannot change them.
-RESTART_ONLY = ("host", "port", "workers", "admin_port", "admin_host", "redirect_http")
+RESTART_ONLY = ("host", "port", "workers", "admin_port", "admin_host", "redirect_http", "sticky_secret")
 
 log = logging.getLogger("cclb")
 
