@@ -14,6 +14,7 @@ import textwrap
 import threading
 import unittest
 from pathlib import Path
+from unittest import mock
 
 import cclb
 import server
@@ -422,7 +423,8 @@ class TwoServicesTest(unittest.TestCase):
         self.assertIn('cclb_route_limited_total{route="limited"}', text)
         # POST /backends takes a pool; a URL already in another pool is a conflict.
         extra = start_backend(type(self), "web2")
-        status, body = self.admin("POST", "/backends", {"url": f"127.0.0.1:{extra}", "pool": "web"})
+        with self.assertLogs("cclb", "WARNING"):
+            status, body = self.admin("POST", "/backends", {"url": f"127.0.0.1:{extra}", "pool": "web"})
         self.assertEqual(status, 201, body)
         added = json.loads(body)
         self.assertEqual(added["pool"], "web")
@@ -432,8 +434,65 @@ class TwoServicesTest(unittest.TestCase):
                          (409, f"http://127.0.0.1:{extra} is already a backend (pool web)"))
         status, body = self.admin("POST", "/backends", {"url": "127.0.0.1:1", "pool": "nope"})
         self.assertEqual(status, 404, body)
-        status, body = self.admin("DELETE", f"/backends/{added['id']}")
+        with self.assertLogs("cclb", "WARNING"):
+            status, body = self.admin("DELETE", f"/backends/{added['id']}")
         self.assertEqual(status, 200, body)
+
+    def test_a_request_is_routed_entirely_under_the_table_it_started_with(self) -> None:
+        """Forced interleaving: the reload lands between the decision and the pool lookup."""
+        import proxy
+        decided, release = threading.Event(), threading.Event()
+        real_decide = proxy.decide
+
+        def slow_decide(*args):  # type: ignore[no-untyped-def]
+            decision = real_decide(*args)
+            if args[1] == "/echo" and not decided.is_set():
+                decided.set()
+                release.wait(10)
+            return decision
+
+        result: list = []
+        client = Client(self, self.port)
+        with mock.patch.object(proxy, "decide", slow_decide):
+            thread = threading.Thread(target=lambda: result.append(
+                client.echo("/echo", "www.example.com")["server"]))
+            thread.start()
+            self.assertTrue(decided.wait(10))
+            # The new table sends this route to the pool api (a pool the old one had too).
+            self.addCleanup(self.reload, TWO_SERVICES)
+            self.reload(TWO_SERVICES.replace('host = "*.example.com"\n    pool = "web"',
+                                             'host = "*.example.com"\n    pool = "api"'))
+            release.set()
+            thread.join(10)
+        self.assertEqual(result, ["web"])  # the old decision, the old table's pool
+        self.assertIn(Client(self, self.port).echo("/echo", "www.example.com")["server"],
+                      {"api1", "api2"})
+
+    def test_reloads_under_keep_alive_traffic_fail_no_request(self) -> None:
+        stop = threading.Event()
+        outcomes: list = []
+
+        def traffic() -> None:
+            client = Client(self, self.port)
+            while not stop.is_set():
+                status, _, body = client.get("/echo", "www.example.com")
+                outcomes.append((status, json.loads(body)["server"] if status == 200 else body))
+
+        threads = [threading.Thread(target=traffic) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        self.addCleanup(self.reload, TWO_SERVICES)
+        moved = TWO_SERVICES.replace('host = "*.example.com"\n    pool = "web"',
+                                     'host = "*.example.com"\n    pool = "api"')
+        for i in range(6):
+            wait_for(lambda n=len(outcomes): len(outcomes) > n + 3, 10, message="traffic")
+            self.reload(moved if i % 2 == 0 else TWO_SERVICES)
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        self.assertTrue(outcomes)
+        self.assertEqual([o for o in outcomes if o[0] != 200], [])
+        self.assertEqual({server for _, server in outcomes} - {"web", "api1", "api2"}, set())
 
     def reload(self, text: str | None) -> None:
         if text is not None:
@@ -441,6 +500,41 @@ class TwoServicesTest(unittest.TestCase):
         with self.assertLogs("cclb", "WARNING") as logs:
             self.balancer.reload()
         self.assertIn("configuration reloaded", logs.output[-1])
+
+
+class PoolHealthTest(unittest.TestCase):
+    """Each pool has its own health checker with its own settings."""
+
+    def test_each_pool_checks_with_its_own_path(self) -> None:
+        ports = {name: start_backend(type(self), name) for name in ("a", "b")}
+        path = write_config(self, f"""
+            health_interval = 0.1
+            health_timeout = 1
+            [pools.ok]
+            backends = ["127.0.0.1:{ports['a']}"]
+            health_path = "/health"
+            [pools.bad]
+            backends = ["127.0.0.1:{ports['b']}"]
+            health_path = "/no-such-page"
+            [[routes]]
+            path_prefix = "/bad/"
+            pool = "bad"
+            [[routes]]
+            pool = "ok"
+            """)
+        with self.assertLogs("cclb", "WARNING") as logs:
+            balancer = start_balancer(type(self), path)
+            bad = balancer.routing.pools["bad"]
+            wait_for(lambda: not bad.snapshot()[0].healthy, 10, message="the bad pool's check")
+        self.assertIn(f"backend http://127.0.0.1:{ports['b']} is DOWN: HTTP 404", "\n".join(logs.output))
+        self.assertTrue(balancer.routing.pools["ok"].snapshot()[0].healthy)
+        self.assertEqual(sorted(balancer.checkers), ["bad", "ok"])
+        client = Client(self, balancer.port())
+        self.assertEqual(client.echo("/echo")["server"], "a")
+        with self.assertLogs("cclb", "WARNING") as logs:
+            status, headers, _ = client.get("/bad/echo")
+        self.assertEqual((status, headers["Retry-After"]), (503, "1"))
+        self.assertIn("no backend available", logs.output[0])
 
 
 class ProxyProtocolTest(unittest.TestCase):
