@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Hashable, Iterable, Sequence
 
+
 def _address_bits(address: str) -> tuple[int, int] | None:
     """``(version, integer)`` of a textual address, or None when it is not one.
 
@@ -53,6 +54,8 @@ class AddressList:
     __slots__ = ("what", "networks", "_v4", "_v6")
 
     def __init__(self, entries: Iterable[str], what: str) -> None:
+        if isinstance(entries, (str, bytes)):  # a lone string would be read character by character
+            raise ValueError(f"{what}: expected a list of addresses or CIDRs, got {entries!r}")
         self.what = what
         networks: list[IPv4Network | IPv6Network] = []
         v4: dict[int, set[int]] = {}
@@ -171,10 +174,14 @@ def real_client(peer: str, forwarded_for: Sequence[str], trusted: AddressList) -
     walked over (a trusted proxy), or the peer when there is none, is the
     client: the element was written either by a trusted proxy that did not
     know its client (e.g. nginx/Squid's ``unknown``) or by the client
-    itself, and in both cases nothing to its left can be believed.  This is
-    nginx's ``real_ip_recursive`` and HAProxy's behaviour; the first untrusted
-    element (not the left-most one) is used for the same reason.  Returned
-    addresses from the header are canonical text (``2001:db8::1``).
+    itself, and in both cases nothing to its left can be believed.  nginx's
+    ``real_ip_recursive`` does the same with an unparsable element (its
+    ``ngx_http_get_forwarded_addr_internal`` keeps the last good address);
+    nginx skips empty elements where we stop (no well-behaved proxy writes
+    one, so it is the client's).  The first untrusted element from the right,
+    never the left-most one, is the client for the same reason: everything
+    left of it is the client's own text.  Addresses taken from the header are
+    returned as canonical text (``2001:db8::1``; a port is dropped).
     """
     if not trusted or peer not in trusted:
         return peer
@@ -280,10 +287,9 @@ class RateLimiter:
                 bucket = buckets[key] = _Bucket(tokens, now, now)
             else:
                 buckets.move_to_end(key)
-                elapsed = now - bucket.stamp
-                tokens = bucket.tokens
-                if elapsed > 0:
-                    tokens = min(rate.burst, tokens + elapsed * rate.per_second)
+                # min(): also when a reload lowered the burst.  (A test pauses a take between
+                # reading bucket.tokens and reading rate.per_second, to force a concurrent take.)
+                tokens = min(rate.burst, bucket.tokens + max(0.0, now - bucket.stamp) * rate.per_second)
             if tokens >= 1.0:
                 tokens -= 1.0
                 wait = 0.0
@@ -295,7 +301,7 @@ class RateLimiter:
             return wait
 
     def _make_room(self, now: float) -> None:
-        """Before adding a key: drop full buckets from the old end, then the oldest if still full."""
+        """Before adding a key: drop full buckets at the old end, then the oldest if still at max_keys."""
         buckets = self._buckets  # caller holds _lock
         for _ in range(self.SWEEP):
             if not buckets:

@@ -27,6 +27,8 @@ class ProxyProtocolError(ValueError):
 
 @dataclass(frozen=True)
 class ProxyHeader:
+    """What the proxy in front said about the connection; ``source`` is the client when set."""
+
     version: int  # 1 or 2
     command: str  # "PROXY", or "LOCAL" (v2 LOCAL, v1 UNKNOWN): the real connection's addresses apply
     source: tuple[str, int] | None  # (address, port) of the client; None: use the peer address

@@ -5,9 +5,12 @@ Pure tests (no sockets); the clock is passed in.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
+import time
 import unittest
+from typing import Callable
 
 from access import AddressList, Rate, RateLimiter, parse_rate, real_client
 
@@ -65,6 +68,11 @@ class AddressListTest(unittest.TestCase):
                 with self.assertRaises(ValueError) as caught:
                     AddressList(["127.0.0.1", entry], "allow")  # type: ignore[list-item]
                 self.assertEqual(str(caught.exception), f"allow: {entry!r} is not an address or CIDR")
+
+    def test_a_string_is_not_a_list(self) -> None:
+        with self.assertRaises(ValueError) as caught:
+            AddressList("10.0.0.0/8", "deny")
+        self.assertEqual(str(caught.exception), "deny: expected a list of addresses or CIDRs, got '10.0.0.0/8'")
 
     def test_equality_for_reload_comparisons(self) -> None:
         self.assertEqual(AddressList(["10.0.0.0/8"], "allow"), AddressList(["10.0.0.1/8"], "deny"))
@@ -200,6 +208,13 @@ class RateLimiterTest(unittest.TestCase):
         self.assertAlmostEqual(limiter.take("k", rate, 50.5), 0.5)
         self.assertEqual(limiter.take("k", rate, 51.0), 0.0)
 
+    def test_a_lower_burst_applies_at_once(self) -> None:
+        limiter = RateLimiter()
+        limiter.take("k", parse_rate("1/s", 100), 0.0)  # 99 tokens left
+        small = parse_rate("1/s", 2)
+        self.assertEqual([limiter.take("k", small, 0.0) for _ in range(2)], [0.0, 0.0])
+        self.assertGreater(limiter.take("k", small, 0.0), 0.0)
+
     def test_denied_requests_do_not_spend(self) -> None:
         limiter = RateLimiter()
         rate = parse_rate("1/s")
@@ -245,6 +260,60 @@ class RateLimiterTest(unittest.TestCase):
         self.assertEqual(len(limiter), 100)
         self.assertEqual(limiter.take(150, rate, 10.0), 0.0)
 
+    def test_a_take_waits_for_another_in_its_read_modify_write(self) -> None:
+        """Force the interleaving: A has read the bucket's last token and is paused before writing
+        it back; B takes from the same bucket.  B must wait for A (RateLimiter._lock), so exactly
+        one of them gets the token."""
+        limiter = RateLimiter()
+        plain = parse_rate("1/s", 1)
+        limiter.take("k", plain, 0.0)  # empty now; at t=1 exactly one token is back
+        lines, first = inspect.getsourcelines(RateLimiter.take)
+        lock_line = first + next(i for i, line in enumerate(lines) if "with self._lock" in line)
+        b_started, b_done = threading.Event(), threading.Event()
+        results: dict[str, float] = {}
+        threads: dict[str, threading.Thread] = {}
+
+        def b_waits_at_the_lock() -> bool:
+            frame = sys._current_frames().get(threads["b"].ident or 0)
+            return frame is not None and frame.f_code is RateLimiter.take.__code__ \
+                and frame.f_lineno == lock_line
+
+        def pause_a() -> None:  # runs inside A's take, between reading and writing the tokens
+            b_started.set()
+            deadline = time.monotonic() + 5
+            steady = 0
+            while not b_done.is_set() and steady < 3:  # B finished (no lock) or B stays blocked
+                steady = steady + 1 if b_waits_at_the_lock() else 0
+                if time.monotonic() > deadline:
+                    results["stuck"] = 1.0  # B neither finished nor waited at the lock
+                    return
+                time.sleep(0.001)
+
+        hooked = _HookedRate(1.0, 1.0)
+        object.__setattr__(hooked, "hook", pause_a)
+
+        def run_a() -> None:
+            results["a"] = limiter.take("k", hooked, 1.0)
+
+        def run_b() -> None:
+            if not b_started.wait(5):
+                return  # the hook never ran
+            results["b"] = limiter.take("k", plain, 1.0)
+            b_done.set()
+
+        threads["a"] = threading.Thread(target=run_a)
+        threads["b"] = threading.Thread(target=run_b)
+        for thread in threads.values():
+            thread.start()
+        for thread in threads.values():
+            thread.join(10)
+            self.assertFalse(thread.is_alive())
+        self.assertTrue(b_started.is_set(), "the hook never ran: take() no longer reads rate.per_second "
+                                            "between reading and writing the tokens; move the hook")
+        self.assertNotIn("stuck", results)
+        self.assertEqual(results["a"], 0.0)  # A read the token first and kept it
+        self.assertGreater(results["b"], 0.0)  # B saw A's write, not the token A had already read
+
     def hammer(self, limiter: RateLimiter, rate: Rate, churn: bool) -> int:
         """8 threads take 300 tokens each from one key at a frozen clock; how many were granted."""
         old = sys.getswitchinterval()
@@ -284,6 +353,21 @@ class RateLimiterTest(unittest.TestCase):
     def test_bad_max_keys(self) -> None:
         with self.assertRaises(ValueError):
             RateLimiter(max_keys=0)
+
+
+class _HookedRate(Rate):
+    """A Rate that calls ``hook`` (once) when ``take`` reads ``per_second``: in the middle of the
+    bucket's read-modify-write (the refill reads the tokens, then the rate, then writes)."""
+
+    hook: Callable[[], None] | None = None
+
+    def __getattribute__(self, name: str) -> object:
+        if name == "per_second":
+            hook = object.__getattribute__(self, "hook")
+            if hook is not None:
+                object.__setattr__(self, "hook", None)
+                hook()
+        return object.__getattribute__(self, name)
 
 
 if __name__ == "__main__":
