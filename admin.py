@@ -109,11 +109,14 @@ def status_document(stats: ClusterStats, config: Config) -> dict[str, Any]:
             "settings": settings, "time": now}
 
 
-def routing_document(pools: list[ClusterStats], routing: Routing) -> dict[str, Any]:
-    """/status "pools" (each with its backends), "routes" (with counters), "default_route"."""
+def routing_document(front: ClusterStats, pools: list[ClusterStats],
+                     routing: Routing) -> dict[str, Any]:
+    """/status "pools" (each with its backends), "routes" (with counters), "default_route",
+    and "unrouted" over every pool (the 404s of no route included)."""
     now = time.time()
     counts = routing.counters.snapshot()
     return {
+        "unrouted": {str(code): n for code, n in total_unrouted(front, pools).items()},
         "pools": [{"name": p.pool, "policy": p.policy,
                    "sticky_cookie": routing.pools[p.pool].sticky_cookie if p.pool in routing.pools else None,
                    "backends": [backend_json(b, now) for b in p.backends],
@@ -123,6 +126,16 @@ def routing_document(pools: list[ClusterStats], routing: Routing) -> dict[str, A
                    for route in routing.table.routes],
         "default_route": routing.table.default,  # where unmatched requests go (None: 404)
     }
+
+
+def total_unrouted(front: ClusterStats, pools: list[ClusterStats]) -> dict[int, int]:
+    """Answers given without a backend, by status, over every pool (``front`` once)."""
+    total = dict(front.unrouted)
+    for p in pools:
+        if p is not front:
+            for code, n in p.unrouted.items():
+                total[code] = total.get(code, 0) + n
+    return total
 
 
 def route_json(route: Route, counts: list[int]) -> dict[str, Any]:
@@ -346,7 +359,7 @@ class AdminHandler(BaseHTTPRequestHandler):
             front, pools, routing = self.server.pool_stats()
             document = status_document(front, self.server.get_config())
             if routing is not None:
-                document.update(routing_document(pools, routing))
+                document.update(routing_document(front, pools, routing))
             document["history"] = self.server.history.to_json()
             frontend = self.server.frontend
             if frontend is not None:
@@ -559,7 +572,7 @@ class AdminServer(ThreadingHTTPServer):
         self.request_deadlines = Deadlines("admin request deadlines")
         self.last_refusal_log = -REFUSAL_LOG_INTERVAL
         # The dashboard's 15 minutes of traffic; sampled while serve_forever runs.
-        self.history = metrics.TrafficHistory(cluster.stats)
+        self.history = metrics.TrafficHistory(self.all_stats)
         # Optional, set by the process: the proxy's own numbers, shown by /status as
         # "frontend" ({"open_connections": N, "rejected": {reason: N}}) when set.
         self.frontend: Callable[[], dict[str, Any]] | None = None
@@ -575,6 +588,14 @@ class AdminServer(ThreadingHTTPServer):
             return [self.cluster]
         routing = self.routing()
         return list(routing.pools.values()) or [self.cluster]
+
+    def all_stats(self) -> ClusterStats:
+        """Every pool's backends in one copy (the dashboard's history charts them all)."""
+        front, pools, _ = self.pool_stats()
+        if len(pools) == 1 and pools[0] is front:
+            return front
+        return ClusterStats(front.policy, [b for p in pools for b in p.backends],
+                            total_unrouted(front, pools), front.frontend, front.pool)
 
     def pool_stats(self) -> tuple[ClusterStats, list[ClusterStats], Routing | None]:
         """Copies of the front pool's and every pool's state, and the routing in force."""

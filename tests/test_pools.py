@@ -399,12 +399,16 @@ class TwoServicesTest(unittest.TestCase):
         client = Client(self, self.port)
         client.echo("/echo", "www.example.com")
         client.get("/private", "x")  # 403
+        client.get("/echo", "other.org")  # 404: no route, no pool default
         status, body = self.admin("GET", "/status")
         document = json.loads(body)
         self.assertEqual([p["name"] for p in document["pools"]], ["api", "web"])
         self.assertEqual(document["pools"][0]["sticky_cookie"], "cclb_api")
         self.assertEqual(document["backends"], [])  # no pool default in this configuration
         self.assertIsNone(document["default_route"])
+        self.assertGreaterEqual(document["unrouted"].get("404", 0), 1)
+        self.assertEqual(self.balancer.admin.all_stats().backends[0].url,
+                         document["pools"][0]["backends"][0]["url"])  # the charts see every pool
         ids = [b["id"] for p in document["pools"] for b in p["backends"]]
         self.assertEqual(len(ids), len(set(ids)))  # unique across pools
         routes = {r["name"]: r for r in document["routes"]}
