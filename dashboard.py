@@ -327,8 +327,9 @@ async function refresh() {
     drawFrontend(status.frontend, status.unrouted);
     drawRoutes(status.routes, status.default_route);
     const up = status.backends.filter(b => b.state === "up").length;
-    const pools = status.pools && status.pools.length > 1 ? status.pools.length + " pools \\u00b7 " : "";
-    document.getElementById("summary").textContent = pools + status.policy + " \\u00b7 " + up + "/" +
+    const pools = status.pools && (status.pools.length > 1 || status.pools[0].name !== "default")
+      ? status.pools.map(p => p.name + " (" + p.policy + ")").join(", ") : status.policy;
+    document.getElementById("summary").textContent = pools + " \\u00b7 " + up + "/" +
       status.backends.length + " backends up \\u00b7 " + total.toFixed(1) + " req/s \\u00b7 updated " +
       new Date(status.time * 1000).toLocaleTimeString();
     document.getElementById("error").textContent = "";
