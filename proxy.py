@@ -833,7 +833,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             else:
                 routing.front.count_unrouted(decision.status)
             self.answer(request, decision.status, decision.body, decision.location,
-                        decision.refused)
+                        decision.refused, rules=None if route is None else route.response_headers)
             return None
         cluster = routing.pools[decision.pool]
         if route is not None:
@@ -858,9 +858,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return request, cluster, sticky
 
     def answer(self, request: Request, status: int, text: str, location: str | None,
-               refused: bool, retry_after: int | None = None) -> None:
-        """An answer a route makes (redirect, respond) or a refusal (403, 404, 429)."""
+               refused: bool, retry_after: int | None = None,
+               rules: HeaderRules | None = None) -> None:
+        """An answer a route makes (redirect, respond) or a refusal (403, 404, 429).
+
+        The route's ``response_headers`` set/add fields go on a redirect or a
+        configured response too (not on refusals).
+        """
         extra = [("Location", location)] if location is not None else []
+        if rules and not refused:
+            extra.extend(rules.set)
+            extra.extend(rules.add)
         if self.tls and self.server.config.hsts:
             extra.append(("Strict-Transport-Security", f"max-age={self.server.config.hsts}"))
         close = self.close_connection or self.body_pending or self.server.draining

@@ -237,6 +237,7 @@ TWO_SERVICES = """
     path_prefix = "/gone"
     respond = 410
     body = "gone for good"
+    response_headers = {{ set = {{ "Cache-Control" = "max-age=60" }} }}
 
     [[routes]]
     name = "private"
@@ -307,8 +308,8 @@ class TwoServicesTest(unittest.TestCase):
         client = Client(self, self.port)
         status, headers, _ = client.get("/old/page?a=1", "x")
         self.assertEqual((status, headers["Location"]), (301, "https://example.com/new?a=1"))
-        status, _, body = client.get("/gone", "x")
-        self.assertEqual((status, body), (410, b"gone for good\n"))
+        status, headers, body = client.get("/gone", "x")
+        self.assertEqual((status, body, headers["Cache-Control"]), (410, b"gone for good\n", "max-age=60"))
         status, headers, body = client.get("/gone", "x", method="HEAD")
         self.assertEqual((status, body, headers["Content-Length"]), (410, b"", "14"))
         # No route matches and there is no pool default: 404 from cclb, connection kept.
