@@ -372,7 +372,7 @@ class Balancer(Process):
             super().announce()
         log.info("cclb %s (pid %d, %s, backends: %s)",
                  "worker started" if self.role is Role.WORKER else "started", os.getpid(),
-                 self.config.algorithm, ", ".join(spec.url for spec in self.config.backends))
+                 self.config.algorithm, describe_pools(self.config))
 
     def install(self, routing: Routing) -> None:
         if self.server is not None:
@@ -511,6 +511,15 @@ class SupervisorProcess(Process):
         self.supervisor.stop_accepting()
         self.supervisor.forward(signal.SIGTERM)
         self.supervisor.stop(2.0)
+
+
+def describe_pools(config: Config) -> str:
+    """The backends for the start-up log line (with their pool when there are named pools)."""
+    pools = config.pools
+    if list(pools) == ["default"]:
+        return ", ".join(spec.url for spec in pools["default"].backends)
+    return "; ".join(f"pool {name}: {', '.join(spec.url for spec in pool.backends)}"
+                     for name, pool in pools.items())
 
 
 def backend_count(config: Config) -> int:
