@@ -85,12 +85,18 @@ def state_rows(source: PoolSource) -> list[list[Any]]:
     ``[[url, weight, "up"|"down", "ready"|"drain"|"maint"(, pool)], ...]``:
     health, membership and admin state, so changes made through the admin
     API reach every worker.  A backend of a pool other than ``default``
-    carries its pool's name as a fifth element.
+    carries its pool's name as a fifth element; a pool without backends is
+    named by a row with an empty URL (so a worker empties it too).
     """
-    return [[b.url, b.weight, "up" if b.healthy else "down", b.admin_state]
-            + ([stats.pool] if stats.pool != "default" else [])
-            for stats in (cluster.stats() for cluster in clusters_of(source))
-            for b in stats.backends]
+    rows: list[list[Any]] = []
+    for cluster in clusters_of(source):
+        stats = cluster.stats()
+        pool = [stats.pool] if stats.pool != "default" else []
+        rows.extend([b.url, b.weight, "up" if b.healthy else "down", b.admin_state, *pool]
+                    for b in stats.backends)
+        if not stats.backends and not isinstance(source, ServerCluster):
+            rows.append(["", 0, "", "", stats.pool])  # an empty pool: still named (emptied)
+    return rows
 
 
 def decode_snapshot(line: bytes) -> list[list[Any]] | None:
@@ -155,7 +161,9 @@ def apply_snapshot(source: PoolSource, snapshot: list[list[Any]]) -> None:
     """
     by_pool: dict[str, list[list[Any]]] = {}
     for row in snapshot:
-        by_pool.setdefault(row[4] if len(row) > 4 else "default", []).append(row[:4])
+        rows = by_pool.setdefault(row[4] if len(row) > 4 else "default", [])
+        if row[0]:  # else only the name of an empty pool
+            rows.append(row[:4])
     if isinstance(source, ServerCluster):
         by_pool = {source.name: by_pool.get(source.name, [])}
     for cluster in clusters_of(source):

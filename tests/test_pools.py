@@ -645,6 +645,30 @@ class WorkersTest(unittest.TestCase):
         self.assertEqual(pools["one"]["backends"][0]["state"], "up")
 
 
+class SnapshotTest(unittest.TestCase):
+    """workers.py: state snapshots name each backend's pool, and empty pools."""
+
+    def test_rows_by_pool_round_trip(self) -> None:
+        import workers
+        from backend_urls import parse_backend
+        from cluster import ServerCluster
+        supervisor = [ServerCluster([parse_backend("127.0.0.1:9001")]),
+                      ServerCluster([parse_backend("127.0.0.1:9002")], name="api"),
+                      ServerCluster([], name="web")]
+        rows = workers.decode_snapshot(workers.encode_snapshot(workers.state_rows(lambda: supervisor))[:-1])
+        self.assertEqual(rows, [["http://127.0.0.1:9001", 1, "up", "ready"],
+                                ["http://127.0.0.1:9002", 1, "up", "ready", "api"],
+                                ["", 0, "", "", "web"]])
+        worker = [ServerCluster([parse_backend("127.0.0.1:9001")]),
+                  ServerCluster([parse_backend("127.0.0.1:9003")], name="api"),
+                  ServerCluster([parse_backend("127.0.0.1:9004")], name="web"),
+                  ServerCluster([parse_backend("127.0.0.1:9005")], name="other")]
+        workers.apply_snapshot(lambda: worker, rows)
+        self.assertEqual([[b.url for b in c.snapshot()] for c in worker],
+                         [["http://127.0.0.1:9001"], ["http://127.0.0.1:9002"], [],
+                          ["http://127.0.0.1:9005"]])  # a pool the snapshot does not name: kept
+
+
 def routing_value(url: str) -> str:
     from cluster import sticky_key
     from routing import sticky_value
