@@ -29,7 +29,8 @@ from typing import Any, NamedTuple, Sequence
 
 import http11
 from access import real_client
-from proxy_protocol import ProxyProtocolError, read_proxy_header
+from proxy_protocol import (V2_MAX_LENGTH, ProxyHeader, ProxyProtocolError, parse_proxy_header,
+                            read_proxy_header)
 from cluster import Attempt, Backend, Routing, ServerCluster
 from forwarding import (BUFFERED, NO_BODY, TRACE_ALLOW, Request, ResponsePlan, check_request_head,
                         error_closes_connection, new_request_id, request_id_for, response_plan,
@@ -486,6 +487,33 @@ def error_response(status: int, body: bytes, close: bool, retry_after: int | Non
         headers.append(("Connection", "close"))
     reason = HTTPStatus(status).phrase
     return http11.serialize_head(f"HTTP/1.1 {status} {reason}", headers) + body
+
+
+def pull_proxy_header(sock: socket.socket, received: bytes) -> tuple[ProxyHeader | None, bytes]:
+    """One non-blocking step of reading a PROXY header (for an event loop; never waits).
+
+    The thread-per-connection handler reads the header blocking
+    (``take_proxy_header``); this is the same for a selector-driven
+    connection engine, which must not block on a connection.
+
+    ``received``: the header's bytes consumed by earlier steps.  Returns the
+    header once complete (the request bytes behind it stay unread), else
+    (None, the bytes so far) when more must arrive.  Raises
+    ``ProxyProtocolError`` (malformed, or closed before the end) or OSError.
+    ``sock`` must be a plain socket: on a TLS listener, a raw view of the
+    connection's descriptor (the header precedes the TLS handshake).
+    """
+    try:
+        peeked = sock.recv(V2_MAX_LENGTH - len(received), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None, received
+    if not peeked:
+        raise ProxyProtocolError("connection closed before the end of the PROXY protocol header")
+    parsed = parse_proxy_header(received + peeked)
+    take = len(peeked) if parsed is None else parsed[1] - len(received)
+    while take > 0:  # already in the kernel's buffer: no waiting
+        take -= len(sock.recv(take, socket.MSG_DONTWAIT))
+    return (None, received + peeked) if parsed is None else (parsed[0], b"")
 
 
 class ProxyHandler(BaseHTTPRequestHandler):

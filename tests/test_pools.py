@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -597,6 +598,43 @@ class ProxyProtocolTest(unittest.TestCase):
         for data, source in cases:
             with self.subTest(data=data[:20], source=source):
                 self.assertEqual(self.exchange(data, source), b"")
+
+
+class PullProxyHeaderTest(unittest.TestCase):
+    """proxy.pull_proxy_header: the non-blocking step an event loop can call."""
+
+    def test_byte_by_byte_then_the_request_stays_unread(self) -> None:
+        from proxy import pull_proxy_header
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        header = b"PROXY TCP6 2001:db8::1 2001:db8::2 1000 443\r\n"
+        received = b""
+        self.assertEqual(pull_proxy_header(a, received), (None, b""))  # nothing yet: no wait
+        for byte in header[:-1]:
+            b.send(bytes([byte]))
+            wait_for(lambda: select.select([a], [], [], 0)[0], 5)
+            parsed, received = pull_proxy_header(a, received)
+            self.assertIsNone(parsed)
+        b.send(header[-1:] + b"GET / HTTP/1.1\r\n")
+        wait_for(lambda: select.select([a], [], [], 0)[0], 5)
+        parsed, received = pull_proxy_header(a, received)
+        self.assertEqual((parsed.source, received), (("2001:db8::1", 1000), b""))
+        self.assertEqual(a.recv(100), b"GET / HTTP/1.1\r\n")
+
+    def test_malformed_or_closed(self) -> None:
+        from proxy import pull_proxy_header
+        from proxy_protocol import ProxyProtocolError
+        for data in (b"GET / HTTP/1.1\r\n", b"PROXY TCP4 1.2.3"):
+            with self.subTest(data=data):
+                a, b = socket.socketpair()
+                self.addCleanup(a.close)
+                b.sendall(data)
+                b.close()
+                with self.assertRaises(ProxyProtocolError):
+                    received = b""
+                    for _ in range(3):
+                        _, received = pull_proxy_header(a, received)
 
 
 class WorkersTest(unittest.TestCase):
