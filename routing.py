@@ -248,8 +248,18 @@ def match(method: str, path: str, host: str, fields: Fields, table: RouteTable) 
 
 def decide(method: str, target: str, host: str | None, fields: Fields, client: str,
            table: RouteTable) -> Decision:
-    """What to do with one request: a pure function of its head, the client and the table."""
+    """What to do with one request: a pure function of its head, the client and the table.
+
+    Routes match the normalised path (``normalise_path``), and a request
+    whose path it changed is forwarded normalised, so that a backend never
+    reads a path other than the one that chose its route (``/api/../admin``
+    cannot slip past a route on ``/admin/``).
+    """
     path, question, query = target.partition("?")
+    if table.routes:
+        normal = normalise_path(path)
+        if normal is not path:
+            path, target = normal, normal + question + query
     route = match(method, path, normalise_host(host), fields, table) if table.routes else None
     if route is None:
         default = table.default
@@ -266,6 +276,29 @@ def decide(method: str, target: str, host: str | None, fields: Fields, client: s
     if route.strip_prefix and route.path_prefix:
         target = strip(path, route.path_prefix) + question + query
     return Forward(route, route.pool, target)
+
+
+def normalise_path(path: str) -> str:
+    """``path`` with ``%2e`` decoded, empty segments merged and dot-segments removed.
+
+    RFC 3986 6.2.2.2-3 and 5.2.4 (``remove_dot_segments``); merging "//"
+    is nginx's ``merge_slashes``.  Returns ``path`` itself (the same object)
+    when there is nothing to do, which is the usual case.  ``%2F`` stays
+    encoded: it is data, not a separator.  "*" (OPTIONS) is left alone.
+    """
+    if path[:1] != "/" or ("/." not in path and "//" not in path and "%2" not in path):
+        return path  # the usual case, three substring tests
+    segments: list[str] = []
+    parts = path.replace("%2e", ".").replace("%2E", ".").split("/")
+    for segment in parts[1:]:
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment not in (".", ""):
+            segments.append(segment)
+    trailing = parts[-1] in ("", ".", "..") and bool(segments)
+    normal = "/" + "/".join(segments) + ("/" if trailing else "")
+    return path if normal == path else normal
 
 
 def strip(path: str, prefix: str) -> str:

@@ -8,7 +8,8 @@ from typing import Any
 
 from http11 import Fields
 from routing import (Answer, Forward, HeaderRules, RouteError, RouteTable, cookie_value, decide,
-                     normalise_host, parse_routes, set_cookie, sticky_value, strip, with_query)
+                     normalise_host, normalise_path, parse_routes, set_cookie, sticky_value, strip,
+                     with_query)
 
 POOLS = ("default", "api", "web")
 
@@ -72,6 +73,25 @@ class MatchTest(unittest.TestCase):
             with self.subTest(target=target, host=host):
                 decision = request(t, target, host)
                 self.assertEqual(decision.pool if isinstance(decision, Forward) else None, pool)
+
+    def test_paths_are_matched_and_forwarded_normalised(self) -> None:
+        cases = [
+            ("/a/b", "/a/b"), ("/", "/"), ("/a/", "/a/"), ("/a/./b", "/a/b"), ("/a/../b", "/b"),
+            ("/../../b", "/b"), ("/a/..", "/"), ("/a/b/..", "/a/"), ("/a/.", "/a/"),
+            ("//a//b", "/a/b"), ("/a/%2e%2E/b", "/b"), ("/a/%2E/b", "/a/b"), ("/a%2Fb", "/a%2Fb"),
+            ("/a/.b/..c", "/a/.b/..c"), ("*", "*"), ("/api/..%2fadmin", "/api/..%2fadmin"),
+        ]
+        for path, normal in cases:
+            with self.subTest(path=path):
+                self.assertEqual(normalise_path(path), normal)
+        self.assertIs(normalise_path("/plain/path"), normalise_path("/plain/path"))
+        t = table({"path_prefix": "/admin/", "respond": 403},
+                  {"path_prefix": "/api/", "pool": "api"})
+        for target in ("/api/../admin/x", "/api/%2e%2e/admin/x", "//admin/x", "/./admin/x"):
+            with self.subTest(target=target):
+                self.assertEqual(request(t, target).status, 403)
+        self.assertEqual(request(t, "/api/v1/../users?a=../b"),
+                         Forward(t.routes[1], "api", "/api/users?a=../b"))
 
     def test_redirect_keeps_the_query(self) -> None:
         cases = [
