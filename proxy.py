@@ -621,6 +621,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.error_bytes = 0  # body bytes of the answer cclb made itself
         self.consumed_mark = self.rfile.received - self.rfile.buffered  # where the request starts
         self.client = ""  # the real client address when it differs from the peer's (routing)
+        self.routed: tuple[str | None, str | None] | None = None  # (route name, pool) for the log
         self.response_edit: tuple[HeaderRules, str | None, str | None] | None = None
 
     def set_client_timeout(self, seconds: float) -> None:
@@ -855,6 +856,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         decision = decide(request.method, request.target, request.host, request.headers, client,
                           routing.table)
         route = decision.route
+        self.routed = (None if route is None else route.name,
+                       None if isinstance(decision, Answer) else decision.pool)
         if isinstance(decision, Answer):
             if route is not None:
                 routing.counters.count(route.name, decision.status)
@@ -868,6 +871,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if route.rate is not None and routing.limiter is not None:
                 wait = routing.limiter.take((route.name, client), route.rate, time.monotonic())
                 if wait > 0:
+                    self.routed = (route.name, None)
                     routing.counters.count(route.name, 429)
                     self.answer(request, 429, "too many requests, slow down", None, True,
                                 retry_after=max(1, math.ceil(wait)))
@@ -1353,6 +1357,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             "upstream_header_ms": None if header is None else round(header * 1000, 2),
             "attempts": [{"backend": url, "outcome": outcome} for url, outcome in self.attempts],
             "termination": termination,
+            **({} if self.routed is None else {"route": self.routed[0], "pool": self.routed[1]}),
         }
 
     def log_rejected(self, status: int) -> None:

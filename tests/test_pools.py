@@ -543,6 +543,56 @@ class PoolHealthTest(unittest.TestCase):
         self.assertIn("no backend available", logs.output[0])
 
 
+class AccessLogTest(unittest.TestCase):
+    """403/429/404 and routed requests in the JSON access log, with their route and pool."""
+
+    def test_json_lines_name_the_route_and_pool(self) -> None:
+        port = start_backend(type(self), "web")
+        handle, log_path = tempfile.mkstemp(suffix=".log")
+        os.close(handle)
+        self.addCleanup(os.unlink, log_path)
+        path = write_config(self, f"""
+            health_interval = 0
+            log_format = "json"
+            [pools.web]
+            backends = ["127.0.0.1:{port}"]
+            [[routes]]
+            name = "closed"
+            path_prefix = "/closed/"
+            pool = "web"
+            deny = ["127.0.0.0/8"]
+            [[routes]]
+            name = "slow"
+            path_prefix = "/slow/"
+            pool = "web"
+            rate_limit = "1/m"
+            [[routes]]
+            name = "site"
+            host = "www.example.com"
+            pool = "web"
+            """)
+        config = settings.resolve({"config": path, "port": 0, "host": "127.0.0.1",
+                                   "access_log": log_path, "log_level": "warning"})
+        balancer = cclb.Balancer(config, cclb.Role.SINGLE)
+        balancer.start()
+        self.addCleanup(balancer.stop)
+        client = Client(self, balancer.port())
+        self.assertEqual(client.get("/closed/x")[0], 403)
+        self.assertEqual(client.get("/slow/x")[0], 404)  # forwarded: web has no /slow/x
+        self.assertEqual(client.get("/slow/x")[0], 429)
+        self.assertEqual(client.get("/x", "other.org")[0], 404)  # no route, no pool default
+        self.assertEqual(client.get("/echo", "www.example.com")[0], 200)
+
+        def lines() -> list[dict]:
+            with open(log_path) as handle:
+                return [json.loads(line) for line in handle if line.strip()]
+        entries = wait_for(lambda: len(lines()) == 5 and lines(), 10, message="five log lines")
+        self.assertEqual([(e["status"], e["route"], e["pool"], e["termination"]) for e in entries],
+                         [(403, "closed", None, "rejected"), (404, "slow", "web", "ok"),
+                          (429, "slow", None, "rejected"), (404, None, None, "rejected"),
+                          (200, "site", "web", "ok")])
+
+
 class ProxyProtocolTest(unittest.TestCase):
     """proxy_protocol = true: the header's source is the client; anything else is closed."""
 
