@@ -360,6 +360,15 @@ class TwoServicesTest(unittest.TestCase):
             self.assertIsNone(headers["Set-Cookie"])  # the cookie is right: not set again
             servers.add(json.loads(body)["server"])
         self.assertEqual(len(servers), 1)
+        # Its backend draining: another one answers and the cookie is replaced.
+        api = self.balancer.routing.pools["api"]
+        mine = next(b for b in api.snapshot() if b.cookie == value.partition("=")[2])
+        api.set_admin_state(mine, "drain", quiet=True)
+        self.addCleanup(api.set_admin_state, mine, "ready", True)
+        status, headers, body = client.get("/api/echo", "api.example.com", Cookie=value)
+        self.assertNotEqual(json.loads(body)["server"], servers.pop())
+        self.assertNotEqual(headers["Set-Cookie"].split(";")[0], value)
+        api.set_admin_state(mine, "ready", quiet=True)
         # A cookie naming no backend (removed, or forged) is replaced.
         status, headers, _ = client.get("/api/echo", "api.example.com", Cookie="cclb_api=ffff")
         self.assertIn("cclb_api=", headers["Set-Cookie"])
