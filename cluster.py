@@ -351,7 +351,8 @@ class ServerCluster:
             backend.in_flight -= 1
             if status is not None:
                 backend.responses[status] = backend.responses.get(status, 0) + 1
-                backend.latency.observe(duration)
+                if status != 101:  # a tunnel's life is not a latency (README: WebSocket)
+                    backend.latency.observe(duration)
                 if backend.passive_down_until and not backend.passively_down():
                     backend.passive_down_until = 0.0  # served again after its time out
             if retried:

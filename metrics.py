@@ -148,9 +148,11 @@ class FrontendCounters:
 
     Counters: ``rejected`` (reason -> count), ``responses`` ((source, status)
     -> count; source "cclb" for answers cclb made itself, "backend" for
-    relayed ones), bytes ``received`` from and ``sent`` to clients.  Gauges:
-    ``open_connections``, handler threads ``busy`` with a request and
-    ``idle`` (waiting on a keep-alive connection).
+    relayed ones), bytes ``received`` from and ``sent`` to clients, bytes
+    relayed through upgrade tunnels ``tunnel_to_backend`` and
+    ``tunnel_to_client``.  Gauges: ``open_connections``, handler threads
+    ``busy`` with a request and ``idle`` (waiting on a keep-alive
+    connection), ``tunnels_open``.
     """
 
     rejected: dict[str, int] = field(default_factory=dict)
@@ -160,6 +162,9 @@ class FrontendCounters:
     open_connections: int = 0
     busy: int = 0
     idle: int = 0
+    tunnels_open: int = 0
+    tunnel_to_backend: int = 0
+    tunnel_to_client: int = 0
 
     def add(self, other: FrontendCounters, gauges: bool = True) -> None:
         """Add ``other`` into these (``gauges=False``: a dead worker's, whose connections are gone)."""
@@ -169,16 +174,21 @@ class FrontendCounters:
             self.responses[key] = self.responses.get(key, 0) + count
         self.received += other.received
         self.sent += other.sent
+        self.tunnel_to_backend += other.tunnel_to_backend
+        self.tunnel_to_client += other.tunnel_to_client
         if gauges:
             self.open_connections += other.open_connections
             self.busy += other.busy
             self.idle += other.idle
+            self.tunnels_open += other.tunnels_open
 
     def to_json(self) -> dict[str, Any]:
         return {"rejected": dict(self.rejected),
                 "responses": [[source, code, n] for (source, code), n in self.responses.items()],
                 "received": self.received, "sent": self.sent,
-                "open_connections": self.open_connections, "busy": self.busy, "idle": self.idle}
+                "open_connections": self.open_connections, "busy": self.busy, "idle": self.idle,
+                "tunnels_open": self.tunnels_open, "tunnel_to_backend": self.tunnel_to_backend,
+                "tunnel_to_client": self.tunnel_to_client}
 
     @classmethod
     def from_json(cls, data: Any) -> FrontendCounters:
@@ -187,14 +197,18 @@ class FrontendCounters:
             return cls({str(reason): int(n) for reason, n in data["rejected"].items()},
                        {(str(source), int(code)): int(n) for source, code, n in data["responses"]},
                        int(data["received"]), int(data["sent"]), int(data["open_connections"]),
-                       int(data["busy"]), int(data["idle"]))
+                       int(data["busy"]), int(data["idle"]), int(data["tunnels_open"]),
+                       int(data["tunnel_to_backend"]), int(data["tunnel_to_client"]))
         except (KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"malformed frontend counters: {error!r}") from None
 
     def dashboard(self) -> dict[str, Any]:
-        """The /status ``"frontend"`` document: ``{"open_connections": N, "rejected": {reason: N}}``."""
+        """The /status ``"frontend"`` document: ``{"open_connections": N, "rejected": {reason: N},
+        ..., "tunnels": {"open": N, "bytes_to_backend": N, "bytes_to_client": N}}``."""
         return {"open_connections": self.open_connections, "rejected": dict(self.rejected),
-                "busy_threads": self.busy, "idle_threads": self.idle}
+                "busy_threads": self.busy, "idle_threads": self.idle,
+                "tunnels": {"open": self.tunnels_open, "bytes_to_backend": self.tunnel_to_backend,
+                            "bytes_to_client": self.tunnel_to_client}}
 
 
 class FrontendMetrics:
@@ -204,13 +218,16 @@ class FrontendMetrics:
     ``lock`` guards ``counters``.  ``gauges`` (set by the listening server)
     reads the open connections and busy/idle handler threads at snapshot
     time, so connection churn costs nothing here; without it (the
-    supervisor) the adopted gauges are shown.
+    supervisor) the adopted gauges are shown.  Likewise ``tunnels`` (set by
+    the listening server: the process's ``TUNNELS``) supplies the tunnel
+    numbers at snapshot time; without it the adopted ones are shown.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.counters = FrontendCounters()
         self.gauges: Callable[[], tuple[int, int, int]] | None = None
+        self.tunnels: TunnelMetrics | None = None
 
     def count(self, source: str | None, status: int, received: int, sent: int,
               reason: str | None = None) -> None:
@@ -229,13 +246,16 @@ class FrontendMetrics:
     def snapshot(self) -> FrontendCounters:
         """A consistent copy, with the gauges read now."""
         gauges = self.gauges() if self.gauges is not None else None
+        tunnels = self.tunnels.snapshot() if self.tunnels is not None else None
         with self.lock:
-            copy = FrontendCounters(dict(self.counters.rejected), dict(self.counters.responses),
-                                    self.counters.received, self.counters.sent,
-                                    self.counters.open_connections, self.counters.busy,
-                                    self.counters.idle)
+            c = self.counters
+            copy = FrontendCounters(dict(c.rejected), dict(c.responses), c.received, c.sent,
+                                    c.open_connections, c.busy, c.idle, c.tunnels_open,
+                                    c.tunnel_to_backend, c.tunnel_to_client)
         if gauges is not None:
             copy.open_connections, copy.busy, copy.idle = gauges
+        if tunnels is not None:
+            copy.tunnels_open, copy.tunnel_to_backend, copy.tunnel_to_client = tunnels
         return copy
 
     def adopt(self, counters: FrontendCounters) -> None:
@@ -337,7 +357,10 @@ class TunnelMetrics:
     """Upgraded connections (WebSocket tunnels) of this process: how many are open, bytes relayed.
 
     ``counters`` is handed to every ``tunnel.relay`` (it sums bytes as they
-    move, under its own lock); ``lock`` guards ``open``.
+    move, under its own lock); ``lock`` guards ``open``.  The listening
+    server hands it to its cluster's ``FrontendMetrics`` (``tunnels``), so the
+    numbers travel with the client-side counters: in worker reports, summed
+    by the supervisor, in /status and /metrics.
     """
 
     def __init__(self) -> None:
@@ -353,18 +376,22 @@ class TunnelMetrics:
         with self.lock:
             self.open -= 1
 
-    def families(self) -> list[tuple[str, str, str, list[str]]]:
-        """(name, type, help, samples) for ``cclb_tunnels_open`` and ``cclb_tunnel_bytes_total``."""
+    def snapshot(self) -> tuple[int, int, int]:
+        """(open tunnels, bytes client→backend, bytes backend→client), read now."""
         with self.lock:
             open_now = self.open
-        up, down = self.counters.snapshot()
-        return [
-            ("cclb_tunnels_open", "gauge", "Upgraded connections (WebSocket tunnels) open now.",
-             [f"cclb_tunnels_open {open_now}"]),
-            ("cclb_tunnel_bytes_total", "counter", "Bytes relayed through tunnels, by direction.",
-             [f"cclb_tunnel_bytes_total{_labels(direction='client_to_backend')} {up}",
-              f"cclb_tunnel_bytes_total{_labels(direction='backend_to_client')} {down}"]),
-        ]
+        return (open_now, *self.counters.snapshot())
+
+
+def tunnel_families(frontend: FrontendCounters) -> list[tuple[str, str, str, list[str]]]:
+    """(name, type, help, samples) for ``cclb_tunnels_open`` and ``cclb_tunnel_bytes_total``."""
+    return [
+        ("cclb_tunnels_open", "gauge", "Upgraded connections (WebSocket tunnels) open now.",
+         [f"cclb_tunnels_open {frontend.tunnels_open}"]),
+        ("cclb_tunnel_bytes_total", "counter", "Bytes relayed through tunnels, by direction.",
+         [f"cclb_tunnel_bytes_total{_labels(direction='client_to_backend')} {frontend.tunnel_to_backend}",
+          f"cclb_tunnel_bytes_total{_labels(direction='backend_to_client')} {frontend.tunnel_to_client}"]),
+    ]
 
 
 TUNNELS = TunnelMetrics()
@@ -469,7 +496,7 @@ def render(stats: ClusterStats, pools: Sequence[ClusterStats] | None = None,
                "Requests a route refused with 429 (rate_limit), by route.",
                [f"cclb_route_limited_total{_labels(route=name)} {row[2]}"
                 for name, row in routes.items()])
-    for name, kind, help_text, process_samples in PROCESS.families() + TUNNELS.families():
+    for name, kind, help_text, process_samples in PROCESS.families() + tunnel_families(frontend):
         family(name, kind, help_text, process_samples)
     return "\n".join(lines) + "\n"
 

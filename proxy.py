@@ -261,6 +261,7 @@ class LoadBalancerServer(ThreadingHTTPServer):
         self.tunnels_closed = False
         self.watchdog = Watchdog()
         cluster.frontend.gauges = self.gauges
+        cluster.frontend.tunnels = TUNNELS  # this process's tunnels, in /status and worker reports
         self.allow_reuse_port = reuse_port  # --workers: siblings bind the same port
         if ":" in listener.host:
             self.address_family = socket.AF_INET6

@@ -16,7 +16,8 @@ The GIL lets one Python process use about one core; workers use them all.
 - The admin API runs in the supervisor: backends, health, admin states and
   settings are exact, and its writes reach every worker.  Each worker reports
   its traffic counters (responses, in-flight, failures, retries, latency,
-  and the client side: rejections, responses by source, bytes, connections)
+  and the client side: rejections, responses by source, bytes, connections,
+  upgrade tunnels)
   once a second on its stdout; the supervisor adds them up, keeping what
   dead workers had counted, so /status and /metrics cover all workers.
 """
@@ -194,7 +195,7 @@ def apply_pool_snapshot(cluster: ServerCluster, snapshot: list[list[Any]]) -> No
 @dataclass
 class CounterReport:
     """A worker's traffic counters: per backend URL, answers given without one, and
-    the client side (rejections, responses by source, bytes, open connections)."""
+    the client side (rejections, responses by source, bytes, open connections, tunnels)."""
 
     backends: dict[str, TrafficCounters] = field(default_factory=dict)
     unrouted: dict[int, int] = field(default_factory=dict)

@@ -99,9 +99,12 @@ class WebSocketEchoTests(unittest.TestCase):
         self.assertIsNotNone(response.header("X-Request-ID"))
         return client
 
-    def metric(self, sample: str) -> float:
+    def metrics_text(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=10) as answer:
-            text = answer.read().decode()
+            return answer.read().decode()
+
+    def metric(self, sample: str) -> float:
+        text = self.metrics_text()
         match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
         self.assertIsNotNone(match, f"{sample} missing from /metrics")
         return float(match[1])  # type: ignore[index]
@@ -130,6 +133,33 @@ class WebSocketEchoTests(unittest.TestCase):
         # One access-log line for the tunnel: status 101, when it ended.
         wait_for(lambda: re.search(r'"GET /ws" 101 \d+ http://127\.0\.0\.1:\d+ ', self.balancer.log_text()),
                  message="the tunnel's access-log line")
+
+    def test_a_tunnel_is_a_101_in_the_counters_but_not_in_the_latency_histogram(self) -> None:
+        """Its long life must not skew request latency; /status counts it and its bytes."""
+        url = f"http://127.0.0.1:{self.demo.port}"
+        durations = f'cclb_request_duration_seconds_count{{backend="{url}"}}'
+        upgrades = f'cclb_requests_total{{backend="{url}",code="101"}}'
+
+        def upgrades_counted() -> float:
+            text = self.metrics_text()
+            return float(m[1]) if (m := re.search(rf"^{re.escape(upgrades)} (\S+)$", text, re.M)) else 0.0
+        before = (self.metric(durations), upgrades_counted())
+        client = self.open()
+        client.send(Opcode.TEXT, b"x" * 1000)
+        self.assertEqual(client.recv().payload, b"x" * 1000)
+        client.send(Opcode.CLOSE, websocket.encode_close(CloseCode.NORMAL))
+        self.assertEqual(client.recv().opcode, Opcode.CLOSE)
+        self.assertEqual(read_until_close(client.sock, 10), b"")
+        client.sock.shutdown(socket.SHUT_WR)
+        # In flight drops in the same step that counts the 101 (other tests' tunnels end too).
+        wait_for(lambda: self.metric(f'cclb_in_flight{{backend="{url}"}}') == 0, message="the tunnel to end")
+        self.assertGreaterEqual(upgrades_counted(), before[1] + 1)
+        self.assertEqual(self.metric(durations), before[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/status", timeout=10) as answer:
+            tunnels = json.load(answer)["frontend"]["tunnels"]
+        self.assertEqual(tunnels["open"], 0)
+        self.assertGreater(tunnels["bytes_to_backend"], 1000)
+        self.assertGreater(tunnels["bytes_to_client"], 1000)
 
     def test_a_large_binary_message(self) -> None:
         client = self.open()

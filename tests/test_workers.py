@@ -9,6 +9,7 @@ import errno
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -19,12 +20,14 @@ import unittest
 
 from tests.support import (ROOT, Balancer, DemoServer, RawBackend, accepts, admin_call, admin_status,
                            child_pids, cluster_view, free_port, http_request, process_gone,
-                           read_body, served_by, wait_admin_port, wait_for)
+                           read_body, read_head, served_by, wait_admin_port, wait_for)
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+import websocket  # noqa: E402
 import workers  # noqa: E402
-from metrics import FrontendCounters, Histogram, TrafficCounters  # noqa: E402
+import metrics  # noqa: E402
+from metrics import FrontendCounters, FrontendMetrics, Histogram, TrafficCounters, TunnelMetrics  # noqa: E402
 from workers import SnapshotReader, decode_snapshot, encode_snapshot, write_snapshot  # noqa: E402
 from backend_urls import parse_backend  # noqa: E402
 from cluster import MAINT, READY, ServerCluster  # noqa: E402
@@ -471,8 +474,10 @@ class WorkersCountersTests(WorkersCase):
             self.fail(f"{line!r} not in the supervisor's /metrics; got {shown} (answers {answers})")
         self.assertEqual(admin_status(self, balancer, admin)["unrouted"], {"503": unrouted})
 
-    def test_supervisor_adds_up_the_rejections_of_all_workers(self) -> None:
-        """Requests refused by cclb (400 here) are counted by reason across workers."""
+    def test_supervisor_adds_up_the_rejections_and_tunnels_of_all_workers(self) -> None:
+        """Requests refused by cclb (400 here) are counted by reason across workers, and
+        WebSocket tunnels held by both workers are summed (open count, bytes) in /metrics
+        and /status (one balancer for both: starting one costs seconds)."""
         backend = DemoServer()
         self.addCleanup(backend.stop)
         balancer = self.start([backend.port], "--health-interval", "0", "--access-log", "off",
@@ -482,15 +487,43 @@ class WorkersCountersTests(WorkersCase):
             with socket.create_connection(("127.0.0.1", balancer.port), timeout=5) as sock:
                 sock.sendall(b"GET / HTTP/1.1\r\n\r\n")  # no Host: 400
                 self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 400 "))
+        pids = self.workers_of(balancer)
+        clients: list[socket.socket] = []
+
+        def open_tunnel() -> None:
+            sock = socket.create_connection(("127.0.0.1", balancer.port), timeout=10)
+            self.addCleanup(sock.close)
+            sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                         b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                         % websocket.new_key().encode())
+            reader = sock.makefile("rb")
+            self.addCleanup(reader.close)
+            self.assertEqual(read_head(reader).status, 101)
+            sock.sendall(websocket.encode_frame(websocket.Opcode.BINARY, b"x" * 1000, mask=True))
+            frame = websocket.read_frame(reader.read, require_mask=False, max_payload=1 << 20)
+            self.assertEqual(len(frame.payload), 1000)
+            clients.append(sock)
+        # New connections until both workers hold a tunnel (the kernel spreads them).
+        wait_for(lambda: open_tunnel() or set(socket_owners(clients, pids)) == pids, 10, interval=0,
+                 message="a tunnel in each worker")
+        opened = len(clients)
         line = 'cclb_rejected_total{reason="bad_request"} 40'
 
         def metrics() -> str:
             return admin_call(self, balancer, admin, "GET", "/metrics")[2].decode()
-        wait_for(lambda: line in metrics(), 10, message="40 rejections in the supervisor's /metrics")
+
+        def tunnels_seen(text: str, count: int) -> bool:
+            up = re.search(r'^cclb_tunnel_bytes_total\{direction="client_to_backend"\} (\d+)$', text, re.M)
+            return f"cclb_tunnels_open {count}\n" in text and up is not None and int(up[1]) >= 1000 * opened
+        wait_for(lambda: (lambda text: line in text and tunnels_seen(text, opened))(metrics()), 10,
+                 message=f"40 rejections and {opened} tunnels in the supervisor's /metrics")
         self.assertIn('cclb_responses_total{source="cclb",code="400"} 40', metrics())
         frontend = admin_status(self, balancer, admin)["frontend"]
         self.assertEqual(frontend["rejected"], {"bad_request": 40})
-
+        self.assertEqual(frontend["tunnels"]["open"], opened)
+        self.assertGreaterEqual(frontend["tunnels"]["bytes_to_client"], 1000 * opened)
+        # (That a closed tunnel leaves the sum: the latest report replaces a worker's numbers,
+        # see CounterReportTests; not waited for here, to keep this test short.)
 
 class SnapshotTests(unittest.TestCase):
     """The supervisor's state snapshots (one JSON line each) and how a worker applies them,
@@ -716,6 +749,38 @@ class CounterReportTests(unittest.TestCase):
                     b'{"backends": {}, "unrouted": {}, "frontend": {"rejected": 1}}'):
             with self.subTest(bad=bad), self.assertRaises(ValueError):
                 workers.CounterReport.decode(bad)
+
+    def test_tunnel_numbers_add_up_and_a_dead_workers_open_tunnels_are_dropped(self) -> None:
+        one = workers.CounterReport({}, {}, FrontendCounters(tunnels_open=2, tunnel_to_backend=10,
+                                                             tunnel_to_client=70))
+        two = workers.CounterReport.decode(one.encode())
+        self.assertEqual(two, one)
+        total = workers.CounterReport()
+        total.add(one)
+        total.add(two, in_flight=False)  # retired: its tunnels are gone, its bytes stay
+        self.assertEqual((total.frontend.tunnels_open, total.frontend.tunnel_to_backend,
+                          total.frontend.tunnel_to_client), (2, 20, 140))
+        self.assertEqual(total.frontend.dashboard()["tunnels"],
+                         {"open": 2, "bytes_to_backend": 20, "bytes_to_client": 140})
+
+    def test_a_listener_shows_its_own_tunnels_and_the_supervisor_the_adopted_sum(self) -> None:
+        tunnels = TunnelMetrics()
+        tunnels.opened()
+        tunnels.counters.add_tunnel_bytes(5, 7)
+        listening = FrontendMetrics()
+        listening.tunnels = tunnels  # as the proxy server sets it
+        self.assertEqual(listening.snapshot().dashboard()["tunnels"],
+                         {"open": 1, "bytes_to_backend": 5, "bytes_to_client": 7})
+        supervisor = FrontendMetrics()  # no listener: shows what it adopted
+        supervisor.adopt(FrontendCounters(tunnels_open=3, tunnel_to_backend=50, tunnel_to_client=90))
+        self.assertEqual(supervisor.snapshot().dashboard()["tunnels"],
+                         {"open": 3, "bytes_to_backend": 50, "bytes_to_client": 90})
+        cluster = ServerCluster([])
+        cluster.frontend = supervisor
+        rendered = metrics.render(cluster.stats())
+        self.assertIn("cclb_tunnels_open 3\n", rendered)
+        self.assertIn('cclb_tunnel_bytes_total{direction="client_to_backend"} 50\n', rendered)
+        self.assertIn('cclb_tunnel_bytes_total{direction="backend_to_client"} 90\n', rendered)
 
 
 if __name__ == "__main__":
