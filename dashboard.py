@@ -269,7 +269,7 @@ function drawRoutes(routes, fallback) {
     const match = Object.entries(r.match).map(([k, v]) => k + " " + (typeof v === "object"
       ? JSON.stringify(v) : v)).join(", ") || "any request";
     const action = r.pool !== undefined ? "pool " + r.pool + (r.strip_prefix ? " (strip)" : "")
-      : r.redirect !== undefined ? r.status + " \u2192 " + r.redirect : "respond " + r.respond;
+      : r.redirect !== undefined ? r.status + " \\u2192 " + r.redirect : "respond " + r.respond;
     tr.append(cell(r.index, "", "#"), cell(r.name, "", "route"), cell(match, "check", "match"),
       cell(action, "check", "action"), cell(r.requests, "n", "requests"),
       cell(r.denied, "n", "403"), cell(r.limited, "n", "429"));
@@ -314,7 +314,7 @@ async function refresh() {
       fill.style.width = (4 * rates[b.id] / maxRate) + "rem"; rate.appendChild(fill);
       const r = b.responses;
       const check = b.last_check ? b.last_check + (b.last_check_latency_ms != null
-        ? " (" + b.last_check_latency_ms + "\u00a0ms)" : "") : "-";
+        ? " (" + b.last_check_latency_ms + "\\u00a0ms)" : "") : "-";
       const url = cell(b.url, "url", "backend"); url.style.borderLeft = "4px solid " + color(b.url);
       tr.append(cell(b.id, "", "#"), cell(poolOf[b.id], "", "pool"), url, state, cell(b.weight, "n", "weight"),
         cell(b.in_flight, "n", "in flight"), rate, cell(b.requests, "n", "requests"),
