@@ -46,7 +46,8 @@ from dashboard import PAGE
 from loops import Deadlines, LoopGuard
 from settings import Config
 from backend_urls import parse_backend
-from cluster import DRAIN, MAINT, READY, Backend, BackendStats, ClusterStats, ServerCluster
+from routing import Route
+from cluster import DRAIN, MAINT, READY, Backend, BackendStats, ClusterStats, Routing, ServerCluster
 
 log = logging.getLogger("cclb")
 
@@ -94,14 +95,63 @@ def backend_json(backend: BackendStats, now: float) -> dict[str, Any]:
 
 
 def status_document(stats: ClusterStats, config: Config) -> dict[str, Any]:
-    """The /status JSON, built from a copy: the cluster lock is not held meanwhile."""
+    """The /status JSON, built from a copy: the cluster lock is not held meanwhile.
+
+    ``policy``/``backends``/``unrouted`` are the pool ``default``'s (as before
+    pools); ``routing_document`` adds every pool and route.
+    """
     now = time.time()
     settings = {key: value for key, value in config.values.items()
-                if key not in ("admin_token", "backends", "demo")}
+                if key not in ("admin_token", "backends", "demo", "sticky_secret")}
     settings["health_status"] = "-".join(map(str, config.health_status))
     return {"policy": stats.policy, "backends": [backend_json(b, now) for b in stats.backends],
             "unrouted": {str(code): count for code, count in stats.unrouted.items()},
             "settings": settings, "time": now}
+
+
+def routing_document(front: ClusterStats, pools: list[ClusterStats],
+                     routing: Routing) -> dict[str, Any]:
+    """/status "pools" (each with its backends), "routes" (with counters), "default_route",
+    and "unrouted" over every pool (the 404s of no route included)."""
+    now = time.time()
+    counts = routing.counters.snapshot()
+    return {
+        "unrouted": {str(code): n for code, n in total_unrouted(front, pools).items()},
+        "pools": [{"name": p.pool, "policy": p.policy,
+                   "sticky_cookie": routing.pools[p.pool].sticky_cookie if p.pool in routing.pools else None,
+                   "backends": [backend_json(b, now) for b in p.backends],
+                   "unrouted": {str(code): n for code, n in p.unrouted.items()}}
+                  for p in pools],
+        "routes": [route_json(route, counts.get(route.name, [0, 0, 0]))
+                   for route in routing.table.routes],
+        "default_route": routing.table.default,  # where unmatched requests go (None: 404)
+    }
+
+
+def total_unrouted(front: ClusterStats, pools: list[ClusterStats]) -> dict[int, int]:
+    """Answers given without a backend, by status, over every pool (``front`` once)."""
+    total = dict(front.unrouted)
+    for p in pools:
+        if p is not front:
+            for code, n in p.unrouted.items():
+                total[code] = total.get(code, 0) + n
+    return total
+
+
+def route_json(route: Route, counts: list[int]) -> dict[str, Any]:
+    """One route as shown by /status: what it matches, what it does, its counters."""
+    match = {key: value for key, value in (
+        ("host", route.host), ("path_prefix", route.path_prefix),
+        ("methods", sorted(route.methods) if route.methods else None),
+        ("headers", dict(route.headers) or None)) if value is not None}
+    action: dict[str, Any] = (
+        {"pool": route.pool, "strip_prefix": route.strip_prefix} if route.pool is not None else
+        {"redirect": route.redirect, "status": route.status} if route.redirect is not None else
+        {"respond": route.respond})
+    return {"name": route.name, "index": route.index, "match": match, **action,
+            "allow": route.allow is not None, "deny": route.deny is not None,
+            "rate_limit": str(route.rate) if route.rate is not None else None,
+            "requests": counts[0], "denied": counts[1], "limited": counts[2]}
 
 
 def own_origin(host: str | None) -> str | None:
@@ -306,7 +356,10 @@ class AdminHandler(BaseHTTPRequestHandler):
         if path == "/":
             self.reply(200, PAGE, "text/html; charset=utf-8")
         elif path == "/status":
-            document = status_document(self.server.cluster.stats(), self.server.get_config())
+            front, pools, routing = self.server.pool_stats()
+            document = status_document(front, self.server.get_config())
+            if routing is not None:
+                document.update(routing_document(front, pools, routing))
             document["history"] = self.server.history.to_json()
             frontend = self.server.frontend
             if frontend is not None:
@@ -316,7 +369,13 @@ class AdminHandler(BaseHTTPRequestHandler):
                     self.server.guard.report(error)
             self.reply_json(200, document)
         elif path == "/metrics":
-            self.reply(200, metrics.render(self.server.cluster.stats()).encode(),
+            front, pools, routing = self.server.pool_stats()
+            routes = None
+            if routing is not None:  # every route of the table, counted or not yet
+                counts = routing.counters.snapshot()
+                routes = {route.name: counts.get(route.name, [0, 0, 0])
+                          for route in routing.table.routes}
+            self.reply(200, metrics.render(front, pools, routes).encode(),
                        "text/plain; version=0.0.4; charset=utf-8")
         else:
             self.reply_json(404, {"error": "not found"})
@@ -342,11 +401,11 @@ class AdminHandler(BaseHTTPRequestHandler):
         target = self.backend_target(path, with_action=True)
         if target is None:
             return
-        backend, action = target
+        cluster, backend, action = target
         state = {"drain": DRAIN, "maint": MAINT, "ready": READY}[action]
-        self.server.cluster.set_admin_state(backend, state)
+        cluster.set_admin_state(backend, state)
         self.changed()
-        self.reply_json(200, self.describe(backend))
+        self.reply_json(200, self.describe(cluster, backend))
 
     def do_DELETE(self) -> None:
         self.close_connection = True  # as for POST
@@ -355,13 +414,14 @@ class AdminHandler(BaseHTTPRequestHandler):
         target = self.backend_target(self.path.split("?", 1)[0], with_action=False)
         if target is None:
             return
-        backend, _ = target
-        self.server.cluster.remove(backend)
+        cluster, backend, _ = target
+        cluster.remove(backend)
         self.changed()
         log.warning("backend %s removed by the admin API", backend.url)
         self.reply_json(200, {"removed": backend.url})
 
-    def backend_target(self, path: str, with_action: bool) -> tuple[Backend, str] | None:
+    def backend_target(self, path: str, with_action: bool
+                       ) -> tuple[ServerCluster, Backend, str] | None:
         """The backend (and action) named by ``/backends/<id>[/<action>]``.
 
         Answers 404 itself, and returns None, for any other path or an unknown id.
@@ -370,11 +430,12 @@ class AdminHandler(BaseHTTPRequestHandler):
         if match is None or bool(match[2]) != with_action:
             self.reply_json(404, {"error": "not found"})
             return None
-        backend = self.server.cluster.find(int(match[1]))
-        if backend is None:
-            self.reply_json(404, {"error": f"no backend with id {match[1]}"})
-            return None
-        return backend, match[2] or ""
+        for cluster in self.server.clusters():
+            backend = cluster.find(int(match[1]))
+            if backend is not None:
+                return cluster, backend, match[2] or ""
+        self.reply_json(404, {"error": f"no backend with id {match[1]}"})
+        return None
 
     def add_backend(self) -> None:
         if self.body and not is_json_type(self.headers.get("Content-Type")):
@@ -385,7 +446,10 @@ class AdminHandler(BaseHTTPRequestHandler):
                 raise ValueError("a JSON body is required")
             data = json.loads(self.body)
             if not isinstance(data, dict) or not isinstance(data.get("url"), str):
-                raise ValueError('expected {"url": "http://host:port", "weight": N}')
+                raise ValueError('expected {"url": "http://host:port", "weight": N, "pool": NAME}')
+            pool = data.get("pool", "default")
+            if not isinstance(pool, str):
+                raise ValueError("pool must be a pool's name")
             weight = data.get("weight", 1)
             if isinstance(weight, bool) or not isinstance(weight, int):
                 raise ValueError("weight must be a whole number")
@@ -393,20 +457,28 @@ class AdminHandler(BaseHTTPRequestHandler):
         except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
             self.reply_json(400, {"error": str(error) or "invalid JSON"})
             return
-        backend = self.server.cluster.add(spec)
+        clusters = {cluster.name: cluster for cluster in self.server.clusters()}
+        cluster = clusters.get(pool)
+        if cluster is None:
+            self.reply_json(404, {"error": f"no pool named {pool!r} (pools: {', '.join(clusters)})"})
+            return
+        owner = next((c.name for c in clusters.values()
+                      if any(b.url == spec.url for b in c.snapshot())), None)
+        backend = cluster.add(spec) if owner is None else None
         if backend is None:
-            self.reply_json(409, {"error": f"{spec.url} is already a backend"})
+            self.reply_json(409, {"error": f"{spec.url} is already a backend"
+                                  + (f" (pool {owner})" if owner not in (None, pool) else "")})
             return
         self.changed()
-        log.warning("backend %s added by the admin API", backend.url)
-        self.reply_json(201, self.describe(backend))
+        log.warning("backend %s added to pool %s by the admin API", backend.url, pool)
+        self.reply_json(201, self.describe(cluster, backend))
 
     def changed(self) -> None:
         if self.server.on_change is not None:
             self.server.on_change()
 
-    def describe(self, backend: Backend) -> dict[str, Any]:
-        return backend_json(self.server.cluster.backend_stats(backend), time.time())
+    def describe(self, cluster: ServerCluster, backend: Backend) -> dict[str, Any]:
+        return {**backend_json(cluster.backend_stats(backend), time.time()), "pool": cluster.name}
 
     def write_allowed(self) -> bool:
         """Whether a write may go on; if not, the refusal has been answered.
@@ -500,13 +572,40 @@ class AdminServer(ThreadingHTTPServer):
         self.request_deadlines = Deadlines("admin request deadlines")
         self.last_refusal_log = -REFUSAL_LOG_INTERVAL
         # The dashboard's 15 minutes of traffic; sampled while serve_forever runs.
-        self.history = metrics.TrafficHistory(cluster.stats)
+        self.history = metrics.TrafficHistory(self.all_stats)
         # Optional, set by the process: the proxy's own numbers, shown by /status as
         # "frontend" ({"open_connections": N, "rejected": {reason: N}}) when set.
         self.frontend: Callable[[], dict[str, Any]] | None = None
+        # Optional, set by the process: the pools and routes in force (None: ``cluster`` only).
+        self.routing: Callable[[], Routing] | None = None
         if ":" in address[0]:  # --admin-host ::1 is loopback too
             self.address_family = socket.AF_INET6
         super().__init__(address, AdminHandler)
+
+    def clusters(self) -> list[ServerCluster]:
+        """Every pool (the pool default first, as ``cluster`` is, when it is one)."""
+        if self.routing is None:
+            return [self.cluster]
+        routing = self.routing()
+        return list(routing.pools.values()) or [self.cluster]
+
+    def all_stats(self) -> ClusterStats:
+        """Every pool's backends in one copy (the dashboard's history charts them all)."""
+        front, pools, _ = self.pool_stats()
+        if len(pools) == 1 and pools[0] is front:
+            return front
+        return ClusterStats(front.policy, [b for p in pools for b in p.backends],
+                            total_unrouted(front, pools), front.frontend, front.pool)
+
+    def pool_stats(self) -> tuple[ClusterStats, list[ClusterStats], Routing | None]:
+        """Copies of the front pool's and every pool's state, and the routing in force."""
+        front = self.cluster.stats()
+        if self.routing is None:
+            return front, [front], None
+        routing = self.routing()
+        pools = [front if cluster is self.cluster else cluster.stats()
+                 for cluster in routing.pools.values()]
+        return front, pools, routing
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Serve until ``shutdown``; the history sampler runs meanwhile and stops with it."""

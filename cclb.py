@@ -20,6 +20,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
+import itertools
 import logging
 import os
 import socket
@@ -34,17 +35,18 @@ from typing import Any, Callable
 
 import settings
 import systemd
+from access import AddressList, RateLimiter
 import workers
 from admin import AdminServer
-from cluster import ServerCluster
+from cluster import Routing, ServerCluster, sticky_key
 from health_checkers import HealthChecker, HealthSettings
 from loggers import AccessLog, setup_app_logger
 from loops import LoopGuard
-from metrics import PROCESS
 from engine import raise_fd_limit
+from metrics import PROCESS, RouteCounters
 from proxy import LoadBalancerServer
 from redirect_http import RedirectServer
-from settings import Config
+from settings import Config, PoolSettings
 from tls import CertificateStore, TLSConfigError, load_certificates, parse_min_version
 
 HERE = Path(__file__).resolve().parent
@@ -54,7 +56,7 @@ DEMO_PORTS = (7000, 7001, 7002)
 DEMO_PORTS_ENV = "CCLB_DEMO_PORTS"
 
 # Settings that belong to the listening sockets: a reload cannot change them.
-RESTART_ONLY = ("host", "port", "workers", "admin_port", "admin_host", "redirect_http")
+RESTART_ONLY = ("host", "port", "workers", "admin_port", "admin_host", "redirect_http", "sticky_secret")
 
 log = logging.getLogger("cclb")
 
@@ -119,11 +121,67 @@ class Process:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        pool = config.pools["default"]
-        self.cluster = ServerCluster.from_settings(pool)
-        self.checker = HealthChecker(self.cluster, HealthSettings.of(pool), self.on_health_round)
+        self.ids = itertools.count(1)  # backend ids, unique across pools, never reused
+        self.sticky_key = sticky_key(config.sticky_secret)
+        # The pool "default" (empty and unrouted when the config has none): the one
+        # the admin API, workers and client-side metrics knew before pools.
+        self.cluster = ServerCluster.from_settings(front_settings(config), self.ids, self.sticky_key)
+        self.transitions_level = logging.WARNING
+        self.routing = self.build_routing(config)
+        # One health checker per pool; started by start_checks_and_admin (never in a worker).
+        self.checkers: dict[str, HealthChecker] = {}
+        self.checks_started = False
+        self.sync_checkers(config)
         self.admin: AdminServer | None = None
         self.redirect: RedirectServer | None = None
+
+    def build_routing(self, config: Config, old: Routing | None = None,
+                      old_config: Config | None = None) -> Routing:
+        """The pools and route table of ``config``; a reload keeps the pools that stay
+        (their backends, state and counters) and adopts their new settings."""
+        pools: dict[str, ServerCluster] = {}
+        for name, pool in config.pools.items():
+            if name == "default":
+                cluster = self.cluster
+            elif old is not None and name in old.pools:
+                cluster = old.pools[name]
+                assert old_config is not None
+                cluster.apply_settings(old_config.pools[name], pool)
+            else:
+                cluster = ServerCluster.from_settings(pool, self.ids, self.sticky_key)
+                cluster.transitions_level = self.transitions_level
+            pools[name] = cluster
+        trusted = limiter = None
+        if config.trusted_proxies:
+            trusted = AddressList(config.trusted_proxies, "trusted_proxies")
+        if any(route.rate is not None for route in config.routes.routes):
+            limiter = old.limiter if old is not None and old.limiter is not None else None
+            if limiter is None:
+                limiter = RateLimiter()
+        counters = old.counters if old is not None else RouteCounters()
+        return Routing(config.routes, pools, self.cluster, counters, limiter, trusted)
+
+    def sync_checkers(self, config: Config) -> None:
+        """One health checker per pool, with the pool's settings; started, stopped or
+        restarted to match (only once checks have started: never in a worker)."""
+        pools = config.pools
+        for name, cluster in self.routing.pools.items():
+            health = HealthSettings.of(pools[name])
+            checker = self.checkers.get(name)
+            if checker is None or checker.cluster is not cluster:
+                checker = self.checkers[name] = HealthChecker(cluster, health, self.on_health_round)
+            checker.settings = health
+            if not self.checks_started:
+                continue
+            if health.interval <= 0:
+                checker.stop()
+            elif not checker.is_alive() or checker.stopped.is_set():
+                if checker.ident is not None:  # a thread starts once: a new one
+                    checker = self.checkers[name] = HealthChecker(cluster, health,
+                                                                  self.on_health_round)
+                checker.start()
+        for name in [name for name in self.checkers if name not in self.routing.pools]:
+            self.checkers.pop(name).stop()
 
     def on_health_round(self) -> None:
         """Called by the health checker after each round."""
@@ -132,8 +190,8 @@ class Process:
         """Called by the admin API after a write."""
 
     def start_checks_and_admin(self) -> None:
-        if self.config.health_interval > 0:
-            self.checker.start()
+        self.checks_started = True
+        self.sync_checkers(self.config)
         if self.config.admin_port is not None:
             try:
                 self.admin = AdminServer((self.config.admin_host, self.config.admin_port),
@@ -141,6 +199,7 @@ class Process:
                                          on_change=self.on_admin_change)
                 # The dashboard's client-side row: this listener's (or, adopted, all workers').
                 self.admin.frontend = lambda: self.cluster.frontend.snapshot().dashboard()
+                self.admin.routing = lambda: self.routing  # read at each request: reloads swap it
             except OSError as error:
                 raise listen_error("admin port ", self.config.admin_host,
                                    self.config.admin_port, error) from None
@@ -182,15 +241,37 @@ class Process:
                 systemd.ready("reloaded")
 
     def apply_config(self, new: Config) -> None:
-        old_pool, new_pool = self.config.pools["default"], new.pools["default"]
-        added, removed = self.cluster.apply_settings(old_pool, new_pool)
-        self.update_checker(HealthSettings.of(new_pool))
+        """Apply a valid new configuration: pools first, then one swap of the whole table.
+
+        Pools that stay keep their backends' state; the new route table and
+        pool set replace the old in one attribute store (``install``), so a
+        request is routed entirely under the old or entirely under the new.
+        """
+        old, old_routing = self.config, self.routing
+        added, removed = self.cluster.apply_settings(front_settings(old), front_settings(new))
+        before = {name: {b.url for b in c.snapshot()} for name, c in old_routing.pools.items()}
+        routing = self.build_routing(new, old_routing, old)
+        self.routing = routing
+        self.install(routing)
+        for name, cluster in routing.pools.items():
+            if name != "default":
+                urls = {b.url for b in cluster.snapshot()}
+                added += [f"{url} (pool {name})" for url in sorted(urls - before.get(name, set()))]
+                removed += [f"{url} (pool {name})" for url in sorted(before.get(name, set()) - urls)]
+        for name, cluster in old_routing.pools.items():
+            if name not in routing.pools and cluster is not self.cluster:
+                removed += [f"{url} (pool {name})" for url in sorted(before[name])]
+                cluster.close()  # requests in flight on it finish normally
+        self.sync_checkers(new)
         logging.getLogger("cclb").setLevel(new.log_level)
         self.apply(new)
         self.config = new
-        log.warning("configuration reloaded from %s (backends added: %s; removed: %s)",
-                    new.source or "the command line", ", ".join(added) or "none",
-                    ", ".join(removed) or "none")
+        log.warning("configuration reloaded from %s (pools: %s; routes: %d; backends added: %s; "
+                    "removed: %s)", new.source or "the command line", ", ".join(routing.pools) or "none",
+                    len(routing.table.routes), ", ".join(added) or "none", ", ".join(removed) or "none")
+
+    def install(self, routing: Routing) -> None:
+        """Make ``routing`` the table requests use (the listening roles)."""
 
     def reload_config(self) -> Config | None:
         return reload_config(self.config)
@@ -201,20 +282,20 @@ class Process:
     def reopen_logs(self) -> None:
         """SIGUSR1: reopen log files only (logrotate), without reloading the configuration."""
 
-    def update_checker(self, health: HealthSettings) -> None:
-        """Adjust the health checker: new settings, stopped (interval 0) or started anew."""
-        self.checker.settings = health
-        if health.interval <= 0:
-            self.checker.stop()
-        elif not self.checker.is_alive() or self.checker.stopped.is_set():
-            self.checker = HealthChecker(self.cluster, health, self.on_health_round)
-            self.checker.start()
-
     def tick(self) -> None:
         """One round of the main loop (every 0.1 s)."""
 
+    def all_clusters(self) -> list[ServerCluster]:
+        """The front pool first, then every other pool (for workers' snapshots and counters)."""
+        return [self.cluster, *(c for c in self.routing.pools.values() if c is not self.cluster)]
+
+    def close_pools(self) -> None:
+        for cluster in {id(c): c for c in [self.cluster, *self.routing.pools.values()]}.values():
+            cluster.close()
+
     def stop_checks_and_admin(self) -> None:
-        self.checker.stop()
+        for checker in self.checkers.values():
+            checker.stop()
         for server in (self.admin, self.redirect):
             if server is not None:
                 server.shutdown()
@@ -233,7 +314,10 @@ class Balancer(Process):
         self.shared_listener = False  # --workers without SO_REUSEPORT: one socket for all
         self.tls: CertificateStore | None = None  # the certificates, when the listener speaks TLS
         if role is Role.WORKER:
-            self.cluster.transitions_level = logging.DEBUG  # the supervisor logs them once
+            self.transitions_level = logging.DEBUG  # the supervisor logs them once
+            for cluster in self.routing.pools.values():
+                cluster.transitions_level = logging.DEBUG
+            self.cluster.transitions_level = logging.DEBUG
         self.stopped = threading.Event()  # ends the worker's counter reports
 
     def start(self) -> None:
@@ -257,6 +341,7 @@ class Balancer(Process):
         except OSError as error:
             access_log.close()
             raise listen_error("", config.host, port, error) from None
+        self.install(self.routing)
         try:  # after the bind: a port in use is the first thing to report
             access_log.reopen(config.access_log, config.log_format)
         except OSError as error:
@@ -297,24 +382,23 @@ class Balancer(Process):
         assert self.server is not None
         if self.role is Role.WORKER:
             spawn(workers.follow_supervisor, "supervisor-link",
-                  self.cluster, sys.stdin.fileno(), self.on_supervisor_gone)
-            spawn(workers.report_counters, "counter-report", self.cluster, self.stopped)
+                  self.all_clusters, sys.stdin.fileno(), self.on_supervisor_gone)
+            spawn(workers.report_counters, "counter-report", self.all_clusters, self.stopped,
+                  self.routing.counters)
             sys.stdout.buffer.write(workers.READY_LINE)
             sys.stdout.flush()
         else:
             print(ready_line(self.server.server_name, self.server.server_port,
-                             len(self.config.backends), scheme=self.config.listener.scheme),
+                             backend_count(self.config), scheme=self.config.listener.scheme),
                   flush=True)
             super().announce()
         log.info("cclb %s (pid %d, %s, backends: %s)",
                  "worker started" if self.role is Role.WORKER else "started", os.getpid(),
-                 self.config.algorithm, ", ".join(spec.url for spec in self.config.backends))
+                 self.config.algorithm, describe_pools(self.config))
 
-    def update_checker(self, health: HealthSettings) -> None:
-        if self.role is Role.WORKER:
-            self.checker.settings = health  # never started: the supervisor checks
-        else:
-            super().update_checker(health)
+    def install(self, routing: Routing) -> None:
+        if self.server is not None:
+            self.server.routing = None if routing.plain else routing
 
     def apply(self, new: Config) -> None:
         assert self.server is not None
@@ -346,7 +430,7 @@ class Balancer(Process):
         drain = self.config.drain_timeout
         if not self.server.drain(drain):
             log.warning("gave up waiting for in-flight requests after %gs", drain)
-        self.cluster.close()
+        self.close_pools()
         self.server.access_log.close()
 
     def port(self) -> int:
@@ -393,6 +477,8 @@ class SupervisorProcess(Process):
     def __init__(self, config: Config, argv: list[str]) -> None:
         super().__init__(config)
         self.supervisor = workers.Supervisor(config, argv, self.cluster)
+        self.supervisor.pools = self.all_clusters
+        self.supervisor.route_counters = self.routing.counters
 
     def on_health_round(self) -> None:
         self.supervisor.publish_state()
@@ -414,7 +500,7 @@ class SupervisorProcess(Process):
             raise
 
     def announce(self) -> None:
-        print(ready_line(self.config.host, self.supervisor.port, len(self.config.backends),
+        print(ready_line(self.config.host, self.supervisor.port, backend_count(self.config),
                          f" ({self.config.workers} workers)", self.config.listener.scheme),
               flush=True)
         super().announce()
@@ -440,13 +526,31 @@ class SupervisorProcess(Process):
         self.supervisor.stop_accepting()
         self.stop_checks_and_admin()
         self.supervisor.stop(self.config.drain_timeout + 2)
-        self.cluster.close()
+        self.close_pools()
 
     def abort(self) -> None:
         """A second stop signal: the workers get theirs too, and stop at once."""
         self.supervisor.stop_accepting()
         self.supervisor.forward(signal.SIGTERM)
         self.supervisor.stop(2.0)
+
+
+def describe_pools(config: Config) -> str:
+    """The backends for the start-up log line (with their pool when there are named pools)."""
+    pools = config.pools
+    if list(pools) == ["default"]:
+        return ", ".join(spec.url for spec in pools["default"].backends)
+    return "; ".join(f"pool {name}: {', '.join(spec.url for spec in pool.backends)}"
+                     for name, pool in pools.items())
+
+
+def backend_count(config: Config) -> int:
+    return sum(len(pool.backends) for pool in config.pools.values())
+
+
+def front_settings(config: Config) -> PoolSettings:
+    """The pool default's settings; an empty pool when the configuration has none."""
+    return config.pools.get("default") or config.pool("default", {"backends": []})
 
 
 def spawn(target: Callable[..., Any], name: str, *args: Any) -> None:

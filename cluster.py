@@ -12,15 +12,20 @@ bookkeeping.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Iterator
 
+from access import AddressList, RateLimiter
 from backend_urls import BackendSpec
 from balancing import Policy, RoundRobin, make_policy
-from metrics import FrontendCounters, FrontendMetrics, Histogram, TrafficCounters
+from metrics import FrontendCounters, FrontendMetrics, Histogram, RouteCounters, TrafficCounters
+from routing import RouteTable, sticky_value
 from upstream import BackendTLS, ConnectionPool
 
 if TYPE_CHECKING:
@@ -59,6 +64,7 @@ class Backend:
     failures: int = 0  # attempts failed at the transport level
     retries: int = 0  # of those, how many were retried elsewhere
     slow_start: float = 0.0
+    cookie: str = ""  # its sticky-session cookie value (routing.sticky_value), fixed
 
     @property
     def state(self) -> str:
@@ -127,6 +133,7 @@ class ClusterStats:
     unrouted: dict[int, int]  # answers given without a backend, by status
     # The client side: rejections, responses by source, bytes, connections.
     frontend: FrontendCounters = field(default_factory=FrontendCounters)
+    pool: str = "default"  # the pool's name
 
 
 class Attempt:
@@ -174,7 +181,8 @@ class ServerCluster:
                  name: str = "default", connect_timeout: float = 3.0, read_timeout: float = 60.0,
                  max_fails: int = 1, fail_timeout: float = 10.0, slow_start: float = 0.0,
                  transitions_level: int = logging.WARNING,
-                 backend_tls: BackendTLS | None = None) -> None:
+                 backend_tls: BackendTLS | None = None, ids: Iterator[int] | None = None,
+                 sticky_cookie: str | None = None, sticky_key: bytes = b"") -> None:
         self.name = name
         # --workers: each worker logs its passive take-downs at DEBUG, so a
         # transition is logged once, by the supervisor that checks health.
@@ -188,7 +196,11 @@ class ServerCluster:
         self.slow_start = slow_start
         self.backend_tls = backend_tls or BackendTLS()  # for https:// backends' pools
         self.backends: list[Backend] = []
-        self.next_id = 1
+        # Backend ids: shared by all the pools of a process, so an id names one backend
+        # (next() on an itertools.count is atomic in CPython).
+        self.ids = ids if ids is not None else itertools.count(1)
+        self.sticky_cookie = sticky_cookie  # the cookie's name, when the pool is sticky
+        self.sticky_key = sticky_key  # the key of its values (routing.sticky_value)
         self.unrouted: dict[int, int] = {}  # answers given without a backend (503...)
         # The listener's own numbers (its own lock; the server fills its gauges).
         self.frontend = FrontendMetrics()
@@ -196,11 +208,13 @@ class ServerCluster:
             self.add(spec)
 
     @classmethod
-    def from_settings(cls, pool: PoolSettings) -> ServerCluster:
+    def from_settings(cls, pool: PoolSettings, ids: Iterator[int] | None = None,
+                      sticky_key: bytes = b"") -> ServerCluster:
         return cls(pool.backends, make_policy(pool.algorithm), name=pool.name,
                    connect_timeout=pool.connect_timeout, read_timeout=pool.read_timeout,
                    max_fails=pool.max_fails, fail_timeout=pool.fail_timeout,
-                   slow_start=pool.slow_start, backend_tls=BackendTLS.of(pool))
+                   slow_start=pool.slow_start, backend_tls=BackendTLS.of(pool), ids=ids,
+                   sticky_cookie=pool.sticky_cookie, sticky_key=sticky_key)
 
     def apply_settings(self, old: PoolSettings, new: PoolSettings) -> tuple[list[str], list[str]]:
         """A reload: adopt ``new`` (members, policy, timeouts); returns (added, removed) URLs."""
@@ -210,6 +224,7 @@ class ServerCluster:
             connect_timeout=new.connect_timeout, read_timeout=new.read_timeout,
             max_fails=new.max_fails, fail_timeout=new.fail_timeout, slow_start=new.slow_start,
             backend_tls=BackendTLS.of(new, self.backend_tls))
+        self.sticky_cookie = new.sticky_cookie
         return added, removed
 
     # --- membership -------------------------------------------------------
@@ -225,9 +240,9 @@ class ServerCluster:
             return None
         pool = ConnectionPool(spec.host, spec.port, self.connect_timeout, self.read_timeout,
                               tls=self.backend_tls if spec.tls else None)
-        backend = Backend(self.next_id, spec.url, spec.host, spec.port, spec.weight, pool,
-                          slow_start=self.slow_start)
-        self.next_id += 1
+        backend = Backend(next(self.ids), spec.url, spec.host, spec.port, spec.weight, pool,
+                          slow_start=self.slow_start,
+                          cookie=sticky_value(self.sticky_key, spec.url))
         self.backends.append(backend)
         return backend
 
@@ -286,7 +301,7 @@ class ServerCluster:
         frontend = self.frontend.snapshot()  # outside our lock: it reads the server's
         with self._lock:
             return ClusterStats(self.policy.name, [b.stats() for b in self.backends],
-                                dict(self.unrouted), frontend)
+                                dict(self.unrouted), frontend, self.name)
 
     def backend_stats(self, backend: Backend) -> BackendStats:
         with self._lock:
@@ -306,17 +321,21 @@ class ServerCluster:
 
     # --- the request path -------------------------------------------------
 
-    def acquire(self, client: str, exclude: tuple[Backend, ...] = ()) -> Attempt | None:
+    def acquire(self, client: str, exclude: tuple[Backend, ...] = (),
+                sticky: str | None = None) -> Attempt | None:
         """Pick a backend for a request and count it in flight, or None if none is up.
 
-        The returned ``Attempt`` owns that in-flight count until it is released
-        (exactly once, see ``Attempt``).
+        ``sticky``: a sticky-session cookie value; the backend it names takes
+        the request while it is available.  The returned ``Attempt`` owns
+        that in-flight count until it is released (exactly once, see ``Attempt``).
         """
         with self._lock:
             candidates = [b for b in self.backends if b.available and b not in exclude]
             if not candidates:
                 return None
-            backend = self.policy.select(candidates, client)
+            backend = next((b for b in candidates if b.cookie == sticky), None) if sticky else None
+            if backend is None:
+                backend = self.policy.select(candidates, client)
             backend.in_flight += 1
         return Attempt(self, backend)
 
@@ -431,3 +450,48 @@ class ServerCluster:
     def close(self) -> None:
         for backend in self.snapshot():
             backend.pool.retire()
+
+
+def sticky_key(secret: str | None) -> bytes:
+    """The key of sticky-cookie values: ``--sticky-secret``, else one derived from this machine.
+
+    Derived from /etc/machine-id (else the host name), it is the same for
+    every process on this machine and across restarts, and reveals nothing.
+    """
+    if secret:
+        return hashlib.sha256(b"cclb sticky\0" + secret.encode("utf-8")).digest()
+    try:
+        with open("/etc/machine-id", "rb") as handle:
+            seed = handle.read().strip()
+    except OSError:
+        seed = b""
+    return hashlib.sha256(b"cclb sticky\0" + (seed or socket.gethostname().encode())).digest()
+
+
+@dataclass(frozen=True, eq=False)
+class Routing:
+    """The route table and the pools it sends to: one object, replaced whole on reload.
+
+    A request reads ``server.routing`` once and is routed entirely under that
+    table (an attribute store is atomic).  ``front`` is the pool ``default``
+    (the one cclb had before routes; it also holds the client-side metrics);
+    it is in ``pools`` only when configured.  ``counters`` and ``limiter``
+    carry over from one table to the next.
+    """
+
+    table: RouteTable
+    pools: dict[str, ServerCluster]
+    front: ServerCluster
+    counters: RouteCounters
+    limiter: RateLimiter | None = None  # when a route has a rate limit
+    trusted: AddressList | None = None  # trusted_proxies
+
+    @property
+    def plain(self) -> bool:
+        """Nothing to decide per request: no routes, only the pool default, no stickiness,
+        no trusted proxies (the proxy then skips routing: the hot path as before)."""
+        return (not self.table.routes and list(self.pools) == ["default"]
+                and self.front.sticky_cookie is None and not self.trusted)
+
+    def all_pools(self) -> list[ServerCluster]:
+        return list(self.pools.values())

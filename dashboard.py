@@ -82,11 +82,17 @@ PAGE = b"""<!doctype html>
 <div class="charts" id="charts"></div>
 <div class="legend" id="legend"></div>
 <h2>Backends</h2>
-<table><thead><tr><th>#</th><th>backend</th><th>state</th><th>weight</th><th>in flight</th>
+<table><thead><tr><th>#</th><th>pool</th><th>backend</th><th>state</th><th>weight</th><th>in flight</th>
 <th>req/s</th><th>requests</th><th>2xx</th><th>4xx</th><th>5xx</th><th>failures</th><th>retries</th>
 <th>last check</th><th>admin</th></tr></thead>
 <tbody id="rows"></tbody></table>
 <div id="note"></div>
+<div id="routes-section" hidden>
+<h2>Routes</h2>
+<table><thead><tr><th>#</th><th>route</th><th>match</th><th>action</th><th>requests</th>
+<th>403</th><th>429</th></tr></thead>
+<tbody id="routes"></tbody></table>
+</div>
 <div id="error"></div>
 <script>
 "use strict";
@@ -246,10 +252,40 @@ function buttons(b) {
   return td;
 }
 
+// Every pool's backends, grouped by pool (in /status "pools" order); poolOf: id -> pool name.
+const poolOf = {};
+function allBackends(status) {
+  if (!status.pools) { status.backends.forEach(x => { poolOf[x.id] = "default"; }); return status.backends; }
+  status.pools.forEach(p => p.backends.forEach(x => { poolOf[x.id] = p.name; }));
+  return status.pools.flatMap(p => p.backends);
+}
+
+function drawRoutes(routes, fallback) {
+  const section = document.getElementById("routes-section");
+  section.hidden = !(routes && routes.length);
+  if (section.hidden) return;
+  document.getElementById("routes").replaceChildren(...routes.map(r => {
+    const tr = document.createElement("tr");
+    const match = Object.entries(r.match).map(([k, v]) => k + " " + (typeof v === "object"
+      ? JSON.stringify(v) : v)).join(", ") || "any request";
+    const action = r.pool !== undefined ? "pool " + r.pool + (r.strip_prefix ? " (strip)" : "")
+      : r.redirect !== undefined ? r.status + " \\u2192 " + r.redirect : "respond " + r.respond;
+    tr.append(cell(r.index, "", "#"), cell(r.name, "", "route"), cell(match, "check", "match"),
+      cell(action, "check", "action"), cell(r.requests, "n", "requests"),
+      cell(r.denied, "n", "403"), cell(r.limited, "n", "429"));
+    return tr;
+  }), (() => { const tr = document.createElement("tr");
+    tr.append(cell("", "", "#"), cell("(no match)", "", "route"), cell("anything else", "check", "match"),
+      cell(fallback ? "pool " + fallback : "404", "check", "action"), cell("", "n", "requests"),
+      cell("", "n", "403"), cell("", "n", "429"));
+    return tr; })());
+}
+
 async function refresh() {
   try {
     const response = await fetch("status", {cache: "no-store"});
     const status = await response.json();
+    status.backends = allBackends(status);
     const history = status.history;
     const rows = document.getElementById("rows");
     const rates = {};
@@ -280,7 +316,7 @@ async function refresh() {
       const check = b.last_check ? b.last_check + (b.last_check_latency_ms != null
         ? " (" + b.last_check_latency_ms + "\\u00a0ms)" : "") : "-";
       const url = cell(b.url, "url", "backend"); url.style.borderLeft = "4px solid " + color(b.url);
-      tr.append(cell(b.id, "", "#"), url, state, cell(b.weight, "n", "weight"),
+      tr.append(cell(b.id, "", "#"), cell(poolOf[b.id], "", "pool"), url, state, cell(b.weight, "n", "weight"),
         cell(b.in_flight, "n", "in flight"), rate, cell(b.requests, "n", "requests"),
         cell(r["2xx"] || 0, "n", "2xx"), cell(r["4xx"] || 0, "n", "4xx"),
         cell(r["5xx"] || 0, "n", "5xx"), cell(b.failures, "n", "failures"),
@@ -289,8 +325,11 @@ async function refresh() {
     }));
     drawHistory(history, status.time);
     drawFrontend(status.frontend, status.unrouted);
+    drawRoutes(status.routes, status.default_route);
     const up = status.backends.filter(b => b.state === "up").length;
-    document.getElementById("summary").textContent = status.policy + " \\u00b7 " + up + "/" +
+    const pools = status.pools && (status.pools.length > 1 || status.pools[0].name !== "default")
+      ? status.pools.map(p => p.name + " (" + p.policy + ")").join(", ") : status.policy;
+    document.getElementById("summary").textContent = pools + " \\u00b7 " + up + "/" +
       status.backends.length + " backends up \\u00b7 " + total.toFixed(1) + " req/s \\u00b7 updated " +
       new Date(status.time * 1000).toLocaleTimeString();
     document.getElementById("error").textContent = "";

@@ -20,14 +20,14 @@ import time
 from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from loops import LoopGuard
 from settings import VERSION
 from tunnel import TunnelCounters
 
 if TYPE_CHECKING:
-    from cluster import ClusterStats
+    from cluster import BackendStats, ClusterStats
 
 # Seconds; what a load balancer's users care about: sub-ms to a few seconds.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -99,9 +99,42 @@ REJECT_REASONS = {
     400: "bad_request", 405: "method_not_allowed", 408: "header_timeout",
     413: "body_too_large", 414: "uri_too_long", 417: "expectation_failed",
     431: "headers_too_large", 501: "not_implemented", 505: "version_not_supported",
+    403: "denied", 404: "no_route", 429: "rate_limited",  # [[routes]]: allow/deny, no match, rate_limit
 }
 MAX_CONNECTIONS = "max_connections"  # turned away at --max-connections (a 503, then close)
 BODY_TIMEOUT = "body_timeout"  # a 408 while reading the request body, not its head
+
+
+class RouteCounters:
+    """Per-route request, 403 and 429 counters, by route name (they survive reloads).
+
+    ``lock`` guards ``counts`` (route name -> [requests, forbidden, limited]).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: dict[str, list[int]] = {}
+
+    def count(self, name: str, status: int) -> None:
+        """A request taken by route ``name``; ``status`` 403 or 429 when refused."""
+        with self.lock:
+            row = self.counts.get(name)
+            if row is None:
+                row = self.counts[name] = [0, 0, 0]
+            row[0] += 1
+            if status == 403:
+                row[1] += 1
+            elif status == 429:
+                row[2] += 1
+
+    def snapshot(self) -> dict[str, list[int]]:
+        with self.lock:
+            return {name: list(row) for name, row in self.counts.items()}
+
+    def adopt(self, counts: dict[str, list[int]]) -> None:
+        """--workers: show the sums of the workers' counters."""
+        with self.lock:
+            self.counts = {name: list(row) for name, row in counts.items()}
 
 
 def reject_reason(status: int) -> str:
@@ -433,10 +466,25 @@ def _labels(**labels: str) -> str:
     return "{" + ",".join(f'{key}="{_escape(value)}"' for key, value in labels.items()) + "}"
 
 
-def render(stats: ClusterStats) -> str:
-    """The /metrics page for a consistent copy of the cluster (``ServerCluster.stats``)."""
-    backends = stats.backends
-    unrouted = stats.unrouted
+def render(stats: ClusterStats, pools: Sequence[ClusterStats] | None = None,
+           routes: dict[str, list[int]] | None = None) -> str:
+    """The /metrics page for consistent copies of the pools (``ServerCluster.stats``).
+
+    ``stats`` is the front pool's copy (it holds the client-side numbers);
+    ``pools`` every configured pool's (``stats`` itself among them when it is
+    one).  With named pools, backend series carry a ``pool`` label; with only
+    the pool ``default`` (the command line) they look as they always did.
+    ``routes``: route name -> [requests, 403s, 429s] (``RouteCounters``).
+    """
+    pools = [stats] if pools is None else list(pools)
+    labelled = [p.pool for p in pools] != ["default"]
+    backends = [b for p in pools for b in p.backends]
+    pool_of = {id(b): p.pool for p in pools for b in p.backends}
+    unrouted = dict(stats.unrouted)
+    for p in pools:
+        if p is not stats:
+            for code, n in p.unrouted.items():
+                unrouted[code] = unrouted.get(code, 0) + n
     lines: list[str] = []
 
     def family(name: str, kind: str, help_text: str, samples: Iterable[str]) -> None:
@@ -444,23 +492,29 @@ def render(stats: ClusterStats) -> str:
         lines.append(f"# TYPE {name} {kind}")
         lines.extend(samples)
 
+    def of(b: BackendStats, **labels: str) -> str:
+        """A backend series' labels: with its pool when there are named pools."""
+        if labelled:
+            return _labels(backend=b.url, pool=pool_of[id(b)], **labels)
+        return _labels(backend=b.url, **labels)
+
     family("cclb_requests_total", "counter", "Responses relayed, by backend and status code.",
-           [f"cclb_requests_total{_labels(backend=b.url, code=str(code))} {n}"
+           [f"cclb_requests_total{of(b, code=str(code))} {n}"
             for b in backends for code, n in sorted(b.traffic.responses.items())]
            + [f"cclb_requests_total{_labels(backend='none', code=str(code))} {n}"
               for code, n in sorted(unrouted.items())])
     family("cclb_backend_up", "gauge", "1 if the backend may receive new requests, else 0.",
-           [f"cclb_backend_up{_labels(backend=b.url)} {int(b.available)}" for b in backends])
+           [f"cclb_backend_up{of(b)} {int(b.available)}" for b in backends])
     family("cclb_in_flight", "gauge", "Requests currently being served by the backend.",
-           [f"cclb_in_flight{_labels(backend=b.url)} {b.traffic.in_flight}" for b in backends])
+           [f"cclb_in_flight{of(b)} {b.traffic.in_flight}" for b in backends])
     family("cclb_backend_failures_total", "counter",
            "Attempts that failed at the transport level (refused, reset, closed).",
-           [f"cclb_backend_failures_total{_labels(backend=b.url)} {b.traffic.failures}"
+           [f"cclb_backend_failures_total{of(b)} {b.traffic.failures}"
             for b in backends])
     family("cclb_retries_total", "counter", "Attempts retried on another backend after failing on this one.",
-           [f"cclb_retries_total{_labels(backend=b.url)} {b.traffic.retries}" for b in backends])
+           [f"cclb_retries_total{of(b)} {b.traffic.retries}" for b in backends])
     family("cclb_health_checks_total", "counter", "Active health checks, by result.",
-           [f"cclb_health_checks_total{_labels(backend=b.url, result=result)} {n}"
+           [f"cclb_health_checks_total{of(b, result=result)} {n}"
             for b in backends for result, n in sorted(b.health_checks.items())])
     samples = []
     for b in backends:
@@ -469,9 +523,9 @@ def render(stats: ClusterStats) -> str:
         for bound, count in zip(BUCKETS + (float("inf"),), latency.counts):
             cumulative += count
             le = "+Inf" if bound == float("inf") else repr(bound)
-            samples.append(f"cclb_request_duration_seconds_bucket{_labels(backend=b.url, le=le)} {cumulative}")
-        samples.append(f"cclb_request_duration_seconds_sum{_labels(backend=b.url)} {latency.total:.6f}")
-        samples.append(f"cclb_request_duration_seconds_count{_labels(backend=b.url)} {latency.count}")
+            samples.append(f"cclb_request_duration_seconds_bucket{of(b, le=le)} {cumulative}")
+        samples.append(f"cclb_request_duration_seconds_sum{of(b)} {latency.total:.6f}")
+        samples.append(f"cclb_request_duration_seconds_count{of(b)} {latency.count}")
     family("cclb_request_duration_seconds", "histogram",
            "Time from the request head to the end of the response, by backend.", samples)
     frontend = stats.frontend
@@ -493,6 +547,17 @@ def render(stats: ClusterStats) -> str:
     family("cclb_client_bytes_total", "counter", "Bytes received from and sent to clients.",
            [f"cclb_client_bytes_total{_labels(direction='received')} {frontend.received}",
             f"cclb_client_bytes_total{_labels(direction='sent')} {frontend.sent}"])
+    if routes:
+        family("cclb_route_requests_total", "counter", "Requests taken by a route ([[routes]]), by route.",
+               [f"cclb_route_requests_total{_labels(route=name)} {row[0]}"
+                for name, row in routes.items()])
+        family("cclb_route_denied_total", "counter", "Requests a route refused with 403 (allow/deny).",
+               [f"cclb_route_denied_total{_labels(route=name)} {row[1]}"
+                for name, row in routes.items()])
+        family("cclb_route_limited_total", "counter",
+               "Requests a route refused with 429 (rate_limit), by route.",
+               [f"cclb_route_limited_total{_labels(route=name)} {row[2]}"
+                for name, row in routes.items()])
     for name, kind, help_text, process_samples in (PROCESS.families() + tunnel_families(frontend)
                                                    + ENGINE.families()):
         family(name, kind, help_text, process_samples)

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import select
 import socket
 import ssl
 import threading
 import time
 import zlib
+from dataclasses import replace
 from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,12 +34,14 @@ from socketserver import TCPServer
 from typing import Any, NamedTuple, Sequence
 
 import http11
-from cluster import Attempt, Backend, ServerCluster
+from access import real_client
+from proxy_protocol import V2_MAX_LENGTH, ProxyHeader, ProxyProtocolError, parse_proxy_header
+from cluster import Attempt, Backend, Routing, ServerCluster
 from forwarding import (BUFFERED, NO_BODY, TRACE_ALLOW, Request, ResponsePlan, check_request_head,
                         error_closes_connection, new_request_id, request_id_for, response_plan,
                         upstream_request_head)
 from forwarding import switching_protocols_head
-from http11 import Headers, ProtocolError
+from http11 import Fields, Headers, ProtocolError
 from loggers import AccessLog, WarningLimiter, sanitize
 from message_reader import (BodyTooLarge, EmptyResponse, IncompleteHead, Limits, MalformedBody, ResponseHead,
                             TruncatedBody, iter_body, read_field_lines, read_response_head,
@@ -46,6 +50,7 @@ from engine import EOF, NOTHING, READ, WRITE, Engine, Verdict, head_ready, recei
 from socket_io import RECV_SIZE, SocketReader, SocketWriter
 from tls import CertificateStore, set_timeouts
 from metrics import BODY_TIMEOUT, ENGINE, MAX_CONNECTIONS, PROCESS, TUNNELS, reject_reason
+from routing import Answer, HeaderRules, cookie_value, decide, set_cookie
 from settings import Config, Listener
 from tunnel import Tunnel
 from upstream import SHARED_IDLE_WATCHER, UpstreamConnection, describe_error
@@ -171,10 +176,11 @@ RESPONSE_LIMITS = Limits(max_line=16 * 1024, max_header_bytes=128 * 1024, max_fi
 IDLE, BUSY, RECLAIMED = "idle", "busy", "reclaimed"
 
 # What a parked connection waits for in the engine's selector thread
-# (``ProxyHandler.phase``): its TLS handshake to finish, the first byte of a
+# (``ProxyHandler.phase``): its PROXY protocol header, its TLS handshake to finish, the first byte of a
 # request (keep-alive), the rest of a request head, or the rest of a body
 # that cclb buffers anyway (up to BUFFER_LIMIT).
 HANDSHAKE, WAITING, HEAD, BODY = "handshake", "waiting", "head", "body"
+PROXY_HEADER = "proxy"  # --proxy-protocol: the PROXY header, before anything else (even TLS)
 # After an answer, a pool thread waits this long (ms) for the connection's next
 # request before parking it, when no other connection waits for a thread.
 LINGER_MS = 2
@@ -263,6 +269,9 @@ class LoadBalancerServer(ThreadingHTTPServer):
     request_queue_size = 4096  # the stdlib's 5 drops connections under load
     daemon_threads = True
     allow_reuse_address = True
+    # The route table and pools (cclb.py sets it; a reload replaces it whole).
+    # None: no routing configured, every request goes to ``cluster`` as before.
+    routing: Routing | None = None
 
     def __init__(self, listener: Listener, config: Config, cluster: ServerCluster,
                  access_log: AccessLog, reuse_port: bool = False,
@@ -552,6 +561,33 @@ def error_response(status: int, body: bytes, close: bool, retry_after: int | Non
     return http11.serialize_head(f"HTTP/1.1 {status} {reason}", headers) + body
 
 
+def pull_proxy_header(sock: socket.socket, received: bytes) -> tuple[ProxyHeader | None, bytes]:
+    """One non-blocking step of reading a PROXY header (for an event loop; never waits).
+
+    The thread-per-connection handler reads the header blocking
+    (``take_proxy_header``); this is the same for a selector-driven
+    connection engine, which must not block on a connection.
+
+    ``received``: the header's bytes consumed by earlier steps.  Returns the
+    header once complete (the request bytes behind it stay unread), else
+    (None, the bytes so far) when more must arrive.  Raises
+    ``ProxyProtocolError`` (malformed, or closed before the end) or OSError.
+    ``sock`` must be a plain socket: on a TLS listener, a raw view of the
+    connection's descriptor (the header precedes the TLS handshake).
+    """
+    try:
+        peeked = sock.recv(V2_MAX_LENGTH - len(received), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None, received
+    if not peeked:
+        raise ProxyProtocolError("connection closed before the end of the PROXY protocol header")
+    parsed = parse_proxy_header(received + peeked)
+    take = len(peeked) if parsed is None else parsed[1] - len(received)
+    while take > 0:  # already in the kernel's buffer: no waiting
+        take -= len(sock.recv(take, socket.MSG_DONTWAIT))
+    return (None, received + peeked) if parsed is None else (parsed[0], b"")
+
+
 class ProxyHandler(BaseHTTPRequestHandler):
     """Handles one client connection: reads requests, forwards them, relays answers.
 
@@ -605,16 +641,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.token = next(_client_tokens)  # this client connection, as backend connections' owner
         self.first_request = True  # no request of this connection has been forwarded yet
         # Parked in the engine: what for (phase), until when, readable or writable.
-        self.phase = HANDSHAKE if self.tls else WAITING
+        self.phase = PROXY_HEADER if config.proxy_protocol else HANDSHAKE if self.tls else WAITING
+        self.proxy_received = b""  # the PROXY header's bytes so far
         self.interest = READ
         now = time.monotonic()
-        self.deadline = now + (config.header_timeout if self.tls else config.keepalive_timeout)
+        self.deadline = now + (config.keepalive_timeout if self.phase == WAITING else config.header_timeout)
         self.head_started = now  # when the current request's first byte came
         self.parked_request: Request | None = None  # parked for its body (phase BODY)
         self.poller: select.poll | None = None  # linger()'s, made on first use
         self.body_needed = 0
-        if not self.tls:
-            self.server.register(self)  # a TLS connection once its handshake is done
+        if self.phase == WAITING:
+            self.server.register(self)  # else once its PROXY header and TLS handshake are done
 
     def fileno(self) -> int:
         return self.fd
@@ -626,6 +663,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
         ``events`` 0: not known to be ready (a connection just accepted, tried at once).
         """
+        if self.phase == PROXY_HEADER:
+            verdict = self.take_proxy_header()
+            if verdict is not None:
+                return verdict
         if self.phase == HANDSHAKE:
             verdict = self.handshake()
             if verdict is not None:
@@ -658,6 +699,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def on_deadline(self) -> Verdict:
         """The deadline passed while parked: close, or RUN to answer 408."""
+        if self.phase == PROXY_HEADER:
+            log.debug("PROXY protocol header from %s refused: timed out", self.client_address[0])
+            return Verdict.CLOSE
         if self.phase == HANDSHAKE:
             self.timed_out = True
             self.handshake_failed("timed out")
@@ -695,6 +739,45 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.interest = READ
         self.deadline = time.monotonic() + self.server.config.keepalive_timeout
         self.server.register(self)
+        return None
+
+    def take_proxy_header(self) -> Verdict | None:
+        """``proxy_protocol``: one non-blocking step of reading the PROXY header; None once read.
+
+        Its source becomes the client address.  Accepted only from a
+        trusted proxy; anything else (an untrusted peer, a malformed or late
+        header, a reset) closes the connection quietly (logged at DEBUG,
+        never a traceback).  Read from the raw socket even on a TLS
+        listener: it precedes the TLS handshake.  Within --header-timeout
+        from the accept, like a handshake.
+        """
+        peer = self.client_address[0]
+        routing = self.server.routing
+        if routing is None or not routing.trusted or peer not in routing.trusted:
+            log.debug("PROXY protocol: %s is not a trusted proxy; connection closed", peer)
+            return Verdict.CLOSE
+        sock = self.connection
+        raw = socket.socket(sock.family, sock.type, sock.proto, fileno=self.fd) if self.tls else sock
+        try:
+            header, self.proxy_received = pull_proxy_header(raw, self.proxy_received)
+        except (ProxyProtocolError, OSError) as error:
+            log.debug("PROXY protocol header from %s refused: %s", peer, error)
+            return Verdict.CLOSE
+        finally:
+            if raw is not sock:
+                raw.detach()  # the fd stays the connection's
+        if header is None:
+            self.interest = READ
+            return Verdict.WAIT
+        if header.source is not None:
+            self.client_address = header.source
+            self.client_ip = header.source[0]
+        if self.tls:
+            self.phase = HANDSHAKE  # the deadline stays: header and handshake share it
+        else:
+            self.phase = WAITING
+            self.deadline = time.monotonic() + self.server.config.keepalive_timeout
+            self.server.register(self)
         return None
 
     def handshake_failed(self, error: object) -> None:
@@ -904,6 +987,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.relayed_status = 0  # the backend's status, once its head went to the client
         self.error_bytes = 0  # body bytes of the answer cclb made itself
         self.consumed_mark = self.rfile.received - self.rfile.buffered  # where the request starts
+        self.client = ""  # the real client address when it differs from the peer's (routing)
+        self.routed: tuple[str | None, str | None] | None = None  # (route name, pool) for the log
+        self.response_edit: tuple[HeaderRules, str | None, str | None] | None = None
 
     def set_client_timeout(self, seconds: float) -> None:
         """Change the client socket's kernel timeouts (only when it differs)."""
@@ -999,7 +1085,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def forward(self, request: Request) -> None:
         """Forward ``request`` to a backend, retrying where safe, and relay the answer."""
+        routing = self.server.routing
         cluster = self.server.cluster
+        client = self.client_ip
+        sticky = None
+        if routing is not None:
+            routed = self.route(request, routing)
+            if routed is None:
+                return  # answered by cclb (redirect, respond, 403, 404, 429)
+            request, cluster, sticky = routed
+            client = self.client or client
         body: bytes | None = b""
         if request.framing.kind == "length" and request.framing.length <= BUFFER_LIMIT \
                 and not request.expect_continue:
@@ -1024,7 +1119,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         last_error: BackendError | None = None
         truncated: tuple[Truncated, Backend] | None = None
         while True:
-            attempt = cluster.acquire(self.client_ip, tuple(tried))
+            attempt = cluster.acquire(client, tuple(tried), sticky)
             if attempt is None:
                 if truncated is not None:
                     self.relay_truncated(request, *truncated)
@@ -1035,7 +1130,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     self.log_request_done(request, 502, self.error_bytes, tried[-1], "cclb",
                                           TERMINATIONS.get(last_error.cause, "backend_error"))
                 else:
-                    self.answer_no_backend(request, last_error)
+                    self.answer_no_backend(request, last_error, cluster)
                 return
             backend = attempt.backend
             with attempt:  # released exactly once, whatever happens below
@@ -1060,6 +1155,86 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return
             tried.append(backend)
             last_error = error
+
+    def route(self, request: Request, routing: Routing
+              ) -> tuple[Request, ServerCluster, str | None] | None:
+        """Apply the route table: the request to forward, its pool and sticky cookie value.
+
+        None when cclb answered itself (redirect, respond, 403, 404, 429).
+        The decision is ``routing.decide``'s (pure); the rate limit is the one
+        stateful rule, taken here.
+        """
+        client = self.client_ip
+        trusted = routing.trusted
+        if trusted and client in trusted:
+            client = real_client(client, request.headers.index.get("x-forwarded-for", ()), trusted)
+        self.client = client
+        decision = decide(request.method, request.target, request.host, request.headers, client,
+                          routing.table)
+        route = decision.route
+        self.routed = (None if route is None else route.name,
+                       None if isinstance(decision, Answer) else decision.pool)
+        if isinstance(decision, Answer):
+            if route is not None:
+                routing.counters.count(route.name, decision.status)
+            else:
+                routing.front.count_unrouted(decision.status)
+            self.answer(request, decision.status, decision.body, decision.location,
+                        decision.refused, rules=None if route is None else route.response_headers)
+            return None
+        cluster = routing.pools[decision.pool]
+        if route is not None:
+            if route.rate is not None and routing.limiter is not None:
+                wait = routing.limiter.take((route.name, client), route.rate, time.monotonic())
+                if wait > 0:
+                    self.routed = (route.name, None)
+                    routing.counters.count(route.name, 429)
+                    self.answer(request, 429, "too many requests, slow down", None, True,
+                                retry_after=max(1, math.ceil(wait)))
+                    return None
+            routing.counters.count(route.name, 0)
+            if route.request_headers or decision.target != request.target:
+                request = replace(request, target=decision.target,
+                                  headers=route.request_headers.apply(request.headers))
+        sticky = None
+        name = cluster.sticky_cookie
+        if name is not None:
+            sticky = cookie_value(request.headers, name)
+        if name is not None or (route is not None and route.response_headers):
+            self.response_edit = (route.response_headers if route is not None else HeaderRules(),
+                                  name, sticky)
+        return request, cluster, sticky
+
+    def answer(self, request: Request, status: int, text: str, location: str | None,
+               refused: bool, retry_after: int | None = None,
+               rules: HeaderRules | None = None) -> None:
+        """An answer a route makes (redirect, respond) or a refusal (403, 404, 429).
+
+        The route's ``response_headers`` set/add fields go on a redirect or a
+        configured response too (not on refusals).
+        """
+        extra = [("Location", location)] if location is not None else []
+        if rules and not refused:
+            extra.extend(rules.set)
+            extra.extend(rules.add)
+        if self.tls and self.server.config.hsts:
+            extra.append(("Strict-Transport-Security", f"max-age={self.server.config.hsts}"))
+        close = self.close_connection or self.body_pending or self.server.draining
+        self.close_connection = close
+        if location is not None and not text:
+            text = f"see {location}"
+        body = f"{text}\n".encode("utf-8") if text else b""
+        data = error_response(status, body, close, retry_after, extra, self.request_id)
+        if request.method == "HEAD":  # RFC 9110 9.3.2: the fields of a GET, no content
+            data = data[:len(data) - len(body)]
+        try:
+            self.wfile.write(data)
+            self.error_bytes = 0 if request.method == "HEAD" else len(body)
+        except OSError:
+            self.close_connection = True
+        self.log_request_done(request, status, self.error_bytes, None, "cclb",
+                              "rejected" if refused else "ok",
+                              reject_reason(status) if refused else None)
 
     def relay_truncated(self, request: Request, truncated: Truncated, backend: Backend) -> None:
         """Send a response that was cut short and could not be retried, then close.
@@ -1096,7 +1271,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 attempt.backend.pool.close_all()
         raise AssertionError("unreachable")
 
-    def answer_no_backend(self, request: Request, last_error: BackendError | None) -> None:
+    def answer_no_backend(self, request: Request, last_error: BackendError | None,
+                          cluster: ServerCluster) -> None:
         """A 503: no backend was available (or every one tried failed before taking it)."""
         if last_error is not None:
             message = ALL_FAILED
@@ -1109,7 +1285,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                   request.shown_target[:200], self.request_id)
         retry_after = max(1, int(self.server.config.health_interval or 1))
         self.send_error_response(503, message, retry_after=retry_after)
-        self.server.cluster.count_unrouted(503)
+        cluster.count_unrouted(503)
         self.log_request_done(request, 503, self.error_bytes, None, "cclb", termination)
 
     def exchange(self, request: Request, attempt: Attempt, head: bytes, body: bytes | None) -> None:
@@ -1301,6 +1477,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if any, is still held).
         """
         config = self.server.config
+        if self.response_edit is not None:
+            response = self.edit_response(response, backend)
         # Draining (SIGTERM) may have begun since the request arrived: close after this one.
         plan = response_plan(request, response, self.request_id, config.gzip_level,
                              config.gzip_min_size, self.close_connection or self.server.draining,
@@ -1351,6 +1529,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
         else:
             conn.close()
         self.log_request_done(request, response.status, sent, backend)
+
+    def edit_response(self, response: ResponseHead, backend: Backend) -> ResponseHead:
+        """The route's response header rules, and the sticky cookie when it must be (re)set."""
+        assert self.response_edit is not None
+        rules, cookie, sent = self.response_edit
+        headers = rules.apply(response.headers) if rules else response.headers
+        if cookie is not None and sent != backend.cookie:
+            if headers is response.headers:
+                headers = Fields(headers.items)
+            headers.add(*set_cookie(cookie, backend.cookie))
+        return replace(response, headers=headers)
 
     def tunnel(self, request: Request, response: ResponseHead, conn: UpstreamConnection,
                backend: Backend) -> None:
@@ -1476,7 +1665,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if access_log.json and access_log.stream is not None:
             details = self.log_details(request, termination)
         access_log.record(
-            self.client_ip, request.method, request.shown_target, status, sent,
+            self.client or self.client_ip, request.method, request.shown_target, status, sent,
             backend.url if backend else "-", time.monotonic() - self.started, self.request_id,
             details)
 
@@ -1500,6 +1689,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             "upstream_header_ms": None if header is None else round(header * 1000, 2),
             "attempts": [{"backend": url, "outcome": outcome} for url, outcome in self.attempts],
             "termination": termination,
+            **({} if self.routed is None else {"route": self.routed[0], "pool": self.routed[1]}),
         }
 
     def log_rejected(self, status: int) -> None:

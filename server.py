@@ -230,10 +230,10 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def port_number(text: str) -> int:
-    """argparse type: a TCP port in 1-65535."""
-    port = int(text) if DIGITS.fullmatch(text) else 0
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r} (expected 1-65535)")
+    """argparse type: a TCP port in 0-65535 (0: any free port, printed when listening)."""
+    port = int(text) if DIGITS.fullmatch(text) else -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r} (expected 0-65535)")
     return port
 
 
@@ -245,15 +245,13 @@ def header_value(text: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line; the name defaults to server-PORT."""
+    """Parse the command line (the name, when not given, is set once the port is known)."""
     parser = argparse.ArgumentParser(description="Demo JSON backend for cclb.")
-    parser.add_argument("port", type=port_number, help="TCP port to listen on (1-65535)")
+    parser.add_argument("port", type=port_number, help="TCP port to listen on (0: any free port)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--name", type=header_value, help="X-Backend-Server value (default: server-PORT)")
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
-    args = parser.parse_args(argv)
-    args.name = args.name or f"server-{args.port}"
-    return args
+    return parser.parse_args(argv)
 
 
 def fail(message: str) -> int:
@@ -270,9 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         return fail(f"cannot load {DATA_FILE}: {err}")
     try:
-        server = BackendServer((args.host, args.port), args.name, data, args.verbose)
+        server = BackendServer((args.host, args.port), args.name or "", data, args.verbose)
     except OSError as err:
-        return fail(f"{args.name}: cannot listen on {args.host}:{args.port}: {err.strerror or err}")
+        name = args.name or f"server-{args.port}"
+        return fail(f"{name}: cannot listen on {args.host}:{args.port}: {err.strerror or err}")
+    port = server.server_address[1]  # the one the system chose for port 0
+    if not args.name:
+        server.name = args.name = f"server-{port}"
     # SIGTERM and Ctrl-C ask serve_forever() to return (from another thread, as
     # shutdown() requires); raising an exception at an arbitrary point of the
     # accept loop could close a socket that a handler thread is using.
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        print(f"{args.name} listening on http://{args.host}:{args.port}", flush=True)
+        print(f"{args.name} listening on http://{args.host}:{port}", flush=True)
         server.serve_forever()
     finally:
         server.server_close()

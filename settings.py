@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from balancing import POLICIES
 from backend_urls import BackendSpec, parse_backend
+from routing import RouteError, RouteTable, parse_routes
 from tls import CertSpec, TLSConfigError, client_context, parse_cert_option
 
 VERSION = "0.2.0"
@@ -152,6 +153,32 @@ def _backends(value: Any) -> list[BackendSpec]:
     return specs
 
 
+def _addresses(value: Any) -> list[str]:
+    """Addresses and CIDRs (``trusted_proxies``), IPv4 or IPv6."""
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        try:
+            ipaddress.ip_network(_text(item).strip(), strict=False)
+        except ValueError:
+            raise ValueError(f"invalid address or CIDR {item!r}") from None
+    return [item.strip() for item in items]
+
+
+def _cookie_name(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", value):
+        raise ValueError(f"expected a cookie name (letters, digits, - _ .), got {value!r}")
+    return value
+
+
+# The keys a [pools.NAME] table takes: its backends, the pool-only sticky
+# cookie, and every policy, timeout and health setting (the top-level value
+# is the default).
+POOL_KEYS = ("backends", "algorithm", "connect_timeout", "read_timeout", "max_fails",
+             "fail_timeout", "slow_start", "health_interval", "health_path", "health_timeout",
+             "health_status", "rise", "fall", "sticky_cookie")
+_POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+
+
 @dataclass(frozen=True)
 class Listener:
     """Where clients connect, and whether they speak TLS there (``scheme`` "https")."""
@@ -181,6 +208,7 @@ class PoolSettings:
     fall: int
     backend_ca: str | None = None  # --backend-ca: CA file for https:// backends (None: system store)
     backend_insecure: bool = False  # --backend-insecure: no verification of https:// backends
+    sticky_cookie: str | None = None  # cookie stickiness: the cookie's name
 
 
 @dataclass(frozen=True)
@@ -317,6 +345,18 @@ class Config:
         ("--backend-insecure",), False, _flag,
         "do not verify the certificates of https:// backends (testing only; logs a warning)",
         None, "tls", flag_only=True)
+    trusted_proxies: list[str] = option(
+        ("--trusted-proxy",), [], _addresses,
+        "address or CIDR of a proxy in front of cclb whose X-Forwarded-For (and PROXY "
+        "protocol header) is believed; repeat for more", "CIDR", "listener", repeat=True)
+    proxy_protocol: bool = option(
+        ("--proxy-protocol",), False, _flag,
+        "expect a PROXY protocol v1/v2 header before each connection's first byte (accepted "
+        "only from --trusted-proxy addresses)", None, "listener", flag_only=True)
+    sticky_secret: str | None = option(
+        ("--sticky-secret",), None, _text,
+        "key of the sticky-session cookie values (default: derived from this machine's id; "
+        "give every cclb host the same one)", "TEXT", "backends")
     max_body_size: int = option(
         ("--max-body-size",), 10 * 1024 ** 2, parse_size,
         "largest request body accepted (413 beyond), e.g. 10M", "SIZE", "limits")
@@ -386,6 +426,11 @@ class Config:
         "check the configuration, print a summary of what would run, and exit (0 if valid, else 2)",
         None, "general", cli_only=True, flag_only=True)
 
+    # Not options: the [pools.NAME] tables (checked values; others inherit the
+    # top-level ones), the [[routes]] table, whether the pool "default" exists.
+    pool_tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    routes: RouteTable = field(default_factory=RouteTable, compare=False)
+    has_default: bool = True
     # Not options: where the settings came from.
     source: str | None = field(default=None, compare=False)  # config file path, if any
     cli: dict[str, Any] = field(default_factory=dict, compare=False)  # what the command line gave
@@ -401,12 +446,23 @@ class Config:
 
     @property
     def pools(self) -> dict[str, PoolSettings]:
-        """The named backend pools; the command line and top-level keys fill ``default``."""
-        return {"default": PoolSettings(
-            "default", list(self.backends), self.algorithm, self.connect_timeout,
-            self.read_timeout, self.max_fails, self.fail_timeout, self.slow_start,
-            self.health_interval, self.health_path, self.health_timeout, self.health_status,
-            self.rise, self.fall, self.backend_ca, self.backend_insecure)}
+        """The named backend pools; the command line and top-level keys fill ``default``.
+
+        Every setting a ``[pools.NAME]`` table leaves out is the top-level one.
+        """
+        tables = dict(self.pool_tables)
+        if self.has_default:
+            tables = {"default": {"backends": self.backends}, **tables}
+        return {name: self.pool(name, table) for name, table in tables.items()}
+
+    def pool(self, name: str, table: dict[str, Any]) -> PoolSettings:
+        get = lambda key: table.get(key, getattr(self, key))  # noqa: E731
+        return PoolSettings(
+            name, list(table["backends"]), get("algorithm"), get("connect_timeout"),
+            get("read_timeout"), get("max_fails"), get("fail_timeout"), get("slow_start"),
+            get("health_interval"), get("health_path"), get("health_timeout"),
+            get("health_status"), get("rise"), get("fall"), self.backend_ca,
+            self.backend_insecure, table.get("sticky_cookie"))
 
 
 SETTINGS: list[Setting] = [replace(f.metadata[_SETTING], name=f.name)
@@ -454,8 +510,50 @@ def _line_of(text: str, key: str) -> str:
     return ""
 
 
+def _route_lines(text: str) -> list[int]:
+    """The line number of each ``[[routes]]`` header, in file order."""
+    return [number for number, line in enumerate(text.splitlines(), 1)
+            if re.match(r"\s*\[\[\s*routes\s*\]\]", line)]
+
+
+def _read_pools(path: str, text: str, raw: Any) -> dict[str, dict[str, Any]]:
+    """The ``[pools.NAME]`` tables, each value checked like its top-level setting."""
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise SettingsError(f"{path}{_line_of(text, 'pools')}: pools: expected tables "
+                            "such as [pools.api]")
+    pools: dict[str, dict[str, Any]] = {}
+    for name, table in raw.items():
+        where = f"{path}{_line_of(text, f'pools.{name}')}: pools.{name}"
+        if not _POOL_NAME.fullmatch(name):
+            raise SettingsError(f"{where}: a pool name is letters, digits, '-', '_' or '.'")
+        unknown = sorted(set(table) - set(POOL_KEYS))
+        if unknown:
+            raise SettingsError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(POOL_KEYS)})")
+        if "backends" not in table:
+            raise SettingsError(f"{where}: no backends (backends = [...])")
+        checked: dict[str, Any] = {}
+        for key, value in table.items():
+            try:
+                if key == "sticky_cookie":
+                    checked[key] = _cookie_name(value)
+                    continue
+                check = BY_NAME[key].check
+                if isinstance(value, str) and getattr(check, "numeric", False):
+                    raise ValueError(f"expected a number, not the string {value!r}")
+                checked[key] = check(value)
+            except ValueError as error:
+                raise SettingsError(f"{where}.{key}: {error}") from None
+        pools[name] = checked
+    return pools
+
+
 def read_config_file(path: str) -> dict[str, Any]:
-    """Checked values from a TOML file; SettingsError names the key and line."""
+    """Checked values from a TOML file; SettingsError names the key and line.
+
+    ``[pools.NAME]`` tables come back checked under ``pool_tables``; the
+    ``[[routes]]`` array raw under ``routes`` (with ``route_lines``): routes
+    are checked by ``resolve``, once the pool names are known.
+    """
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
@@ -467,6 +565,13 @@ def read_config_file(path: str) -> dict[str, Any]:
     text = raw.decode("utf-8")
     values: dict[str, Any] = {}
     for key, value in data.items():
+        if key == "pools":
+            values["pool_tables"] = _read_pools(path, text, value)
+            continue
+        if key == "routes":
+            values["routes"] = value
+            values["route_lines"] = _route_lines(text)
+            continue
         setting = BY_NAME.get(key)
         if setting is None or setting.cli_only:
             known = ", ".join(s.name for s in SETTINGS if not s.cli_only)
@@ -499,6 +604,9 @@ def resolve(cli: dict[str, Any]) -> Config:
     values = Config().values
     path = cli.get("config")
     from_file = read_config_file(path) if path else {}
+    pool_tables = from_file.pop("pool_tables", {})
+    raw_routes = from_file.pop("routes", [])
+    route_lines = from_file.pop("route_lines", [])
     values.update(from_file)
     for name, raw in cli.items():
         setting = BY_NAME[name]
@@ -510,12 +618,33 @@ def resolve(cli: dict[str, Any]) -> Config:
         except ValueError as error:
             raise SettingsError(f"{'/'.join(setting.flags)}: {error}") from None
     validate(values)
-    if path and "backends" not in from_file and "backends" not in cli:
+    has_default = not path or "backends" in from_file or "backends" in cli
+    if path and not has_default and not pool_tables:
         # An empty, truncated or half-written file must not swap every backend
         # for the built-in 127.0.0.1:7000-7002 of the bare challenge.
         raise SettingsError(f"{path}: no backends: a config file must name its backends "
-                            "(backends = [...]) unless --backend is given")
-    return Config(**values, source=path, cli=dict(cli))
+                            "(backends = [...] or [pools.NAME] tables) unless --backend is given")
+    if has_default and "default" in pool_tables:
+        raise SettingsError(f"{path}: duplicate pool name 'default': the top-level backends "
+                            "(or --backend) are the pool default already")
+    owners: dict[str, str] = {}
+    tables = {"default": {"backends": values["backends"]}} if has_default else {}
+    for name, table in {**tables, **pool_tables}.items():
+        for spec in table["backends"]:
+            if spec.url in owners:
+                raise SettingsError(f"{path}: pools.{name}.backends: {spec.url} is in pool "
+                                    f"{owners[spec.url]!r} already (a backend belongs to one pool)")
+            owners[spec.url] = name
+    try:
+        routes = parse_routes(raw_routes, [*tables, *pool_tables])
+    except RouteError as error:
+        index = re.match(r"routes\[(\d+)\]", error.key)
+        line = ""
+        if index and int(index[1]) < len(route_lines):
+            line = f" (line {route_lines[int(index[1])]})"
+        raise SettingsError(f"{path}{line}: {error}") from None
+    return Config(**values, pool_tables=pool_tables, routes=routes, has_default=has_default,
+                  source=path, cli=dict(cli))
 
 
 def is_loopback(host: str) -> bool:
@@ -533,6 +662,9 @@ def validate(values: dict[str, Any]) -> None:
     token = values["admin_token"]
     if token is not None and not token.strip():
         raise SettingsError("--admin-token must not be empty or blank")
+    if values["proxy_protocol"] and not values["trusted_proxies"]:
+        raise SettingsError("--proxy-protocol needs --trusted-proxy (trusted_proxies): the "
+                            "header is accepted only from trusted proxies")
     host = values["admin_host"]
     if values["admin_port"] is not None and not token and not is_loopback(host):
         raise SettingsError(f"--admin-host {host} is not loopback: an --admin-token is required")
@@ -562,6 +694,14 @@ def summary(config: Config) -> str:
         lines.append(f"health    {checks}; passive: {pool.max_fails} failure(s) in "
                      f"{pool.fail_timeout:g}s" + (f"; slow start {pool.slow_start:g}s"
                                                    if pool.slow_start else ""))
+    for route in config.routes.routes:
+        lines.append(f"route     {describe_route(route)}")
+    if config.routes.routes:
+        lines.append("route     anything else -> " + ("pool default" if config.routes.default
+                                                      else "404"))
+    if config.trusted_proxies:
+        lines.append(f"clients   trusted proxies {', '.join(config.trusted_proxies)}"
+                     + ("; PROXY protocol expected" if config.proxy_protocol else ""))
     lines.append(f"timeouts  connect {config.connect_timeout:g}s, read {config.read_timeout:g}s, "
                  f"header {config.header_timeout:g}s, keep-alive {config.keepalive_timeout:g}s, "
                  f"body {config.body_timeout:g}s, tunnel idle {config.tunnel_idle_timeout:g}s, "
@@ -588,6 +728,23 @@ def summary(config: Config) -> str:
              f"(writes {'need the token' if config.admin_token else 'open, loopback only'})")
     lines.append(f"admin     {admin}")
     return "\n".join(lines)
+
+
+def describe_route(route: Any) -> str:
+    """One line for ``--check``: what a route matches and what it does."""
+    match = [f"host {route.host}" if route.host else "",
+             f"path {route.path_prefix}*" if route.path_prefix else "",
+             "methods " + ",".join(sorted(route.methods)) if route.methods else "",
+             " ".join(f"{n}: {v}" for n, v in route.headers)]
+    action = (f"pool {route.pool}" + (" (prefix stripped)" if route.strip_prefix else "")
+              if route.pool else f"redirect {route.status} {route.redirect}" if route.redirect
+              else f"respond {route.respond}")
+    rules = [word for word, on in (("allow/deny", route.allow is not None or route.deny is not None),
+                                   ("rate limit", route.rate is not None),
+                                   ("header rules", bool(route.request_headers or route.response_headers)))
+             if on]
+    return (f"{route.name}: {' '.join(part for part in match if part) or 'any request'} -> {action}"
+            + (f" [{', '.join(rules)}]" if rules else ""))
 
 
 def markdown_table() -> str:

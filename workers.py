@@ -35,12 +35,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, Union
 
 from backend_urls import parse_backend
 from cluster import DRAIN, MAINT, READY, ServerCluster
 from loops import LoopGuard
-from metrics import FrontendCounters, TrafficCounters
+from metrics import FrontendCounters, RouteCounters, TrafficCounters
 from settings import Config
 
 log = logging.getLogger("cclb")
@@ -71,15 +71,33 @@ def encode_snapshot(rows: list[list[Any]]) -> bytes:
     return b"%d %s\n" % (len(payload), payload)
 
 
-def state_rows(cluster: ServerCluster) -> list[list[Any]]:
-    """The supervisor's view of every backend.
+# Where the supervisor's and a worker's pools come from: one cluster (the pool
+# default), or a function returning every pool (named pools, see cclb.Process).
+PoolSource = Union[ServerCluster, Callable[[], Sequence[ServerCluster]]]
 
-    ``[[url, weight, "up"|"down", "ready"|"drain"|"maint"], ...]``: health,
-    membership and admin state, so changes made through the admin API reach
-    every worker.
+
+def clusters_of(source: PoolSource) -> list[ServerCluster]:
+    return [source] if isinstance(source, ServerCluster) else list(source())
+
+
+def state_rows(source: PoolSource) -> list[list[Any]]:
+    """The supervisor's view of every backend of every pool.
+
+    ``[[url, weight, "up"|"down", "ready"|"drain"|"maint"(, pool)], ...]``:
+    health, membership and admin state, so changes made through the admin
+    API reach every worker.  A backend of a pool other than ``default``
+    carries its pool's name as a fifth element; a pool without backends is
+    named by a row with an empty URL (so a worker empties it too).
     """
-    return [[b.url, b.weight, "up" if b.healthy else "down", b.admin_state]
-            for b in cluster.stats().backends]
+    rows: list[list[Any]] = []
+    for cluster in clusters_of(source):
+        stats = cluster.stats()
+        pool = [stats.pool] if stats.pool != "default" else []
+        rows.extend([b.url, b.weight, "up" if b.healthy else "down", b.admin_state, *pool]
+                    for b in stats.backends)
+        if not stats.backends and not isinstance(source, ServerCluster):
+            rows.append(["", 0, "", "", stats.pool])  # an empty pool: still named (emptied)
+    return rows
 
 
 def decode_snapshot(line: bytes) -> list[list[Any]] | None:
@@ -88,8 +106,8 @@ def decode_snapshot(line: bytes) -> list[list[Any]] | None:
     if not length.isdigit() or int(length) != len(payload):
         return None
     try:
-        return [[str(url), int(weight), str(health), str(admin)]
-                for url, weight, health, admin in json.loads(payload)]
+        return [[str(url), int(weight), str(health), str(admin), *map(str, pool)]
+                for url, weight, health, admin, *pool in json.loads(payload) if len(pool) <= 1]
     except (ValueError, TypeError):
         return None
 
@@ -114,7 +132,7 @@ class SnapshotReader:
         return snapshots
 
 
-def follow_supervisor(cluster: ServerCluster, fd: int, on_exit: Callable[[], None]) -> None:
+def follow_supervisor(cluster: PoolSource, fd: int, on_exit: Callable[[], None]) -> None:
     """Worker side: adopt each published snapshot until the supervisor goes away.
 
     Reads the raw descriptor with ``os.read``: a daemon thread blocked inside
@@ -135,8 +153,27 @@ def follow_supervisor(cluster: ServerCluster, fd: int, on_exit: Callable[[], Non
     on_exit()
 
 
-def apply_snapshot(cluster: ServerCluster, snapshot: list[list[Any]]) -> None:
-    """Adopt the supervisor's backends, health verdicts and admin states."""
+def apply_snapshot(source: PoolSource, snapshot: list[list[Any]]) -> None:
+    """Adopt the supervisor's backends, health verdicts and admin states, pool by pool.
+
+    A pool the snapshot does not name is left alone (a reload may be under
+    way; the next snapshot settles it), as are rows of a pool this worker
+    does not have.
+    """
+    by_pool: dict[str, list[list[Any]]] = {}
+    for row in snapshot:
+        rows = by_pool.setdefault(row[4] if len(row) > 4 else "default", [])
+        if row[0]:  # else only the name of an empty pool
+            rows.append(row[:4])
+    if isinstance(source, ServerCluster):
+        by_pool = {source.name: by_pool.get(source.name, [])}
+    for cluster in clusters_of(source):
+        if cluster.name in by_pool:
+            apply_pool_snapshot(cluster, by_pool[cluster.name])
+
+
+def apply_pool_snapshot(cluster: ServerCluster, snapshot: list[list[Any]]) -> None:
+    """One pool's part of ``apply_snapshot``."""
     try:
         specs = [parse_backend(f"{url},weight={weight}") for url, weight, _, _ in snapshot]
     except ValueError as error:
@@ -163,11 +200,23 @@ class CounterReport:
     backends: dict[str, TrafficCounters] = field(default_factory=dict)
     unrouted: dict[int, int] = field(default_factory=dict)
     frontend: FrontendCounters = field(default_factory=FrontendCounters)
+    routes: dict[str, list[int]] = field(default_factory=dict)  # RouteCounters, by route name
 
     @classmethod
-    def of(cls, cluster: ServerCluster) -> CounterReport:
-        stats = cluster.stats()
-        return cls({b.url: b.traffic for b in stats.backends}, stats.unrouted, stats.frontend)
+    def of(cls, source: PoolSource, routes: RouteCounters | None = None) -> CounterReport:
+        """Every pool's counters (backend URLs are unique across pools); the first
+        cluster is the front one, whose client-side numbers these are."""
+        report = cls()
+        for index, cluster in enumerate(clusters_of(source)):
+            stats = cluster.stats()
+            report.backends.update({b.url: b.traffic for b in stats.backends})
+            for code, n in stats.unrouted.items():
+                report.unrouted[code] = report.unrouted.get(code, 0) + n
+            if index == 0:
+                report.frontend = stats.frontend
+        if routes is not None:
+            report.routes = routes.snapshot()
+        return report
 
     def add(self, other: CounterReport, in_flight: bool = True) -> None:
         """Add ``other`` into this report (``in_flight=False``: a dead worker's)."""
@@ -176,11 +225,15 @@ class CounterReport:
         for code, count in other.unrouted.items():
             self.unrouted[code] = self.unrouted.get(code, 0) + count
         self.frontend.add(other.frontend, gauges=in_flight)
+        for name, row in other.routes.items():
+            mine = self.routes.setdefault(name, [0, 0, 0])
+            for i, n in enumerate(row[:3]):
+                mine[i] += n
 
     def encode(self) -> bytes:
         document = {"backends": {url: t.to_json() for url, t in self.backends.items()},
                     "unrouted": {str(code): n for code, n in self.unrouted.items()},
-                    "frontend": self.frontend.to_json()}
+                    "frontend": self.frontend.to_json(), "routes": self.routes}
         return (json.dumps(document, separators=(",", ":")) + "\n").encode()
 
     @classmethod
@@ -191,18 +244,21 @@ class CounterReport:
             return cls({str(url): TrafficCounters.from_json(data)
                         for url, data in document["backends"].items()},
                        {int(code): int(n) for code, n in document["unrouted"].items()},
-                       FrontendCounters.from_json(document["frontend"]))
+                       FrontendCounters.from_json(document["frontend"]),
+                       {str(name): [int(n) for n in row][:3]
+                        for name, row in document.get("routes", {}).items()})
         except (KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"malformed counter report: {error!r}") from None
 
 
-def report_counters(cluster: ServerCluster, stopped: threading.Event) -> None:
+def report_counters(cluster: PoolSource, stopped: threading.Event,
+                    routes: RouteCounters | None = None) -> None:
     """Worker side: write the counters to stdout (the supervisor) every second."""
     guard = LoopGuard("counter report")
     while not stopped.wait(COUNTERS_INTERVAL):
         with guard:
             try:
-                os.write(1, CounterReport.of(cluster).encode())
+                os.write(1, CounterReport.of(cluster, routes).encode())
             except OSError:
                 return  # the supervisor is gone
 
@@ -304,6 +360,9 @@ class Supervisor:
         self.config = config
         self.argv = argv
         self.cluster = cluster
+        # Every pool, the front one (``cluster``) first; set by cclb (reloads change it).
+        self.pools: Callable[[], Sequence[ServerCluster]] = lambda: [cluster]
+        self.route_counters: RouteCounters | None = None  # the sums of the workers' are shown here
         self.workers: list[Worker] = []
         self.listener: socket.socket | None = None
         self.port = config.port
@@ -337,7 +396,7 @@ class Supervisor:
             assert self.listener is not None  # bind() came first
             listen_fd = self.listener.fileno()
         worker = Worker(number, self.argv, self.port, listen_fd)
-        snapshot = encode_snapshot(state_rows(self.cluster))
+        snapshot = encode_snapshot(state_rows(self.pools))
         with self.publish_lock:
             worker.publish(snapshot)
         return worker
@@ -356,7 +415,7 @@ class Supervisor:
         Called from the health checker, admin and main threads: ``publish_lock``
         keeps two snapshots from interleaving in a pipe.
         """
-        snapshot = encode_snapshot(state_rows(self.cluster))
+        snapshot = encode_snapshot(state_rows(self.pools))
         with self.publish_lock:
             for worker in list(self.workers):
                 worker.publish(snapshot)
@@ -393,7 +452,13 @@ class Supervisor:
         total.add(self.retired, in_flight=False)
         for worker in self.workers:
             total.add(worker.counters)
-        self.cluster.adopt_traffic(total.backends, total.unrouted, total.frontend)
+        for cluster in self.pools():  # every answer without a backend is shown on the front
+            if cluster is self.cluster:
+                cluster.adopt_traffic(total.backends, total.unrouted, total.frontend)
+            else:
+                cluster.adopt_traffic(total.backends, {})
+        if self.route_counters is not None:
+            self.route_counters.adopt(total.routes)
 
     def forward(self, signum: int) -> None:
         for worker in self.workers:

@@ -83,6 +83,7 @@ class Outcome:
     test_id: str
     kind: str  # success, failure, error, skip, expected_failure, unexpected_success, not_run
     detail: str = ""
+    started: bool = True  # the worker's result saw startTest for it
 
 
 class ParallelSuite(unittest.TestSuite):
@@ -151,6 +152,9 @@ def report(result: unittest.TestResult, tests: dict[str, unittest.TestCase], out
     if test is None:  # a class or module fixture's error: unittest reports it under its own name
         test = unittest.suite._ErrorHolder(outcome.test_id)  # type: ignore[attr-defined]
         result.addError(test, remote_error(outcome.detail))
+        return
+    if outcome.kind == "skip" and not outcome.started:  # 3.12+: a skipped class/method never starts
+        result.addSkip(test, outcome.detail)
         return
     result.startTest(test)
     if outcome.kind == "success":
@@ -234,7 +238,8 @@ class Worker:
             self.running = None
             if record["test_id"] in pending:
                 pending.remove(record["test_id"])
-            outcomes.put(Outcome(record["test_id"], record["kind"], record.get("detail", "")))
+            outcomes.put(Outcome(record["test_id"], record["kind"], record.get("detail", ""),
+                                 record.get("started", True)))
         unit.test_ids = pending
         return False
 
@@ -264,13 +269,16 @@ class RecordingResult(unittest.TestResult):
         super().__init__()
         self.out = out
         self.failed_subtests: list[str] = []  # of the running test, reported with it at its end
+        self.running: str | None = None  # the id of the test between startTest and stopTest
 
     def emit(self, test: Any, kind: str, detail: str = "") -> None:
-        self.out.write(json.dumps({"test_id": test.id(), "kind": kind, "detail": detail}) + "\n")
+        self.out.write(json.dumps({"test_id": test.id(), "kind": kind, "detail": detail,
+                                   "started": self.running == test.id()}) + "\n")
         self.out.flush()
 
     def startTest(self, test: Any) -> None:
         super().startTest(test)
+        self.running = test.id()
         self.emit(test, "started")
 
     def addSuccess(self, test: Any) -> None:
@@ -299,6 +307,7 @@ class RecordingResult(unittest.TestResult):
         if self.failed_subtests:
             self.emit(test, "failure", "\n".join(self.failed_subtests))
             self.failed_subtests = []
+        self.running = None
         super().stopTest(test)
 
 

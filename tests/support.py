@@ -161,15 +161,14 @@ class Balancer(ChildProcess):
 
 
 class DemoServer(ChildProcess):
-    """``server.py`` on a free port."""
+    """``server.py`` on ``port``, or on a port it binds itself (no race with other processes)."""
 
     def __init__(self, port: int | None = None, name: str | None = None) -> None:
-        self.port = port or free_port()
-        args = [PYTHON, str(ROOT / "server.py"), str(self.port)]
+        args = [PYTHON, str(ROOT / "server.py"), str(port or 0)]
         if name:
             args += ["--name", name]
         super().__init__(args)
-        self.wait_line(r"listening on", 10)
+        self.port = int(self.wait_line(r"listening on http://[^:]+:(\d+)", 10)[1])
 
 
 # --- raw sockets -----------------------------------------------------------

@@ -18,7 +18,6 @@ from unittest import mock
 
 import cclb
 import engine
-import proxy
 import workers
 from backend_urls import parse_backend
 from cluster import ServerCluster

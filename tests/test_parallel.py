@@ -148,8 +148,9 @@ class ParallelRunnerTests(unittest.TestCase):
         # Serial: the process survives test_kills_its_process (one more pass, one fewer error).
         self.assertEqual(serial.group(1), "failures=2, errors=2, skipped=1, expected failures=1")
         self.assertEqual(parallel.group(1), "failures=2, errors=3, skipped=1, expected failures=1")
-        self.assertIn("Ran 10 tests", self.runs[1].stdout + self.runs[1].stderr)
-        self.assertIn("Ran 10 tests", self.runs[2].stdout + self.runs[2].stderr)
+        ran = [re.findall(r"^Ran (\d+) tests?", self.runs[jobs].stdout, re.M) for jobs in (1, 2)]
+        self.assertEqual(ran[0], ran[1])  # 10 (3.11) or 9 (3.12+ leaves the skipped test out)
+        self.assertIn(ran[1], (["10"], ["9"]))
 
 
 if __name__ == "__main__":

@@ -208,8 +208,21 @@ class LifecycleTest(unittest.TestCase):
         self.assertEqual(proc.stdout.read(), f"{NAME} listening on http://127.0.0.1:{port}\n")
         self.assertEqual(proc.stderr.read(), "")
 
+    def test_port_0_binds_a_free_port_and_prints_it(self) -> None:
+        proc = subprocess.Popen([sys.executable, str(SERVER), "0"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        self.addCleanup(stop, proc)
+        line = proc.stdout.readline()
+        port = int(line.rpartition(":")[2])
+        self.assertEqual(line, f"server-{port} listening on http://127.0.0.1:{port}\n")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        self.assertEqual(response.getheader("X-Backend-Server"), f"server-{port}")
+
     def test_invalid_port_is_usage_error(self) -> None:
-        for port in ("abc", "0", "65536", "-1"):
+        for port in ("abc", "65536", "-1", "1e3"):
             with self.subTest(port=port):
                 self.assertEqual(run_server(port).returncode, 2)
 
