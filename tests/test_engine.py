@@ -613,5 +613,53 @@ class ParkedHandshakeTests(unittest.TestCase):
         self.assertNotIn("Traceback", balancer.log_text())
 
 
+class ParkedProxyHeaderTests(unittest.TestCase):
+    """--proxy-protocol: the header is read by the selector thread, before TLS; slow ones hold no thread."""
+
+    def start(self, *extra: str) -> Balancer:
+        demo = DemoServer()
+        self.addCleanup(demo.stop)
+        balancer = Balancer([demo.port], "--health-interval", "0", "--access-log", "off", "--threads", "1",
+                            "--proxy-protocol", "--trusted-proxy", "127.0.0.1", "--header-timeout", "30",
+                            *extra)
+        self.addCleanup(balancer.stop)
+        return balancer
+
+    def stall(self, port: int) -> None:
+        for data in (b"", b"PROXY TCP4 203.0.113.5 ", b"\r\n\r\n\x00\r\nQU"):  # nothing, half v1, half v2
+            sock = connect(port)
+            self.addCleanup(sock.close)
+            if data:
+                sock.sendall(data)
+
+    def test_plain(self) -> None:
+        balancer = self.start()
+        self.stall(balancer.port)
+        sock = connect(balancer.port)
+        self.addCleanup(sock.close)
+        sock.sendall(b"PROXY TCP4 203.0.113.5 10.0.0.1 5555 80\r\n")
+        time.sleep(0.1)  # the header and the request in two segments
+        sock.sendall(post("/echo", b"{}", "Connection: close"))
+        raw, _ = collect_until_close(sock, 5)
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw[:200])
+        self.assertIn(b"203.0.113.5", raw)  # the header's source, in X-Forwarded-For
+        self.assertNotIn("Traceback", balancer.log_text())
+
+    def test_over_tls(self) -> None:
+        balancer = self.start("--tls-cert", str(CERTS / "localhost.pem"))
+        self.stall(balancer.port)
+        import tls
+        context = tls.client_context(str(CERTS / "ca.pem"))
+        raw_sock = connect(balancer.port)
+        raw_sock.sendall(b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 443\r\n")
+        with context.wrap_socket(raw_sock, server_hostname="localhost") as client:
+            client.sendall(post("/echo", b"{}", "Connection: close"))
+            with client.makefile("rb") as reader:
+                response = read_response(reader, "POST")
+        self.assertEqual(response.status, 200)
+        self.assertIn(b"203.0.113.7", response.body)
+        self.assertNotIn("Traceback", balancer.log_text())
+
+
 if __name__ == "__main__":
     unittest.main()
