@@ -377,7 +377,12 @@ class LoadBalancerServer(ThreadingHTTPServer):
             self.engine.park(handler)  # the handshake is done by the selector thread
         else:
             # Often the request is already there: read it now, saving a trip through the selector.
-            self.engine.dispatch(handler, handler.on_ready(0))
+            try:
+                verdict = handler.on_ready(0)
+            except Exception:
+                self.handle_error(request, client_address)
+                verdict = Verdict.CLOSE
+            self.engine.dispatch(handler, verdict)
 
     def reclaim_idle(self) -> socket.socket | None:
         """Take one idle connection out of the table, marked RECLAIMED; caller holds ``lock``.
