@@ -31,7 +31,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import TCPServer
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence, cast
 
 import http11
 from access import real_client
@@ -367,7 +367,8 @@ class LoadBalancerServer(ThreadingHTTPServer):
             self.reject_connection(request, client_address, reason)
             return
         try:
-            handler = self.RequestHandlerClass(request, client_address, self)
+            handler_class = cast("type[ProxyHandler]", self.RequestHandlerClass)
+            handler = handler_class(request, client_address, self)
         except Exception:
             self.handle_error(request, client_address)
             self.shutdown_request(request)
