@@ -19,7 +19,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from loops import LoopGuard
@@ -143,6 +143,65 @@ def reject_reason(status: int) -> str:
 
 
 @dataclass
+class EngineNumbers:
+    """The connection engine's numbers (``engine.Engine``): plain data, like FrontendCounters.
+
+    Counters: the queue-wait histogram (``wait_counts`` per bucket of
+    ``bounds`` and +Inf, ``wait_sum`` seconds, ``wait_count``).  Gauges: pool
+    threads ``busy`` and in all (``threads``), the ``limit`` of threads serving
+    at once, requests ``queued`` for a thread, connections ``parked`` in the
+    selector.  A supervisor shows the sum of its workers'.
+    """
+
+    bounds: tuple[float, ...] = ()
+    wait_counts: list[int] = field(default_factory=lambda: [0])
+    wait_sum: float = 0.0
+    wait_count: int = 0
+    busy: int = 0
+    threads: int = 0
+    limit: int = 0
+    queued: int = 0
+    parked: int = 0
+
+    def add(self, other: EngineNumbers, gauges: bool = True) -> None:
+        """Add ``other`` into these (``gauges=False``: a dead worker's)."""
+        if not self.bounds and self.wait_count == 0:
+            self.bounds, self.wait_counts = other.bounds, [0] * len(other.wait_counts)
+        if other.bounds == self.bounds:  # the same build: always, but never mix buckets
+            self.wait_counts = [a + b for a, b in zip(self.wait_counts, other.wait_counts)]
+            self.wait_sum += other.wait_sum
+            self.wait_count += other.wait_count
+        if gauges:
+            self.busy += other.busy
+            self.threads += other.threads
+            self.limit += other.limit
+            self.queued += other.queued
+            self.parked += other.parked
+
+    def copy(self) -> EngineNumbers:
+        return replace(self, wait_counts=list(self.wait_counts))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bounds": list(self.bounds), "wait_counts": self.wait_counts, "wait_sum": self.wait_sum,
+                "wait_count": self.wait_count, "busy": self.busy, "threads": self.threads,
+                "limit": self.limit, "queued": self.queued, "parked": self.parked}
+
+    @classmethod
+    def from_json(cls, data: Any) -> EngineNumbers:
+        """The inverse of ``to_json``; ValueError for anything of another shape."""
+        try:
+            bounds = tuple(float(b) for b in data["bounds"])
+            counts = [int(n) for n in data["wait_counts"]]
+            if len(counts) != len(bounds) + 1:
+                raise ValueError("a bucket count per bound and +Inf")
+            return cls(bounds, counts, float(data["wait_sum"]), int(data["wait_count"]),
+                       int(data["busy"]), int(data["threads"]), int(data["limit"]),
+                       int(data["queued"]), int(data["parked"]))
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"malformed engine numbers: {error!r}") from None
+
+
+@dataclass
 class FrontendCounters:
     """The client side's numbers: plain data, owned by whoever holds the copy.
 
@@ -165,6 +224,7 @@ class FrontendCounters:
     tunnels_open: int = 0
     tunnel_to_backend: int = 0
     tunnel_to_client: int = 0
+    engine: EngineNumbers = field(default_factory=EngineNumbers)
 
     def add(self, other: FrontendCounters, gauges: bool = True) -> None:
         """Add ``other`` into these (``gauges=False``: a dead worker's, whose connections are gone)."""
@@ -181,6 +241,7 @@ class FrontendCounters:
             self.busy += other.busy
             self.idle += other.idle
             self.tunnels_open += other.tunnels_open
+        self.engine.add(other.engine, gauges)
 
     def to_json(self) -> dict[str, Any]:
         return {"rejected": dict(self.rejected),
@@ -188,7 +249,7 @@ class FrontendCounters:
                 "received": self.received, "sent": self.sent,
                 "open_connections": self.open_connections, "busy": self.busy, "idle": self.idle,
                 "tunnels_open": self.tunnels_open, "tunnel_to_backend": self.tunnel_to_backend,
-                "tunnel_to_client": self.tunnel_to_client}
+                "tunnel_to_client": self.tunnel_to_client, "engine": self.engine.to_json()}
 
     @classmethod
     def from_json(cls, data: Any) -> FrontendCounters:
@@ -198,7 +259,8 @@ class FrontendCounters:
                        {(str(source), int(code)): int(n) for source, code, n in data["responses"]},
                        int(data["received"]), int(data["sent"]), int(data["open_connections"]),
                        int(data["busy"]), int(data["idle"]), int(data["tunnels_open"]),
-                       int(data["tunnel_to_backend"]), int(data["tunnel_to_client"]))
+                       int(data["tunnel_to_backend"]), int(data["tunnel_to_client"]),
+                       EngineNumbers.from_json(data["engine"]))
         except (KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"malformed frontend counters: {error!r}") from None
 
@@ -228,6 +290,7 @@ class FrontendMetrics:
         self.counters = FrontendCounters()
         self.gauges: Callable[[], tuple[int, int, int]] | None = None
         self.tunnels: TunnelMetrics | None = None
+        self.engine: EngineMetrics | None = None  # likewise: this process's engine (ENGINE)
 
     def count(self, source: str | None, status: int, received: int, sent: int,
               reason: str | None = None) -> None:
@@ -247,11 +310,13 @@ class FrontendMetrics:
         """A consistent copy, with the gauges read now."""
         gauges = self.gauges() if self.gauges is not None else None
         tunnels = self.tunnels.snapshot() if self.tunnels is not None else None
+        engine = self.engine.snapshot() if self.engine is not None else None
         with self.lock:
             c = self.counters
             copy = FrontendCounters(dict(c.rejected), dict(c.responses), c.received, c.sent,
                                     c.open_connections, c.busy, c.idle, c.tunnels_open,
-                                    c.tunnel_to_backend, c.tunnel_to_client)
+                                    c.tunnel_to_backend, c.tunnel_to_client,
+                                    engine if engine is not None else c.engine.copy())
         if gauges is not None:
             copy.open_connections, copy.busy, copy.idle = gauges
         if tunnels is not None:
@@ -403,8 +468,9 @@ class EngineMetrics:
     ``engine`` is attached by the listening server when it starts; ``lock``
     guards it.  Read at render time: handler threads busy and idle, the
     FIFO queue's length and how long requests waited in it (a histogram),
-    and the connections parked in the selector.  Per process, like the
-    tunnel metrics (with --workers the supervisor shows none).
+    and the connections parked in the selector.  The listening server hands
+    it to its cluster's ``FrontendMetrics`` (``engine``), so the numbers travel
+    with the client-side counters: in worker reports, summed by the supervisor.
     """
 
     def __init__(self) -> None:
@@ -415,44 +481,47 @@ class EngineMetrics:
         with self.lock:
             self.engine = engine
 
-    def families(self) -> list[tuple[str, str, str, list[str]]]:
+    def snapshot(self) -> EngineNumbers | None:
+        """The attached engine's numbers now (None: no engine in this process, the supervisor)."""
         with self.lock:
             engine = self.engine
-        if engine is None:  # no listener in this process (the supervisor): every family, zero
-            bounds: tuple[float, ...] = ()
-            counts, total, count, busy, threads, queued, parked, limit = [0], 0.0, 0, 0, 0, 0, 0, 0
-        else:
-            bounds = tuple(engine.stats.bounds)
-            counts, total, count, busy = engine.stats.snapshot()
-            threads, queued, parked = engine.threads, engine.queue_length(), engine.parked_count()
-            limit = engine.thread_limit()
-        samples = []
-        cumulative = 0
-        for bound, n in zip(bounds + (float("inf"),), counts):
-            cumulative += n
-            le = "+Inf" if bound == float("inf") else repr(bound)
-            samples.append(f"cclb_handler_queue_wait_seconds_bucket{_labels(le=le)} {cumulative}")
-        samples.append(f"cclb_handler_queue_wait_seconds_sum {total:.6f}")
-        samples.append(f"cclb_handler_queue_wait_seconds_count {count}")
-        return [
-            ("cclb_handler_threads", "gauge",
-             "Pool threads (--threads) serving a request now (busy) or waiting for one (idle).",
-             [f"cclb_handler_threads{_labels(state='busy')} {busy}",
-              f"cclb_handler_threads{_labels(state='idle')} {max(0, threads - busy)}"]),
-            ("cclb_handler_thread_limit", "gauge",
-             "Handler threads allowed to serve at once now: fewer while the process is CPU-bound, "
-             "up to --threads while requests wait on slow backends.",
-             [f"cclb_handler_thread_limit {limit}"]),
-            ("cclb_handler_queue_length", "gauge",
-             "Connections with a complete request waiting for a free handler thread.",
-             [f"cclb_handler_queue_length {queued}"]),
-            ("cclb_handler_queue_wait_seconds", "histogram",
-             "Time from a complete request head to a handler thread taking it.", samples),
-            ("cclb_parked_connections", "gauge",
-             "Connections held by the selector thread: idle keep-alive, request head or body "
-             "still arriving, TLS handshake in progress.",
-             [f"cclb_parked_connections {parked}"]),
-        ]
+        if engine is None:
+            return None
+        counts, total, count, busy = engine.stats.snapshot()
+        return EngineNumbers(tuple(engine.stats.bounds), list(counts), total, count, busy,
+                             engine.threads, engine.thread_limit(), engine.queue_length(),
+                             engine.parked_count())
+
+
+def engine_families(numbers: EngineNumbers) -> list[tuple[str, str, str, list[str]]]:
+    """(name, type, help, samples) of the engine's families (``EngineNumbers``)."""
+    samples = []
+    cumulative = 0
+    for bound, n in zip(numbers.bounds + (float("inf"),), numbers.wait_counts):
+        cumulative += n
+        le = "+Inf" if bound == float("inf") else repr(bound)
+        samples.append(f"cclb_handler_queue_wait_seconds_bucket{_labels(le=le)} {cumulative}")
+    samples.append(f"cclb_handler_queue_wait_seconds_sum {numbers.wait_sum:.6f}")
+    samples.append(f"cclb_handler_queue_wait_seconds_count {numbers.wait_count}")
+    return [
+        ("cclb_handler_threads", "gauge",
+         "Pool threads (--threads) serving a request now (busy) or waiting for one (idle).",
+         [f"cclb_handler_threads{_labels(state='busy')} {numbers.busy}",
+          f"cclb_handler_threads{_labels(state='idle')} {max(0, numbers.threads - numbers.busy)}"]),
+        ("cclb_handler_thread_limit", "gauge",
+         "Handler threads allowed to serve at once now: fewer while the process is CPU-bound, "
+         "up to --threads while requests wait on slow backends.",
+         [f"cclb_handler_thread_limit {numbers.limit}"]),
+        ("cclb_handler_queue_length", "gauge",
+         "Connections with a complete request waiting for a free handler thread.",
+         [f"cclb_handler_queue_length {numbers.queued}"]),
+        ("cclb_handler_queue_wait_seconds", "histogram",
+         "Time from a complete request head to a handler thread taking it.", samples),
+        ("cclb_parked_connections", "gauge",
+         "Connections held by the selector thread: idle keep-alive, request head or body "
+         "still arriving, TLS handshake in progress.",
+         [f"cclb_parked_connections {numbers.parked}"]),
+    ]
 
 
 ENGINE = EngineMetrics()
@@ -559,7 +628,7 @@ def render(stats: ClusterStats, pools: Sequence[ClusterStats] | None = None,
                [f"cclb_route_limited_total{_labels(route=name)} {row[2]}"
                 for name, row in routes.items()])
     for name, kind, help_text, process_samples in (PROCESS.families() + tunnel_families(frontend)
-                                                   + ENGINE.families()):
+                                                   + engine_families(frontend.engine)):
         family(name, kind, help_text, process_samples)
     return "\n".join(lines) + "\n"
 

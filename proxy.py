@@ -296,6 +296,7 @@ class LoadBalancerServer(ThreadingHTTPServer):
         self.engine = Engine(config.threads, name="cclb")
         cluster.frontend.gauges = self.gauges
         cluster.frontend.tunnels = TUNNELS  # this process's tunnels, in /status and worker reports
+        cluster.frontend.engine = ENGINE  # and its engine's numbers
         self.allow_reuse_port = reuse_port  # --workers: siblings bind the same port
         if ":" in listener.host:
             self.address_family = socket.AF_INET6

@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
 import websocket  # noqa: E402
 import workers  # noqa: E402
 import metrics  # noqa: E402
-from metrics import FrontendCounters, FrontendMetrics, Histogram, TrafficCounters, TunnelMetrics  # noqa: E402
+from metrics import EngineNumbers, FrontendCounters, FrontendMetrics, Histogram, TrafficCounters, TunnelMetrics  # noqa: E402
 from workers import SnapshotReader, decode_snapshot, encode_snapshot, write_snapshot  # noqa: E402
 from backend_urls import parse_backend  # noqa: E402
 from cluster import MAINT, READY, ServerCluster  # noqa: E402
@@ -524,6 +524,15 @@ class WorkersCountersTests(WorkersCase):
         self.assertGreaterEqual(frontend["tunnels"]["bytes_to_client"], 1000 * opened)
         # (That a closed tunnel leaves the sum: the latest report replaces a worker's numbers,
         # see CounterReportTests; not waited for here, to keep this test short.)
+        # The engines' numbers are summed too: both pools of 64 handler threads, and every
+        # request that waited for one of them (the 40 refused ones at least).
+        def engine_sums(text: str) -> tuple[int, int]:
+            threads = sum(int(n) for n in re.findall(r'^cclb_handler_threads\{state="\w+"\} (\d+)$',
+                                                      text, re.M))
+            waited = re.search(r"^cclb_handler_queue_wait_seconds_count (\d+)$", text, re.M)
+            return threads, int(waited[1]) if waited else 0
+        wait_for(lambda: (lambda sums: sums[0] == 128 and sums[1] >= 40)(engine_sums(metrics())), 10,
+                 message="both workers' handler threads and queue waits in the supervisor's /metrics")
 
 class SnapshotTests(unittest.TestCase):
     """The supervisor's state snapshots (one JSON line each) and how a worker applies them,
@@ -762,6 +771,34 @@ class CounterReportTests(unittest.TestCase):
                           total.frontend.tunnel_to_client), (2, 20, 140))
         self.assertEqual(total.frontend.dashboard()["tunnels"],
                          {"open": 2, "bytes_to_backend": 20, "bytes_to_client": 140})
+
+    def test_engine_numbers_add_up_and_a_dead_workers_gauges_are_dropped(self) -> None:
+        def report(busy: int, parked: int, waits: list[int]) -> workers.CounterReport:
+            return workers.CounterReport({}, {}, FrontendCounters(engine=EngineNumbers(
+                (0.001, 0.01), waits, 0.5, sum(waits), busy, 64, 16, 2, parked)))
+        one = report(3, 100, [5, 1, 0])
+        self.assertEqual(workers.CounterReport.decode(one.encode()), one)
+        total = workers.CounterReport()
+        total.add(one)
+        total.add(report(7, 9000, [1, 0, 2]), in_flight=False)  # retired: its gauges are gone
+        engine = total.frontend.engine
+        self.assertEqual((engine.wait_counts, engine.wait_sum, engine.wait_count),
+                         ([6, 1, 2], 1.0, 9))
+        self.assertEqual((engine.busy, engine.threads, engine.limit, engine.queued, engine.parked),
+                         (3, 64, 16, 2, 100))
+        supervisor = FrontendMetrics()
+        supervisor.adopt(total.frontend)
+        cluster = ServerCluster([])
+        cluster.frontend = supervisor
+        rendered = metrics.render(cluster.stats())
+        for line in ('cclb_handler_threads{state="busy"} 3', 'cclb_handler_threads{state="idle"} 61',
+                     "cclb_parked_connections 100", 'cclb_handler_queue_wait_seconds_bucket{le="0.01"} 7',
+                     'cclb_handler_queue_wait_seconds_bucket{le="+Inf"} 9',
+                     "cclb_handler_queue_wait_seconds_count 9"):
+            self.assertIn(line + "\n", rendered)
+        for bad in ({"bounds": [0.1], "wait_counts": [1]}, {"bounds": "x"}):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                EngineNumbers.from_json(bad)
 
     def test_a_listener_shows_its_own_tunnels_and_the_supervisor_the_adopted_sum(self) -> None:
         tunnels = TunnelMetrics()
