@@ -143,6 +143,9 @@ class WebSocketEchoTests(unittest.TestCase):
         def upgrades_counted() -> float:
             text = self.metrics_text()
             return float(m[1]) if (m := re.search(rf"^{re.escape(upgrades)} (\S+)$", text, re.M)) else 0.0
+        # Earlier tests' requests to this shared balancer are accounted once none is in flight.
+        wait_for(lambda: self.metric(f'cclb_in_flight{{backend="{url}"}}') == 0,
+                 message="earlier requests to end")
         before = (self.metric(durations), upgrades_counted())
         client = self.open()
         client.send(Opcode.TEXT, b"x" * 1000)
