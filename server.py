@@ -267,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads(DATA_FILE.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         return fail(f"cannot load {DATA_FILE}: {err}")
+    # SIGTERM/SIGINT wait (blocked) from before the socket listens until their handler is
+    # in place: a client may connect and signal at once, and must not find the default action.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     try:
         server = BackendServer((args.host, args.port), args.name or "", data, args.verbose)
     except OSError as err:
@@ -282,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=server.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)  # one that came meanwhile runs now
     try:
         print(f"{args.name} listening on http://{args.host}:{port}", flush=True)
         server.serve_forever()

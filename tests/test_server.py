@@ -221,6 +221,23 @@ class LifecycleTest(unittest.TestCase):
         response = conn.getresponse()
         self.assertEqual(response.getheader("X-Backend-Server"), f"server-{port}")
 
+    def test_sigterm_as_soon_as_it_listens_exits_cleanly(self) -> None:
+        # The interleaving a fast client can cause: SIGTERM arrives right after listen(),
+        # before main() has installed its handler (injected: the signal is sent from inside
+        # server_activate). The default action would kill it (-15).
+        inject = ("import os, runpy, signal, socketserver, sys\n"
+                  "listen = socketserver.TCPServer.server_activate\n"
+                  "def activate(self):\n"
+                  "    listen(self)\n"
+                  "    os.kill(os.getpid(), signal.SIGTERM)\n"
+                  "socketserver.TCPServer.server_activate = activate\n"
+                  f"sys.argv = [{str(SERVER)!r}, '0']\n"
+                  f"runpy.run_path({str(SERVER)!r}, run_name='__main__')\n")
+        result = subprocess.run([sys.executable, "-c", inject], capture_output=True, text=True,
+                                timeout=10, cwd=ROOT)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stdout, r"^server-\d+ listening on http://127\.0\.0\.1:\d+\n$")
+
     def test_invalid_port_is_usage_error(self) -> None:
         for port in ("abc", "65536", "-1", "1e3"):
             with self.subTest(port=port):
